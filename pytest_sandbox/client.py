@@ -1,0 +1,203 @@
+"""The pytest side of the launcher: spawn it, talk to it from any thread, notice when it dies.
+
+One :class:`LauncherClient` per pytest process (and so per xdist worker).  Requests may come from
+any thread; a reader thread matches replies to requests by id (replies can arrive out of order:
+``wait`` is answered when the process exits).  The launcher is started lazily, in its own session
+(so a Ctrl-C aimed at pytest's process group lets pytest tear down first), with the socket as its
+only inherited fd.  If it dies, every pending call fails with :class:`LauncherError` quoting the
+tail of its log, and the next call starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from .errors import LauncherError, from_wire
+from .launcher import protocol
+
+_BOOTSTRAP = (
+    "import sys, types\n"
+    # Import the launcher's modules without running pytest_sandbox/__init__.py (which would pull
+    # in the public API and third-party packages): a bare parent package pointing at our files.
+    "pkg = types.ModuleType('pytest_sandbox'); pkg.__path__ = [sys.argv[1]]\n"
+    "sys.modules['pytest_sandbox'] = pkg\n"
+    "from pytest_sandbox.launcher.server import main\n"
+    "main(sys.argv[2:])\n"
+)
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+START_TIMEOUT = 30.0
+
+
+class LauncherClient:
+    def __init__(self, *, state_dir: str, owner: str, uid_base: int, cgroup_root: str) -> None:
+        self.state_dir = state_dir
+        self.owner = owner
+        self.uid_base = uid_base
+        self.cgroup_root = cgroup_root
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pending: dict[int, Future[dict[str, Any]]] = {}
+        self._next_rid = 1
+        self.info: dict[str, Any] = {}
+        self._dead: LauncherError | None = None
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.state_dir, "launcher.log")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def ensure_started(self) -> dict[str, Any]:
+        with self._lock:
+            if self._sock is None:
+                self._start()
+            return self.info
+
+    def _start(self) -> None:
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with open(self.log_path, "ab") as log:
+                self._proc = subprocess.Popen(
+                    [
+                        sys.executable, "-I", "-S", "-c", _BOOTSTRAP, PACKAGE_DIR,
+                        "--fd", str(theirs.fileno()),
+                        "--owner", self.owner,
+                        "--uid-base", str(self.uid_base),
+                        "--cgroup-root", self.cgroup_root,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    pass_fds=[theirs.fileno()],
+                    start_new_session=True,
+                    cwd="/",
+                )
+        finally:
+            theirs.close()
+        ours.settimeout(START_TIMEOUT)
+        try:
+            hello = protocol.recv(ours)
+        except (OSError, ValueError) as e:
+            hello = None
+            reason = str(e)
+        else:
+            reason = "it exited"
+        ours.settimeout(None)
+        if hello is None or "error" in hello:
+            ours.close()
+            self._reap()
+            if hello is not None:
+                raise from_wire(hello["error"])
+            raise LauncherError(f"the sandbox launcher did not start ({reason}){self._log_tail()}")
+        self.info = hello["ok"]
+        self._sock = ours
+        self._dead = None
+        threading.Thread(target=self._read_loop, args=(ours,), name="psbx-launcher-reader", daemon=True).start()
+
+    def _read_loop(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                message = protocol.recv(sock)
+            except (OSError, ValueError):
+                message = None
+            if message is None:
+                break
+            with self._lock:
+                future = self._pending.pop(int(message.get("rid", -1)), None)
+            if future is None:
+                continue
+            if "error" in message:
+                future.set_exception(from_wire(message["error"]))
+            else:
+                future.set_result(message.get("ok") or {})
+        with self._lock:
+            if self._sock is sock:
+                self._sock = None
+                self._dead = LauncherError(f"the sandbox launcher exited{self._log_tail()}")
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            future.set_exception(self._dead or LauncherError("the sandbox launcher exited"))
+        sock.close()
+        self._reap()
+
+    def _reap(self) -> None:
+        proc = self._proc
+        if proc is not None:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 2000))
+                tail = f.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
+        return f"; its log ({self.log_path}) ends with:\n{tail}" if tail else ""
+
+    def submit(self, op: str, **fields: Any) -> Future[dict[str, Any]]:
+        """Send a request; the future holds the reply (or the typed error)."""
+        self.ensure_started()
+        future: Future[dict[str, Any]] = Future()
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                raise self._dead or LauncherError("the sandbox launcher is not running")
+            rid = self._next_rid
+            self._next_rid += 1
+            self._pending[rid] = future
+        message = {"rid": rid, "op": op, **fields}
+        try:
+            with self._send_lock:
+                protocol.send(sock, message)
+        except OSError as e:
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise LauncherError(f"cannot reach the sandbox launcher: {e}{self._log_tail()}") from None
+        return future
+
+    def call(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        future = self.submit(op, **fields)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            raise TimeoutError(f"launcher request {op!r} did not finish in {timeout} s") from None
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Ask the launcher to clean up and exit; wait for it."""
+        with self._lock:
+            sock, proc = self._sock, self._proc
+        if sock is None or proc is None:
+            return
+        try:
+            self.call("shutdown", timeout=timeout)
+        except (LauncherError, TimeoutError, OSError):
+            pass
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        with self._lock:
+            if self._sock is sock:
+                self._sock = None
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

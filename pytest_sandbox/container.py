@@ -1,0 +1,327 @@
+"""Containers and their results (composition: spec + image + launcher + cgroup outcomes)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal as _signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .cgroups.base import CgroupStats
+from .errors import ContainerNotRunningError, LauncherError, ReadinessError, SandboxTimeoutError
+from .spec import ContainerSpec, ProcessSpec, container_path, parse_argv, parse_env, parse_timeout, parse_user
+from .units import parse_signal
+
+if TYPE_CHECKING:
+    from .image import Image
+    from .runtime import Runtime
+
+LOG_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class Result:
+    """How a container's command (or an exec) ended, and what the kernel recorded about it.
+
+    ``exit_code`` follows Docker: the command's status, or ``128 + signal`` if a signal killed it
+    (then ``signal`` is set too).  The cgroup facts are read before the cgroup is removed.
+    """
+
+    exit_code: int
+    signal: int | None
+    stdout: bytes
+    stderr: bytes
+    oom_killed: bool = False
+    pids_limit_hit: bool = False
+    cpu_throttled_s: float = 0.0
+    memory_peak: int | None = None
+    duration_s: float = 0.0
+    cpu_usage_s: float | None = None
+    argv: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def check(self) -> Result:
+        """Return self if the command succeeded, else raise AssertionError with its output."""
+        if self.exit_code != 0:
+            how = f"signal {self.signal}" if self.signal else f"exit code {self.exit_code}"
+            raise AssertionError(
+                f"{list(self.argv)} failed with {how}"
+                + (" (OOM-killed)" if self.oom_killed else "")
+                + f"\n--- stdout ---\n{_tail(self.stdout)}\n--- stderr ---\n{_tail(self.stderr)}"
+            )
+        return self
+
+
+def _tail(data: bytes, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+def result_from_info(info: Mapping[str, Any], stdout: bytes, stderr: bytes, argv: tuple[str, ...]) -> Result:
+    exit_ = info.get("exit") or {}
+    sig = exit_.get("signal")
+    code = exit_.get("code")
+    exit_code = int(code) if code is not None else 128 + int(sig or _signal.SIGKILL)
+    stats = CgroupStats.from_wire(info["stats"]) if info.get("stats") else CgroupStats()
+    return Result(
+        exit_code=exit_code,
+        signal=int(sig) if sig is not None else None,
+        stdout=stdout,
+        stderr=stderr,
+        oom_killed=stats.oom_kills > 0,
+        pids_limit_hit=stats.pids_limit_hits > 0,
+        cpu_throttled_s=stats.cpu_throttled_s,
+        memory_peak=stats.memory_peak,
+        duration_s=float(info.get("duration_s") or 0.0),
+        cpu_usage_s=stats.cpu_usage_s,
+        argv=argv,
+    )
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def read_logs(directory: str) -> tuple[bytes, bytes]:
+    """The stdout and stderr a container's command wrote so far."""
+    return _read(os.path.join(directory, "stdout")), _read(os.path.join(directory, "stderr"))
+
+
+class Container:
+    """A running (or exited) container.  Made by ``sandbox.start()``; removed with its scope."""
+
+    def __init__(self, runtime: Runtime, spec: ContainerSpec, image: Image, directory: str, *,
+                 name: str | None, pid: int, init_pid: int, timeout: float | None = None) -> None:
+        self._runtime = runtime
+        self._client = runtime.client
+        self.spec = spec
+        self.image = image
+        self.dir = directory
+        self.id = spec.id
+        self.name = name or spec.id
+        self.pid = pid
+        self.init_pid = init_pid
+        self.timeout = timeout  # run()'s limit, from the options
+        self._result: Result | None = None
+        self._removed = False
+        self._logs: tuple[bytes, bytes] | None = None
+        self._exec_count = 0
+        self._lock = threading.Lock()
+        self._exit_future: Future[dict[str, Any]] | None = None
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else ("exited" if self._result else "running")
+        return f"<Container {self.name} {list(self.spec.process.argv)} {state}>"
+
+    @property
+    def hostname(self) -> str:
+        return self.spec.hostname
+
+    @property
+    def result(self) -> Result | None:
+        """The result once the command has exited (after wait/stop), else None."""
+        return self._result
+
+    @property
+    def running(self) -> bool:
+        if self._result is not None or self._removed:
+            return False
+        return not self._exit().done()
+
+    def _exit(self) -> Future[dict[str, Any]]:
+        """One outstanding ``wait`` request per container, answered by the launcher at exit."""
+        with self._lock:
+            if self._exit_future is None:
+                self._exit_future = self._client.submit("wait", id=self.id)
+            return self._exit_future
+
+    # -- output ----------------------------------------------------------------------------
+
+    def logs(self, stream: str = "both") -> bytes:
+        """The command's output so far: ``"stdout"``, ``"stderr"`` or ``"both"`` (stdout, then stderr)."""
+        if stream not in ("stdout", "stderr", "both"):
+            raise ValueError(f"stream={stream!r}: expected 'stdout', 'stderr' or 'both'")
+        out, err = self._logs if self._logs is not None else read_logs(self.dir)
+        return out if stream == "stdout" else err if stream == "stderr" else out + err
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return _tail(self.logs(), lines)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> Result:
+        """Wait for the command to exit; its :class:`Result`.  Raises SandboxTimeoutError on timeout."""
+        if self._result is not None:
+            return self._result
+        if self._removed:
+            raise ContainerNotRunningError(f"container {self.name} was removed")
+        try:
+            info = self._exit().result(timeout)
+        except FutureTimeout:
+            raise SandboxTimeoutError(
+                f"container {self.name} {list(self.spec.process.argv)} still running after {timeout} s",
+                hint="give a larger timeout, or stop() it",
+            ) from None
+        with self._lock:
+            if self._result is None:
+                self._result = result_from_info(
+                    info, self.logs("stdout"), self.logs("stderr"), self.spec.process.argv
+                )
+        return self._result
+
+    def kill(self, signal: int | str = _signal.SIGKILL) -> None:
+        """Send ``signal`` to the command (through the container's init; SIGKILL ends the container)."""
+        sig = parse_signal(signal)
+        if self._removed:
+            raise ContainerNotRunningError(f"container {self.name} was removed")
+        self._client.call("signal", id=self.id, signal=sig)
+
+    def stop(self, timeout: float = 10.0) -> Result:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds (Docker's stop).  Returns the result."""
+        if self._result is None and not self._removed:
+            with contextlib.suppress(ContainerNotRunningError):
+                self.kill(_signal.SIGTERM)
+            try:
+                return self.wait(timeout)
+            except SandboxTimeoutError:
+                with contextlib.suppress(ContainerNotRunningError):
+                    self.kill(_signal.SIGKILL)
+        return self.wait()
+
+    def remove(self) -> None:
+        """Kill whatever runs, delete the container's layer, logs and cgroup.  Idempotent."""
+        if self._removed:
+            return
+        with contextlib.suppress(OSError):
+            self._logs = read_logs(self.dir)
+        self._removed = True
+        with contextlib.suppress(LauncherError):
+            self._client.call("remove", id=self.id)
+
+    # -- exec ------------------------------------------------------------------------------
+
+    def exec(
+        self,
+        cmd: object,
+        *,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | int | None = None,
+        timeout: float | None = None,
+        input: bytes | None = None,
+    ) -> Result:
+        """Run ``cmd`` inside the running container (its namespaces and cgroup) and wait for it."""
+        argv = parse_argv(cmd)
+        proc = ProcessSpec(
+            argv=argv,
+            env=parse_env(env, base=dict(self.spec.process.env)),
+            workdir=container_path(workdir, what="workdir") if workdir is not None else self.spec.process.workdir,
+            user=parse_user(user) if user is not None else self.spec.process.user,
+        )
+        limit = parse_timeout(timeout)
+        if self._removed or self._result is not None:
+            raise ContainerNotRunningError(f"container {self.name} is not running; cannot exec {list(argv)}")
+        with self._lock:
+            self._exec_count += 1
+            n = self._exec_count
+        exec_id = f"{self.id}.{n}"
+        out, err = (os.path.join(self.dir, f"exec.{n}.{s}") for s in ("stdout", "stderr"))
+        stdin = None
+        if input is not None:
+            stdin = os.path.join(self.dir, f"exec.{n}.stdin")
+            with open(stdin, "wb") as f:
+                f.write(input)
+        try:
+            self._client.call("exec", id=exec_id, parent=self.id, process=proc.to_wire(), stdout=out, stderr=err,
+                              stdin=stdin)
+            future = self._client.submit("wait", id=exec_id)
+            try:
+                info = future.result(limit)
+            except FutureTimeout:
+                with contextlib.suppress(ContainerNotRunningError):
+                    self._client.call("signal", id=exec_id, signal=_signal.SIGKILL)
+                info = future.result()
+                raise SandboxTimeoutError(
+                    f"exec {list(argv)} in {self.name} did not finish in {timeout} s; killed",
+                    result=result_from_info(info, _read(out), _read(err), argv),
+                ) from None
+            oom = False
+            if info["exit"].get("signal") == _signal.SIGKILL:
+                oom = self.stats().oom_kills > 0
+            res = result_from_info(info, _read(out), _read(err), argv)
+            return Result(**{**res.__dict__, "oom_killed": oom})
+        finally:
+            for path in (out, err, stdin):
+                if path:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+            with contextlib.suppress(LauncherError, ContainerNotRunningError):
+                self._client.call("remove", id=exec_id)
+
+    # -- kernel facts ----------------------------------------------------------------------
+
+    def stats(self) -> CgroupStats:
+        """The cgroup's accounting now (or at exit, once exited)."""
+        return CgroupStats.from_wire(self._client.call("stats", id=self.id))
+
+    def cgroup_limits(self) -> dict[str, str]:
+        """The limit files of the container's cgroup as the kernel reports them (while running)."""
+        return dict(self._client.call("limits", id=self.id)["limits"])
+
+    # -- readiness -------------------------------------------------------------------------
+
+    def wait_for_log(
+        self, pattern: bytes | str | re.Pattern[bytes], timeout: float = 30.0, *, stream: str = "both"
+    ) -> re.Match[bytes]:
+        """Wait until the output matches ``pattern`` (a regex); fail fast if the container exits."""
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        found: list[re.Match[bytes]] = []
+
+        def check() -> bool:
+            m = regex.search(self.logs(stream))
+            if m:
+                found.append(m)
+            return m is not None
+
+        self.wait_for(check, timeout=timeout, what=f"log line matching {regex.pattern!r}")
+        return found[0]
+
+    def wait_for(self, condition: Callable[[], object], timeout: float = 30.0, *, what: str = "condition") -> None:
+        """Poll ``condition`` until it returns truthy; fail fast if the container exits first."""
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            if condition():
+                return
+            exited = not self.running
+            if exited and condition():
+                return
+            if exited:
+                res = self._result
+                raise ReadinessError(
+                    f"container {self.name} exited (code {res.exit_code if res else '?'}) before {what}; "
+                    f"last output:\n{self.log_tail()}",
+                    result=res,
+                )
+            if time.monotonic() >= deadline:
+                raise ReadinessError(
+                    f"timed out after {timeout} s waiting for {what} in container {self.name}; last output:\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)

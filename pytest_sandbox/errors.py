@@ -1,0 +1,185 @@
+"""The one error tree of pytest_sandbox (pure: no imports beyond the stdlib, usable in the launcher).
+
+Every error is a :class:`SandboxError` *and* the builtin a caller would naturally catch
+(``ValueError`` for bad input, ``OSError`` for the kernel, ``TimeoutError`` for waits), so
+``except ValueError`` keeps working.  ``hint`` tells the user how to fix their host or their call
+when that is the cause.  Errors cross the launcher socket as plain dicts (:func:`to_wire` /
+:func:`from_wire`), so the class is chosen by name from this module only.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import Any
+
+
+class SandboxError(Exception):
+    """Base of every error raised by pytest_sandbox."""
+
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        if hint:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+
+class InvalidSpecError(SandboxError, ValueError):
+    """A value given to run()/start()/Image was wrong; raised before anything is created."""
+
+
+class InvalidSignalError(InvalidSpecError):
+    """A signal name or number that does not exist."""
+
+
+class LayerError(SandboxError, OSError):
+    """A layer directory cannot be used."""
+
+    def __init__(self, message: str, *, errno: int = 0, path: str = "", hint: str = "") -> None:
+        SandboxError.__init__(self, message, hint=hint)
+        self.errno = errno
+        self.filename = path
+
+
+class LayerNotFoundError(LayerError, FileNotFoundError):
+    """A layer directory does not exist."""
+
+
+class LayerNotADirectoryError(LayerError, NotADirectoryError):
+    """A layer path exists but is not a directory."""
+
+
+class LayerPermissionError(LayerError, PermissionError):
+    """A layer directory cannot be read."""
+
+
+class SetupError(SandboxError, OSError):
+    """The container could not be set up (Docker's exit status 125): a syscall failed.
+
+    ``call`` names the syscall, ``path`` the path it worked on, ``errno`` the kernel's answer.
+    """
+
+    exit_code = 125
+
+    def __init__(
+        self, message: str, *, call: str = "", path: str = "", errno: int = 0, hint: str = ""
+    ) -> None:
+        SandboxError.__init__(self, message, hint=hint)
+        self.call = call
+        self.errno = errno
+        self.filename = path
+        self.strerror = message
+
+
+class CommandNotFoundError(SetupError, FileNotFoundError):
+    """The command does not exist in the image (Docker's 127)."""
+
+    exit_code = 127
+
+
+class CommandNotExecutableError(SetupError, PermissionError):
+    """The command exists but cannot be executed (Docker's 126)."""
+
+    exit_code = 126
+
+
+class UserNotFoundError(SetupError, LookupError):
+    """``user=`` names a user or group the image's /etc/passwd or /etc/group does not know."""
+
+    exit_code = 125
+
+
+class CgroupUnavailableError(SandboxError, OSError):
+    """A requested resource limit cannot be applied on this host; never run unlimited instead."""
+
+
+class LauncherError(SandboxError, OSError):
+    """The launcher (the per-pytest-process fork server) failed or died."""
+
+
+class ContainerStateError(SandboxError, RuntimeError):
+    """An operation that does not fit the container's state (e.g. exec into an exited container)."""
+
+
+class ContainerNotRunningError(ContainerStateError):
+    """The container has exited or was removed."""
+
+
+class SandboxTimeoutError(SandboxError, TimeoutError):
+    """A run, exec or wait did not finish in time.  ``result`` holds what was captured (if any)."""
+
+    def __init__(self, message: str, *, result: Any = None, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.result = result
+
+
+class ReadinessError(SandboxTimeoutError):
+    """A readiness wait failed: it timed out, or the container exited before it became ready."""
+
+
+_WIRE_CLASSES: dict[str, type[SandboxError]] = {
+    cls.__name__: cls
+    for cls in (
+        SandboxError,
+        InvalidSpecError,
+        SetupError,
+        CommandNotFoundError,
+        CommandNotExecutableError,
+        UserNotFoundError,
+        CgroupUnavailableError,
+        LauncherError,
+        ContainerNotRunningError,
+        LayerNotFoundError,
+        LayerNotADirectoryError,
+    )
+}
+
+
+def to_wire(exc: BaseException) -> dict[str, Any]:
+    """Describe an exception as a JSON-able dict for the launcher protocol."""
+    if isinstance(exc, SandboxError):
+        return {
+            "type": type(exc).__name__ if type(exc).__name__ in _WIRE_CLASSES else "SandboxError",
+            "message": exc.message,
+            "hint": exc.hint,
+            "call": getattr(exc, "call", ""),
+            "path": getattr(exc, "filename", "") or "",
+            "errno": getattr(exc, "errno", 0) or 0,
+        }
+    if isinstance(exc, OSError):
+        return {
+            "type": "SetupError",
+            "message": str(exc),
+            "hint": "",
+            "call": "",
+            "path": str(exc.filename or ""),
+            "errno": exc.errno or 0,
+        }
+    return {"type": "SandboxError", "message": f"{type(exc).__name__}: {exc}", "hint": ""}
+
+
+def from_wire(data: dict[str, Any]) -> SandboxError:
+    """Rebuild the exception described by :func:`to_wire`."""
+    cls = _WIRE_CLASSES.get(str(data.get("type")), SandboxError)
+    message = str(data.get("message", "unknown error"))
+    hint = str(data.get("hint", ""))
+    if issubclass(cls, SetupError):
+        return cls(
+            message,
+            call=str(data.get("call", "")),
+            path=str(data.get("path", "")),
+            errno=int(data.get("errno", 0) or 0),
+            hint=hint,
+        )
+    if issubclass(cls, LayerError):
+        return cls(message, path=str(data.get("path", "")), errno=int(data.get("errno", 0) or 0), hint=hint)
+    return cls(message, hint=hint)
+
+
+def errno_name(code: int) -> str:
+    """``ENOENT`` for 2: the name users search for."""
+    return _errno.errorcode.get(code, str(code))

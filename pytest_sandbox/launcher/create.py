@@ -1,0 +1,129 @@
+"""The container's first process: from a fork of the launcher to a running PID 1.
+
+Order (each step needs the one before; see DESIGN.md "How a container is born"):
+
+1. (host root) close every inherited fd we do not need, put stdio on the log files, join the
+   cgroup leaf (before any namespace: the cgroup namespace's root is the cgroup we are in when we
+   unshare it), become non-dumpable.
+2. (host root) private mount namespace; mount the image's overlays and clone bind sources -- see
+   :mod:`pytest_sandbox.rootfs` for why this happens before the user namespace exists.
+3. unshare the user namespace; the launcher writes uid_map/gid_map (only a process with
+   CAP_SETUID in the *parent* namespace may write a multi-id map); become root in it.
+4. unshare mount, PID, UTS, IPC, network and cgroup namespaces, all owned by the new user
+   namespace, so the container's root has capabilities over them and nothing else.
+5. fork: the child is PID 1 of the new PID namespace.  It finishes the rootfs, pivots, and runs
+   :func:`~pytest_sandbox.launcher.init.run_init`.  We report its pid and exit; the launcher, a
+   child subreaper, inherits it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import NoReturn
+
+from .. import libc, rootfs
+from ..cgroups.base import Cgroup
+from ..spec import ContainerSpec
+from . import trace
+from .init import report_setup_failure, run_init
+from .protocol import write_event
+
+NAMESPACES = (
+    libc.CLONE_NEWNS
+    | libc.CLONE_NEWPID
+    | libc.CLONE_NEWUTS
+    | libc.CLONE_NEWIPC
+    | libc.CLONE_NEWNET
+    | libc.CLONE_NEWCGROUP
+)
+
+
+def open_stdio(stdin: str | None, stdout: str, stderr: str) -> None:
+    """fds 0, 1, 2 of the container: the input file (or /dev/null) and the two log files."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+    fds = [
+        os.open(stdin or "/dev/null", os.O_RDONLY | os.O_CLOEXEC),
+        os.open(stdout, flags, 0o644),
+        os.open(stderr, flags, 0o644),
+    ]
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)  # dup2 clears close-on-exec on the target: the command inherits it
+        os.close(fd)
+
+
+def container_main(
+    spec: ContainerSpec,
+    dirs: rootfs.ContainerDirs,
+    cgroup: Cgroup | None,
+    *,
+    status_fd: int,
+    go_fd: int,
+    lifeline_fd: int,
+    idmap_fd: int | None,
+    root_uid: int,
+    cgroup2: bool,
+    launcher_pid: int,
+    masks: list[tuple[str, bool]],
+) -> NoReturn:
+    """Run in a fresh fork of the launcher.  Never returns."""
+    try:
+        signal.set_wakeup_fd(-1)  # the launcher's wakeup fd number must not hit a file we open
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != launcher_pid:
+            os._exit(137)  # the launcher died before prctl took effect
+        open_stdio(spec.stdin, dirs.stdout, dirs.stderr)
+        trace.event("first: forked")
+        keep = {status_fd, go_fd, lifeline_fd} | ({idmap_fd} if idmap_fd is not None else set()) | trace.fds()
+        libc.close_fds_except(keep)
+        libc.set_process_name("psbx-init")
+        # Non-dumpable: processes inside cannot ptrace us or our PID 1, nor open our /proc/<pid>/
+        # files (runc CVE-2016-9962; BenchExec does the same).
+        libc.prctl(libc.PR_SET_DUMPABLE, 0)
+        if cgroup is not None:
+            cgroup.attach(0)
+        trace.event("first: in cgroup")
+        libc.unshare(libc.CLONE_NEWNS)
+        # Private, so nothing we mount propagates back to the host's namespace (and vice versa).
+        libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+        binds = rootfs.mount_image(spec, dirs, idmap_fd, root_uid)
+        trace.event("first: image mounted")
+        os.chdir(dirs.base)  # PID 1 continues from here by relative paths (see finish_rootfs)
+        if idmap_fd is not None:
+            os.close(idmap_fd)
+        libc.unshare(libc.CLONE_NEWUSER)
+        write_event(status_fd, {"ev": "userns"})
+        if os.read(go_fd, 1) != b"g":
+            os._exit(125)  # the launcher could not write our id maps and reports that itself
+        os.close(go_fd)
+        trace.event("first: id maps written")
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        libc.unshare(NAMESPACES)
+        libc.sethostname(spec.hostname)
+        libc.join_new_session_keyring()
+        trace.event("first: namespaces unshared")
+        pid = os.fork()
+        if pid == 0:
+            _init_main(spec, binds, masks, status_fd, lifeline_fd, cgroup2)
+        write_event(status_fd, {"ev": "init", "pid": pid})
+        os._exit(0)
+    except BaseException as e:
+        report_setup_failure(status_fd, e)
+
+
+def _init_main(
+    spec: ContainerSpec,
+    binds: list[rootfs.PreparedBind],
+    masks: list[tuple[str, bool]],
+    status_fd: int,
+    lifeline_fd: int,
+    cgroup2: bool,
+) -> NoReturn:
+    trace.event("init: forked")
+    try:
+        rootfs.finish_rootfs(spec, binds, masks, cgroup2=cgroup2)
+    except BaseException as e:
+        report_setup_failure(status_fd, e)
+    trace.event("init: rootfs ready")
+    run_init(spec.process, spec.hostname, status_fd, lifeline_fd)

@@ -1,0 +1,63 @@
+"""``Container.exec``: a fork of the launcher that joins a running container and runs a command.
+
+It joins the container's cgroup first (as host root; the cgroup namespace it then enters is rooted
+there), then every namespace at once with ``setns(pidfd, ...)`` (Linux >= 5.8) -- a pidfd names the
+container's init without the pid-reuse race of /proc/<pid>/ns paths.  setns into a PID namespace
+only affects children, so the command runs as a child (:func:`~.process.launch`) while this
+process stays outside the container's PID namespace, non-dumpable, waiting to report the exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import NoReturn
+
+from .. import libc
+from ..cgroups.base import Cgroup
+from ..spec import ProcessSpec
+from .create import NAMESPACES, open_stdio
+from .init import report_setup_failure
+from .process import launch, prepare
+from . import trace
+from .protocol import write_event
+
+
+def exec_main(
+    proc: ProcessSpec,
+    hostname: str,
+    cgroup: Cgroup | None,
+    *,
+    init_pidfd: int,
+    status_fd: int,
+    stdin: str | None,
+    stdout: str,
+    stderr: str,
+    launcher_pid: int,
+) -> NoReturn:
+    """Run in a fresh fork of the launcher.  Never returns."""
+    try:
+        signal.set_wakeup_fd(-1)
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != launcher_pid:
+            os._exit(137)
+        open_stdio(stdin, stdout, stderr)
+        libc.close_fds_except({status_fd, init_pidfd} | trace.fds())
+        libc.set_process_name("psbx-exec")
+        libc.prctl(libc.PR_SET_DUMPABLE, 0)
+        if cgroup is not None:
+            cgroup.attach(0)
+        libc.setns(init_pidfd, libc.CLONE_NEWUSER | NAMESPACES)
+        os.close(init_pidfd)
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        pid = launch(prepare(proc, hostname))
+        write_event(status_fd, {"ev": "started", "pid": pid})
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            write_event(status_fd, {"ev": "exit", "signal": os.WTERMSIG(status)})
+        else:
+            write_event(status_fd, {"ev": "exit", "code": os.WEXITSTATUS(status)})
+        os._exit(0)
+    except BaseException as e:
+        report_setup_failure(status_fd, e)

@@ -1,0 +1,99 @@
+"""PID 1 of a container: start the command, forward signals, reap zombies, report the exit.
+
+This process was forked from the launcher (no exec), so it is Python code already in memory; after
+pivot_root it must import nothing new.  It is non-dumpable (inherited from the container's first
+process), so nothing inside the container can ptrace it or open its /proc files (runc
+CVE-2016-9962).  It watches the launcher's *lifeline* pipe: if the launcher dies, the write end
+closes and init exits, and the kernel then kills every process of the PID namespace
+(pid_namespaces(7)) -- no container outlives its pytest process, however that process ends.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+from typing import NoReturn
+
+from ..errors import SetupError, to_wire
+from ..spec import ProcessSpec
+from . import trace
+from .process import launch, prepare
+from .protocol import write_event
+
+_NOT_FORWARDED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGPIPE}
+_FORWARDED = sorted(set(signal.valid_signals()) - _NOT_FORWARDED)
+
+
+
+def run_init(proc: ProcessSpec, hostname: str, status_fd: int, lifeline_fd: int) -> NoReturn:
+    """Run the command as our child and report it on ``status_fd``.  Never returns."""
+    try:
+        main_pid = launch(prepare(proc, hostname))
+    except BaseException as e:
+        report_setup_failure(status_fd, e)
+    trace.event("init: command started")
+
+    def forward(signum: int, _frame: object) -> None:
+        if main_pid:
+            try:
+                os.kill(main_pid, signum)
+            except ProcessLookupError:
+                pass
+
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so SIGCHLD writes to the wakeup fd
+    for sig in _FORWARDED:
+        try:
+            signal.signal(sig, forward)
+        except (OSError, ValueError):
+            pass  # glibc-reserved real-time signals
+    _report(status_fd, {"ev": "started", "pid": main_pid})
+    status = _wait_main(main_pid, wake_r, lifeline_fd)
+    main_pid = 0
+    trace.event("init: command exited")
+    if os.WIFSIGNALED(status):
+        _report(status_fd, {"ev": "exit", "signal": os.WTERMSIG(status)})
+    else:
+        _report(status_fd, {"ev": "exit", "code": os.WEXITSTATUS(status)})
+    # Exiting as PID 1 makes the kernel SIGKILL whatever is left in the namespace (Docker semantics:
+    # the container ends with its main process).
+    os._exit(0)
+
+
+def _wait_main(main_pid: int, wake_r: int, lifeline_fd: int) -> int:
+    """Reap every child until the main one exits; return its wait status."""
+    while True:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid = 0
+            if pid == 0:
+                break
+            if pid == main_pid:
+                return status
+        ready, _, _ = select.select([wake_r, lifeline_fd], [], [])
+        if lifeline_fd in ready:
+            os._exit(137)  # the launcher is gone: take the whole namespace down with us
+        try:
+            while os.read(wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+
+def _report(fd: int, event: dict[str, object]) -> None:
+    try:
+        write_event(fd, event)
+    except OSError:
+        os._exit(137)  # the launcher is gone
+
+
+def report_setup_failure(fd: int, exc: BaseException) -> NoReturn:
+    error = to_wire(exc if isinstance(exc, (SetupError, OSError)) else exc)
+    try:
+        write_event(fd, {"ev": "error", "error": error})
+    finally:
+        os._exit(125)

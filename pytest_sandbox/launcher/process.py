@@ -1,0 +1,286 @@
+"""The last steps before a container command runs: identity, privileges, cwd, PATH lookup, exec.
+
+Runs inside every container namespace, after pivot_root, in the container's init or in an exec
+helper (see :func:`launch`).  Failures are typed with Docker's codes: 127 not found, 126 not
+executable, 125 anything else.  User and group names are resolved by reading the
+image's /etc/passwd and /etc/group as text, never through NSS: glibc would load the image's
+libnss_*.so into a process that started on the host (CVE-2019-14271).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import stat
+from dataclasses import dataclass
+from typing import NoReturn
+
+from .. import libc
+from ..errors import (
+    CommandNotExecutableError,
+    CommandNotFoundError,
+    SandboxError,
+    SetupError,
+    UserNotFoundError,
+    from_wire,
+    to_wire,
+)
+from ..spec import DEFAULT_PATH, ProcessSpec
+
+# capabilities(7) numbers of podman's default set: CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID
+# SETUID SETPCAP NET_BIND_SERVICE SYS_CHROOT SETFCAP.  No SYS_ADMIN, NET_RAW, MKNOD, DAC_READ_SEARCH.
+DEFAULT_CAPS = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 31})
+_MAX_DB_BYTES = 4 << 20
+
+
+def _read_db(path: str) -> list[list[str]]:
+    """Lines of an /etc/passwd-style file, split on ':'; a bounded read (it may be hostile)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return []
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return []
+        data = os.read(fd, _MAX_DB_BYTES)
+    finally:
+        os.close(fd)
+    return [line.split(":") for line in data.decode("utf-8", "replace").splitlines() if line and line[0] != "#"]
+
+
+def resolve_user(user: str | None) -> tuple[int, int, list[int], str]:
+    """(uid, gid, supplementary gids, home) for ``user`` as Docker resolves it."""
+    if user is None:
+        user = "0"
+    name, _, group = user.partition(":")
+    passwd = _read_db("/etc/passwd")
+    entry = next((e for e in passwd if len(e) >= 7 and (e[0] == name or (name.isdigit() and e[2] == name))), None)
+    if entry is not None:
+        uid, gid, home, login = int(entry[2]), int(entry[3]), entry[5] or "/", entry[0]
+    elif name.isdigit():
+        # Docker: a numeric uid unknown to the image runs with gid 0 and HOME=/.
+        uid, gid, home, login = int(name), 0, "/", ""
+    else:
+        raise UserNotFoundError(
+            f"user {name!r} not found in the image's /etc/passwd",
+            path="/etc/passwd",
+            errno=errno.ENOENT,
+            hint="use a numeric uid, or add the user to the image",
+        )
+    groups_db = _read_db("/etc/group")
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            g = next((e for e in groups_db if len(e) >= 3 and e[0] == group), None)
+            if g is None:
+                raise UserNotFoundError(
+                    f"group {group!r} not found in the image's /etc/group", path="/etc/group", errno=errno.ENOENT
+                )
+            gid = int(g[2])
+    supplementary = {gid}
+    if login:
+        for e in groups_db:
+            if len(e) >= 4 and login in e[3].split(",") and e[2].isdigit():
+                supplementary.add(int(e[2]))
+    if uid == 0 and entry is None:
+        home = "/root"
+    return uid, gid, sorted(supplementary), home
+
+
+def _is_exec_file(path: str) -> tuple[bool, str]:
+    """(True, "") if ``path`` can be executed by us, else (False, why)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False, "no such file or directory"
+    except OSError as e:
+        return False, os.strerror(e.errno or 0).lower()
+    if stat.S_ISDIR(st.st_mode):
+        return False, "is a directory"
+    if not stat.S_ISREG(st.st_mode):
+        return False, "is not a regular file"
+    if not os.access(path, os.X_OK):
+        return False, f"permission denied (mode {stat.filemode(st.st_mode)})"
+    return True, ""
+
+
+def find_program(argv0: str, env_path: str | None, workdir: str) -> str:
+    """The path execve gets, as Docker/crun resolve it, or a typed 126/127 error naming it."""
+    if "/" in argv0:
+        path = argv0 if argv0.startswith("/") else os.path.normpath(os.path.join(workdir, argv0))
+        ok, why = _is_exec_file(path)
+        if ok:
+            return path
+        if why == "no such file or directory":
+            raise CommandNotFoundError(f"exec {argv0}: no such file or directory", call="execve", path=path,
+                                       errno=errno.ENOENT)
+        raise CommandNotExecutableError(f"exec {argv0}: {why}", call="execve", path=path, errno=errno.EACCES)
+    denied = ""
+    for d in (env_path if env_path is not None else DEFAULT_PATH).split(":"):
+        candidate = os.path.join(d or ".", argv0)
+        ok, why = _is_exec_file(candidate)
+        if ok:
+            return candidate
+        if why != "no such file or directory" and not denied:
+            denied = f"{candidate}: {why}"
+    if denied:
+        raise CommandNotExecutableError(f"exec {argv0}: {denied}", call="execve", path=argv0, errno=errno.EACCES)
+    raise CommandNotFoundError(
+        f'exec: "{argv0}": executable file not found in $PATH ({env_path})',
+        call="execve",
+        path=argv0,
+        errno=errno.ENOENT,
+    )
+
+
+def _explain_exec_failure(path: str, err: OSError) -> SandboxError:
+    code = err.errno or 0
+    if code == errno.ENOENT:
+        # The file exists (find_program checked), so what is missing is its interpreter.
+        interp = _interpreter(path)
+        return CommandNotFoundError(
+            f"exec {path}: its interpreter {interp} is missing in the image" if interp
+            else f"exec {path}: no such file or directory",
+            call="execve", path=interp or path, errno=code,
+        )
+    if code == errno.ENOEXEC:
+        return CommandNotExecutableError(
+            f"exec {path}: exec format error (not a program for this architecture, or a script without #!)",
+            call="execve", path=path, errno=code,
+        )
+    if code in (errno.EACCES, errno.EPERM, errno.EISDIR):
+        return CommandNotExecutableError(f"exec {path}: {os.strerror(code)}", call="execve", path=path, errno=code)
+    return SetupError(f"exec {path}: {os.strerror(code)}", call="execve", path=path, errno=code)
+
+
+def _interpreter(path: str) -> str:
+    """The ``#!`` interpreter or the ELF program interpreter (dynamic loader) of ``path``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return ""
+    if head.startswith(b"#!"):
+        line = head[2:].split(b"\n", 1)[0].strip()
+        return line.split()[0].decode(errors="replace") if line else ""
+    if head.startswith(b"\x7fELF"):
+        marker = head.find(b"/lib")
+        if marker >= 0:
+            return head[marker:].split(b"\0", 1)[0].decode(errors="replace")
+    return ""
+
+
+def _drop_bounding_caps(keep: frozenset[int]) -> None:
+    for cap in range(libc.cap_last_cap() + 1):
+        if cap not in keep:
+            libc.prctl(libc.PR_CAPBSET_DROP, cap)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A command resolved inside the container: who runs it, where, with what."""
+
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    uid: int
+    gid: int
+    groups: list[int]
+    workdir: str
+
+
+def prepare(proc: ProcessSpec, hostname: str) -> Prepared:
+    """Resolve the user, fill HOME/HOSTNAME, create a missing workdir (as Docker does)."""
+    env = dict(proc.env)
+    uid, gid, groups, home = resolve_user(proc.user)
+    env.setdefault("HOME", home)
+    env.setdefault("HOSTNAME", hostname)
+    if not os.path.isdir(proc.workdir):
+        try:
+            os.makedirs(proc.workdir, 0o755, exist_ok=True)
+        except OSError as e:
+            raise CommandNotExecutableError(
+                f'workdir "{proc.workdir}" does not exist and cannot be created: {os.strerror(e.errno or 0)}',
+                call="mkdir", path=proc.workdir, errno=e.errno or 0,
+            ) from None
+    return Prepared(proc.argv, env, uid, gid, groups, proc.workdir)
+
+
+def become(p: Prepared) -> str:
+    """Take the command's identity and privileges; chdir; return the program's path.
+
+    Bounding set first (needs CAP_SETPCAP), then groups and ids; a non-root uid loses every
+    capability by itself, root keeps only the default set.  no_new_privs last: setuid binaries in
+    the image cannot regain what was dropped.
+    """
+    _drop_bounding_caps(DEFAULT_CAPS)
+    os.setgroups(p.groups)
+    os.setresgid(p.gid, p.gid, p.gid)
+    os.setresuid(p.uid, p.uid, p.uid)
+    if p.uid == 0:
+        mask = sum(1 << c for c in DEFAULT_CAPS)
+        libc.capset(mask, mask, 0)
+    libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL)
+    try:
+        os.chdir(p.workdir)
+    except OSError as e:
+        raise CommandNotExecutableError(
+            f'workdir "{p.workdir}": {os.strerror(e.errno or 0)}', call="chdir", path=p.workdir, errno=e.errno or 0
+        ) from None
+    path = find_program(p.argv[0], p.env.get("PATH"), p.workdir)
+    libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
+    return path
+
+
+_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)  # the launcher ignores them; execve would keep that
+
+
+def launch(p: Prepared) -> int:
+    """Start the command as a child and return its pid, or raise a typed 125/126/127 error.
+
+    Root commands -- the common case -- are started with posix_spawn (a vfork: no copy of this
+    Python process's page tables, and exec errors come back synchronously).  The calling process
+    takes the command's identity first, which is fine: it is the container's init or an exec
+    helper, whose privileged work is done.  Other users need a fork to switch ids in the child.
+    """
+    if p.uid == 0:
+        path = become(p)
+        try:
+            return os.posix_spawn(path, list(p.argv), p.env, setsid=True, setsigdef=_DEFAULT_SIGNALS,
+                                  setsigmask=())
+        except OSError as e:
+            raise _explain_exec_failure(path, e) from None
+    err_r, err_w = os.pipe()  # close-on-exec: EOF means the child's execve succeeded
+    pid = os.fork()
+    if pid == 0:
+        os.close(err_r)
+        _exec_in_child(p, err_w)
+    os.close(err_w)
+    failure = b"".join(iter(lambda: os.read(err_r, 65536), b""))
+    os.close(err_r)
+    if failure:
+        os.waitpid(pid, 0)
+        raise from_wire(json.loads(failure))
+    return pid
+
+
+def _exec_in_child(p: Prepared, err_fd: int) -> NoReturn:
+    try:
+        os.setsid()  # no controlling terminal: TIOCSTI injection is impossible (CVE-2017-5226)
+        for sig in _DEFAULT_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        path = become(p)
+        libc.close_fds_except({err_fd})
+        try:
+            os.execve(path, list(p.argv), p.env)
+        except OSError as e:
+            raise _explain_exec_failure(path, e) from None
+    except BaseException as e:  # report every failure, including bugs, as a structured error
+        code = getattr(e, "exit_code", 125) if isinstance(e, SandboxError) else 125
+        try:
+            os.write(err_fd, json.dumps(to_wire(e)).encode())
+        finally:
+            os._exit(code)
+    raise AssertionError("unreachable")

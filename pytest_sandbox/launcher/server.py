@@ -1,0 +1,646 @@
+"""The launcher: a small, single-threaded fork server, one per pytest process (stdlib only).
+
+Why it exists: a pytest process is multi-threaded and may be large; forking namespaces straight
+out of it is unsafe (a lock held by another thread stays locked in the child forever) and slow
+(fork copies page tables in proportion to the parent's memory).  This process is started fresh as
+``python -I -S`` with only stdlib imports, never starts a thread, and forks one child per container
+(:mod:`.create`) or exec (:mod:`.enter`).  It is the parent of every container init (it is a child
+subreaper), writes their uid/gid maps, owns their cgroups and state directories, and reports
+starts and exits to the client over the socket (:mod:`.protocol`).
+
+Death handling: the client's end of the socket closes when the pytest process exits, however it
+exits (SIGKILL included), and the launcher then kills every container, removes every cgroup and
+state directory, and exits.  If the launcher itself is SIGKILLed, every container init sees its
+*lifeline* pipe close and takes its PID namespace down; cgroup and state directories left behind
+are swept by the next session (their names carry the owner's pid and start time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import selectors
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import libc
+from ..cgroups import detect
+from ..cgroups.base import Cgroup, CgroupBackend, CgroupStats
+from ..errors import ContainerNotRunningError, LauncherError, SandboxError, SetupError, from_wire, to_wire
+from ..naming import cgroup_leaf_name
+from ..rootfs import ContainerDirs, mask_plan
+from ..spec import ContainerSpec, ProcessSpec
+from . import protocol, trace
+from .create import container_main
+from .enter import exec_main
+
+ID_RANGE = 65536
+
+
+@dataclass
+class Entity:
+    """A container (its init) or an exec (its helper), as the launcher tracks it."""
+
+    id: str
+    kind: str  # "container" or "exec"
+    helper_pid: int  # the forked launcher child: the container's first process, or the exec helper
+    status_fd: int
+    go_fd: int = -1
+    dirs: ContainerDirs | None = None
+    cgroup: Cgroup | None = None
+    parent: Entity | None = None
+    spec: ContainerSpec | None = None
+    init_pid: int = 0
+    init_pidfd: int = -1
+    main_pid: int = 0  # host pid of the command (0 if it exited before we could look it up)
+    started: bool = False
+    create_rid: Any = None
+    until_exit: bool = False  # answer create only at exit (run()): one round trip instead of two
+    waiters: list[Any] = field(default_factory=list)
+    remove_rids: list[Any] = field(default_factory=list)
+    exit: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    stats: CgroupStats | None = None
+    lines: protocol.LineBuffer = field(default_factory=protocol.LineBuffer)
+    helper_reaped: bool = False
+    init_reaped: bool = False
+    init_status: int | None = None
+    pipe_closed: bool = False
+    finished: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+    finished_at: float = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self.started and not self.finished
+
+
+class Launcher:
+    def __init__(self, sock: socket.socket, owner: str, uid_base: int, cgroup_root: str) -> None:
+        self.sock = sock
+        self.owner = owner
+        self.uid_base = uid_base
+        self.pid = os.getpid()
+        self.sel = selectors.DefaultSelector()
+        self.frames = protocol.FrameBuffer()
+        self.entities: dict[str, Entity] = {}
+        self.by_pid: dict[int, Entity] = {}
+        self.orphans: dict[int, int] = {}  # reaped before we learned whose they were
+        self.backend: CgroupBackend = detect(cgroup_root)
+        self.lifeline_r, self.lifeline_w = os.pipe()
+        self.idmap_fd = self._make_idmap_userns()
+        self.cleaner = Cleaner(keep=trace.fds())
+        self.masks = mask_plan()
+        self.running = True
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def _make_idmap_userns(self) -> int | None:
+        """A user namespace with the containers' id map, used only to idmap layer mounts.
+
+        Every container gets its own user namespace with this same map; an idmapped mount needs
+        *a* namespace carrying the map at the moment the container's layers are mounted, which is
+        before the container's own namespace exists.
+        """
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                libc.unshare(libc.CLONE_NEWUSER)
+                os.write(w, b"u")
+                time.sleep(60)
+            finally:
+                os._exit(0)
+        os.close(w)
+        fd = None
+        try:
+            if os.read(r, 1) == b"u":
+                write_id_maps(pid, self.uid_base)
+                fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            fd = None
+        finally:
+            os.close(r)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        return fd
+
+    def hello(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "uid_base": self.uid_base,
+            "idmap": self.idmap_fd is not None,
+            "cgroup": self.backend.name,
+            "cgroup_describe": self.backend.describe(),
+        }
+
+    # -- event loop ------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.sel.register(self.sock, selectors.EVENT_READ, self._on_socket)
+        self.sel.register(wake_r, selectors.EVENT_READ, self._on_wakeup)
+        self.sel.register(self.cleaner.done_fd, selectors.EVENT_READ, self._on_cleaned)
+        self._reap()
+        while self.running:
+            for key, _ in self.sel.select():
+                key.data(key.fileobj)
+        self._shutdown()
+
+    def _on_socket(self, _sock: object) -> None:
+        try:
+            data = self.sock.recv(1 << 16)
+        except ConnectionError:
+            data = b""
+        if not data:
+            self.running = False  # the pytest process is gone
+            return
+        for message in self.frames.feed(data):
+            self._dispatch(message)
+
+    def _on_wakeup(self, fd: object) -> None:
+        assert isinstance(fd, int)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(fd, 4096):
+                pass
+        self._reap()
+
+    def _reply(self, rid: Any, ok: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> None:
+        if rid is None:
+            return
+        message: dict[str, Any] = {"rid": rid}
+        if error is not None:
+            message["error"] = error
+        else:
+            message["ok"] = ok or {}
+        try:
+            protocol.send(self.sock, message)
+        except OSError:
+            self.running = False
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        rid = msg.get("rid")
+        op = msg.get("op")
+        try:
+            handler = getattr(self, f"op_{op}", None)
+            if handler is None:
+                raise SandboxError(f"launcher: unknown operation {op!r}")
+            result = handler(rid, msg)
+        except BaseException as e:  # report, never die: other containers depend on us
+            self._reply(rid, error=to_wire(e))
+            return
+        if result is not None:
+            self._reply(rid, result)
+
+    # -- operations ------------------------------------------------------------------------
+
+    def op_hello(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any]:
+        return self.hello()
+
+    def op_create(self, rid: Any, msg: dict[str, Any]) -> None:
+        trace.event("launcher: create")
+        spec = ContainerSpec.from_wire(msg["spec"])
+        if spec.id in self.entities:
+            raise SandboxError(f"container {spec.id} already exists")
+        dirs = ContainerDirs(msg["dir"])
+        cgroup = None
+        if spec.cgroup:
+            self.backend.check(spec.limits)
+            cgroup = self.backend.create(self.owner, cgroup_leaf_name(spec.id), spec.limits)
+        try:
+            status_r, status_w = os.pipe()
+            go_r, go_w = os.pipe()
+        except OSError:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
+        pid = os.fork()
+        if pid == 0:
+            container_main(
+                spec,
+                dirs,
+                cgroup,
+                status_fd=status_w,
+                go_fd=go_r,
+                lifeline_fd=self.lifeline_r,
+                idmap_fd=self.idmap_fd,
+                root_uid=self.uid_base,
+                cgroup2=self.backend.name == "v2",
+                launcher_pid=self.pid,
+                masks=self.masks,
+            )
+        os.close(status_w)
+        os.close(go_r)
+        ent = Entity(spec.id, "container", pid, status_r, go_fd=go_w, dirs=dirs, cgroup=cgroup, spec=spec,
+                     create_rid=rid, until_exit=bool(msg.get("until_exit")))
+        self._track(ent)
+
+    def op_exec(self, rid: Any, msg: dict[str, Any]) -> None:
+        parent = self._container(msg["parent"])
+        if not parent.running or parent.init_pidfd < 0:
+            raise ContainerNotRunningError(f"container {parent.id} is not running; cannot exec into it")
+        exec_id = msg["id"]
+        if exec_id in self.entities:
+            raise SandboxError(f"exec {exec_id} already exists")
+        proc = ProcessSpec.from_wire(msg["process"])
+        assert parent.spec is not None
+        status_r, status_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            exec_main(
+                proc,
+                parent.spec.hostname,
+                parent.cgroup,
+                init_pidfd=parent.init_pidfd,
+                status_fd=status_w,
+                stdin=msg.get("stdin"),
+                stdout=msg["stdout"],
+                stderr=msg["stderr"],
+                launcher_pid=self.pid,
+            )
+        os.close(status_w)
+        self._track(Entity(exec_id, "exec", pid, status_r, parent=parent, create_rid=rid))
+
+    def op_wait(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any] | None:
+        ent = self._entity(msg["id"])
+        if ent.finished:
+            return self._exit_info(ent)
+        ent.waiters.append(rid)
+        return None
+
+    def op_signal(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any]:
+        ent = self._entity(msg["id"])
+        sig = int(msg["signal"])
+        if ent.finished:
+            raise ContainerNotRunningError(f"{ent.kind} {ent.id} has exited; cannot signal it")
+        if ent.kind == "exec" or sig == signal.SIGSTOP or sig == signal.SIGCONT:
+            target = ent.main_pid  # the init cannot forward SIGSTOP; exec commands have no init
+        else:
+            target = ent.init_pid  # init forwards it; SIGKILL ends the whole PID namespace
+        if target:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target, sig)
+        return {}
+
+    def op_stats(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any]:
+        ent = self._container(msg["id"])
+        if ent.stats is not None:
+            return ent.stats.to_wire()
+        return (ent.cgroup.stats() if ent.cgroup else CgroupStats()).to_wire()
+
+    def op_limits(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any]:
+        ent = self._container(msg["id"])
+        if ent.finished or ent.cgroup is None:
+            raise ContainerNotRunningError(f"container {ent.id} has no cgroup now")
+        return {"limits": ent.cgroup.read_limits(), "paths": ent.cgroup.paths}
+
+    def op_remove(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any] | None:
+        ent = self.entities.get(msg["id"])
+        if ent is None:
+            return {}  # removing twice is not an error
+        if ent.finished:
+            self._forget(ent)
+            return {}
+        ent.remove_rids.append(rid)
+        self._kill(ent)
+        return None
+
+    def op_shutdown(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any]:
+        self.running = False
+        return {}
+
+    # -- tracking --------------------------------------------------------------------------
+
+    def _entity(self, ident: str) -> Entity:
+        ent = self.entities.get(ident)
+        if ent is None:
+            raise ContainerNotRunningError(f"no such container or exec: {ident}")
+        return ent
+
+    def _container(self, ident: str) -> Entity:
+        ent = self._entity(ident)
+        if ent.kind != "container":
+            raise SandboxError(f"{ident} is an exec, not a container")
+        return ent
+
+    def _track(self, ent: Entity) -> None:
+        self.entities[ent.id] = ent
+        self.by_pid[ent.helper_pid] = ent
+        self.sel.register(ent.status_fd, selectors.EVENT_READ, lambda fd, e=ent: self._on_status(e))
+
+    def _on_status(self, ent: Entity) -> None:
+        data = os.read(ent.status_fd, 65536)
+        if not data:
+            self.sel.unregister(ent.status_fd)
+            os.close(ent.status_fd)
+            ent.pipe_closed = True
+            self._maybe_finish(ent)
+            return
+        for event in ent.lines.feed(data):
+            self._on_event(ent, event)
+
+    def _on_event(self, ent: Entity, event: dict[str, Any]) -> None:
+        kind = event.get("ev")
+        if kind == "userns":
+            try:
+                write_id_maps(ent.helper_pid, self.uid_base)
+                os.write(ent.go_fd, b"g")
+            except OSError as e:
+                self._fail(ent, SetupError(f"cannot write the uid/gid map of the container: {e}",
+                                           call="write", path=f"/proc/{ent.helper_pid}/uid_map",
+                                           errno=e.errno or 0))
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(ent.helper_pid, signal.SIGKILL)
+            finally:
+                os.close(ent.go_fd)
+                ent.go_fd = -1
+        elif kind == "init":
+            ent.init_pid = int(event["pid"])
+            self.by_pid[ent.init_pid] = ent
+            with contextlib.suppress(SetupError):
+                ent.init_pidfd = libc.pidfd_open(ent.init_pid)
+            if ent.init_pid in self.orphans:
+                self._on_exit(ent.init_pid, self.orphans.pop(ent.init_pid))
+        elif kind == "started":
+            trace.event("launcher: started")
+            ent.started = True
+            ent.main_pid = int(event["pid"]) if ent.kind == "exec" else self._host_pid_of_main(ent)
+            if not ent.until_exit:
+                rid, ent.create_rid = ent.create_rid, None
+                self._reply(rid, {"pid": ent.main_pid, "init_pid": ent.init_pid})
+        elif kind == "error":
+            ent.error = event["error"]
+            rid, ent.create_rid = ent.create_rid, None
+            self._reply(rid, error=ent.error)
+        elif kind == "exit":
+            ent.exit = {"code": event.get("code"), "signal": event.get("signal")}
+
+    def _host_pid_of_main(self, ent: Entity) -> int:
+        """The command is the only child of the container's init when it starts."""
+        try:
+            with open(f"/proc/{ent.init_pid}/task/{ent.init_pid}/children") as f:
+                children = f.read().split()
+            return int(children[0]) if children else 0
+        except OSError:
+            return 0
+
+    def _fail(self, ent: Entity, exc: BaseException) -> None:
+        ent.error = to_wire(exc)
+        rid, ent.create_rid = ent.create_rid, None
+        self._reply(rid, error=ent.error)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._on_exit(pid, status)
+
+    def _on_exit(self, pid: int, status: int) -> None:
+        if pid == self.cleaner.pid:
+            return
+        ent = self.by_pid.pop(pid, None)
+        if ent is None:
+            self.orphans[pid] = status
+            return
+        if pid == ent.helper_pid:
+            ent.helper_reaped = True
+            if ent.kind == "exec":
+                ent.init_reaped = True
+                ent.init_status = status
+        if pid == ent.init_pid:
+            ent.init_reaped = True
+            ent.init_status = status
+        self._maybe_finish(ent)
+
+    def _maybe_finish(self, ent: Entity) -> None:
+        if ent.finished or not ent.pipe_closed or not ent.helper_reaped:
+            return
+        if ent.init_pid and not ent.init_reaped:
+            return
+        ent.finished = True
+        ent.finished_at = time.monotonic()
+        if ent.create_rid is not None and ent.until_exit and ent.started and ent.error is None:
+            ent.waiters.append(ent.create_rid)
+            ent.create_rid = None
+        if ent.create_rid is not None:  # died before reporting anything
+            self._fail(ent, SetupError(f"container setup process died ({_describe_status(ent.init_status)})"))
+        if ent.exit is None:
+            st = ent.init_status
+            if st is not None and os.WIFSIGNALED(st):
+                ent.exit = {"code": None, "signal": os.WTERMSIG(st)}
+            else:
+                ent.exit = {"code": None, "signal": signal.SIGKILL}
+        if ent.init_pidfd >= 0:
+            os.close(ent.init_pidfd)
+            ent.init_pidfd = -1
+        if ent.cgroup is not None:
+            try:
+                ent.stats = ent.cgroup.stats()
+            except OSError:
+                ent.stats = CgroupStats()
+        if ent.kind == "container":
+            for child in list(self.entities.values()):
+                if child.parent is ent and not child.finished:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.helper_pid, signal.SIGKILL)
+        trace.event("launcher: exited")
+        info = self._exit_info(ent)
+        for rid in ent.waiters:
+            self._reply(rid, info)
+        ent.waiters.clear()
+        self._remove_cgroup(ent)  # after the replies: removal is not on anybody's critical path
+        if ent.remove_rids:
+            self._forget(ent)
+
+    def _exit_info(self, ent: Entity) -> dict[str, Any]:
+        return {
+            "pid": ent.main_pid,
+            "init_pid": ent.init_pid,
+            "exit": ent.exit,
+            "error": ent.error,
+            "stats": ent.stats.to_wire() if ent.stats else None,
+            "duration_s": ent.finished_at - ent.started_at,
+        }
+
+    def _remove_cgroup(self, ent: Entity) -> None:
+        cg, ent.cgroup = ent.cgroup, None
+        if cg is not None:
+            try:
+                cg.remove()
+            except OSError as e:
+                print(f"psbx-launcher: cannot remove cgroup of {ent.id}: {e}", file=sys.stderr)
+
+    def _kill(self, ent: Entity) -> None:
+        for pid in (ent.init_pid, ent.helper_pid if ent.kind == "exec" or not ent.init_pid else 0):
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if ent.cgroup is not None:
+            with contextlib.suppress(OSError):
+                ent.cgroup.kill(timeout=2.0)
+
+    def _forget(self, ent: Entity) -> None:
+        self.entities.pop(ent.id, None)
+        if ent.kind == "container":
+            for child in [c for c in self.entities.values() if c.parent is ent]:
+                self.entities.pop(child.id, None)
+            if ent.dirs is not None:
+                # The cleaner deletes it; removal is answered when the directory is gone.
+                self.cleaner.submit(ent.dirs.base, ent.remove_rids)
+                ent.remove_rids = []
+        for rid in ent.remove_rids:
+            self._reply(rid, {})
+        ent.remove_rids.clear()
+
+    def _on_cleaned(self, _fd: object) -> None:
+        for rids in self.cleaner.done():
+            for rid in rids:
+                self._reply(rid, {})
+
+    def _shutdown(self) -> None:
+        """Kill everything, wait for it, remove every cgroup and state directory."""
+        for ent in self.entities.values():
+            if not ent.finished:
+                self._kill(ent)
+        deadline = time.monotonic() + 10
+        while any(not e.finished for e in self.entities.values()) and time.monotonic() < deadline:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            self._on_exit(pid, status)
+            for ent in list(self.entities.values()):
+                if not ent.pipe_closed:
+                    with contextlib.suppress(OSError):
+                        while os.read(ent.status_fd, 65536):
+                            pass
+                    ent.pipe_closed = True
+                self._maybe_finish(ent)
+        for ent in list(self.entities.values()):
+            self._remove_cgroup(ent)
+            if ent.dirs is not None:
+                remove_tree(ent.dirs.base)
+        self.cleaner.close()
+        with contextlib.suppress(OSError):
+            self.backend.remove_owner(self.owner)
+
+
+class Cleaner:
+    """A child process that deletes state directories, off the launcher's critical path.
+
+    Deleting a container's upper layer can take a millisecond or (after a test wrote 10,000 files)
+    far more; done in the launcher's loop it would delay the next container's start.  Requests
+    and completions are lines on two pipes; the launcher answers ``remove`` when a line comes back.
+    """
+
+    def __init__(self, keep: set[int]) -> None:
+        req_r, self._req_w = os.pipe()
+        self.done_fd, done_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                libc.close_fds_except({req_r, done_w, 2} | keep)
+                libc.set_process_name("psbx-cleaner")
+                for line in os.fdopen(req_r, "r"):
+                    token, _, path = line.rstrip("\n").partition(" ")
+                    remove_tree(path)
+                    os.write(done_w, f"{token}\n".encode())
+            finally:
+                os._exit(0)
+        os.close(req_r)
+        os.close(done_w)
+        self._lines = protocol.LineBuffer()
+        self._waiting: dict[int, list[Any]] = {}
+        self._serial = 0
+        self._buf = b""
+
+    def submit(self, path: str, rids: list[Any]) -> None:
+        self._serial += 1
+        self._waiting[self._serial] = list(rids)
+        os.write(self._req_w, f"{self._serial} {path}\n".encode())
+
+    def done(self) -> list[list[Any]]:
+        data = os.read(self.done_fd, 65536)
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        return [self._waiting.pop(int(token), []) for token in lines if token]
+
+    def close(self) -> None:
+        """Let it finish what was asked, then wait for it."""
+        os.close(self._req_w)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def write_id_maps(pid: int, base: int) -> None:
+    """Map container ids 0..65535 to host ids base..base+65535 (user_namespaces(7))."""
+    line = f"0 {base} {ID_RANGE}\n"
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(line)
+
+
+def remove_tree(path: str) -> None:
+    """Remove a state directory, including overlayfs' ``work/work`` (mode 000) and sub-uid files."""
+    def onerror(func: Any, p: str, exc: Any) -> None:
+        err = exc[1] if isinstance(exc, tuple) else exc
+        if isinstance(err, FileNotFoundError):
+            return
+        if isinstance(err, PermissionError):
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.dirname(p), 0o700)
+                func(p)
+                return
+        print(f"psbx-launcher: cannot remove {p}: {err}", file=sys.stderr)
+
+    shutil.rmtree(path, onerror=onerror)
+
+
+def _describe_status(status: int | None) -> str:
+    if status is None:
+        return "unknown status"
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="psbx-launcher")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--owner", required=True)
+    parser.add_argument("--uid-base", type=int, required=True)
+    parser.add_argument("--cgroup-root", default="/sys/fs/cgroup")
+    args = parser.parse_args(argv)
+    libc.set_process_name("psbx-launcher")
+    trace.enable()
+    import gc; gc.disable(); gc.freeze()
+    libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
+    sock = socket.socket(fileno=args.fd)
+    try:
+        launcher = Launcher(sock, args.owner, args.uid_base, args.cgroup_root)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            protocol.send(sock, {"rid": 0, "error": to_wire(e)})
+        raise
+    protocol.send(sock, {"rid": 0, "ok": launcher.hello()})
+    launcher.serve()
+
+
+__all__ = ["Launcher", "LauncherError", "from_wire", "main", "errno"]

@@ -1,0 +1,142 @@
+"""Resource limits of one container, validated and normalised (pure, stdlib only).
+
+The user's words (``memory="64m"``, ``cpus=0.5``, ``pids=32``) become kernel units here, once, so the
+cgroup backends only write numbers.  Semantics, each chosen on purpose and tested:
+
+- ``memory``: bytes; at least 6 MiB (Docker's minimum: our init and the command's loader must fit).
+- ``memory_swap``: Docker's total of memory + swap.  Unlike Docker, the default is *no swap*
+  (``memory_swap == memory``) so an OOM is deterministic; ``-1`` allows unlimited swap.
+- ``cpus``: a CFS quota of ``cpus * period`` per ``period`` (100 ms) -- the seed's cpu.cfs_quota_us.
+- ``cpu_shares``: the v1 weight (2..262144, default 1024); v2 converts it to ``cpu.weight``.
+- ``cpuset``: the CPUs the container may run on, normalised to the kernel's list format.
+- ``pids``: the most tasks the container may have, our init included, so at least 2.  ``0`` is not a
+  silent "unlimited" (runc's surprise): it is an error; leave it unset for no limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .errors import InvalidSpecError
+from .units import format_size, online_cpus, parse_cpus, parse_cpuset, parse_size
+
+MIN_MEMORY = 6 << 20
+CPU_PERIOD_US = 100_000
+MIN_CPU_SHARES = 2
+MAX_CPU_SHARES = 262_144
+MIN_PIDS = 2
+UNLIMITED = -1
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory: int | None = None
+    memory_swap: int | None = None  # memory + swap in bytes; UNLIMITED (-1) for unlimited swap
+    cpu_quota_us: int | None = None
+    cpu_period_us: int = CPU_PERIOD_US
+    cpu_shares: int | None = None
+    cpuset: str | None = None
+    pids: int | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        memory: object = None,
+        memory_swap: object = None,
+        cpus: object = None,
+        cpu_shares: object = None,
+        cpuset: object = None,
+        pids: object = None,
+    ) -> Limits:
+        """Validate the user's words; raise :class:`InvalidSpecError` naming the bad value."""
+        mem = None
+        if memory is not None:
+            mem = parse_size(memory, what="memory")
+            if mem == 0:
+                raise InvalidSpecError("memory=0: 0 is not a limit; leave memory unset for no limit")
+            if mem < MIN_MEMORY:
+                raise InvalidSpecError(
+                    f"memory={memory!r}: minimum memory limit allowed is {format_size(MIN_MEMORY)} "
+                    "(the container's init and the command's loader need it)"
+                )
+        swap = None
+        if memory_swap is not None:
+            if mem is None:
+                raise InvalidSpecError(
+                    f"memory_swap={memory_swap!r}: set memory too; memory_swap is the total of memory and swap"
+                )
+            if memory_swap in (-1, "-1"):
+                swap = UNLIMITED
+            else:
+                swap = parse_size(memory_swap, what="memory_swap")
+                if swap < mem:
+                    raise InvalidSpecError(
+                        f"memory_swap={memory_swap!r}: must be at least memory={memory!r} "
+                        "(it is the total of memory and swap); use -1 for unlimited swap"
+                    )
+        elif mem is not None:
+            swap = mem  # swap off by default: OOM is deterministic
+        quota = None
+        if cpus is not None:
+            n = parse_cpus(cpus, online=len(online_cpus()))
+            quota = max(1000, round(n * CPU_PERIOD_US))
+        shares = None
+        if cpu_shares is not None:
+            if (
+                isinstance(cpu_shares, bool)
+                or not isinstance(cpu_shares, int)
+                or not MIN_CPU_SHARES <= cpu_shares <= MAX_CPU_SHARES
+            ):
+                raise InvalidSpecError(
+                    f"cpu_shares={cpu_shares!r}: expected an int from {MIN_CPU_SHARES} to {MAX_CPU_SHARES} "
+                    "(1024 is the default weight)"
+                )
+            shares = cpu_shares
+        cpus_set = None
+        if cpuset is not None:
+            cpus_set = parse_cpuset(cpuset, online=online_cpus())
+        npids = None
+        if pids is not None:
+            if isinstance(pids, bool) or not isinstance(pids, int) or pids < MIN_PIDS:
+                raise InvalidSpecError(
+                    f"pids={pids!r}: expected an int of at least {MIN_PIDS} (the container's init counts as "
+                    "one task); leave pids unset for no limit"
+                )
+            npids = pids
+        return cls(
+            memory=mem,
+            memory_swap=swap,
+            cpu_quota_us=quota,
+            cpu_shares=shares,
+            cpuset=cpus_set,
+            pids=npids,
+        )
+
+    @property
+    def cpus(self) -> float | None:
+        return None if self.cpu_quota_us is None else self.cpu_quota_us / self.cpu_period_us
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, f.name) is None for f in fields(self) if f.name != "cpu_period_us")
+
+    def controllers(self) -> list[str]:
+        """The cgroup controllers these limits need (names of the v2 unified hierarchy)."""
+        out = []
+        if self.memory is not None:
+            out.append("memory")
+        if self.cpu_quota_us is not None or self.cpu_shares is not None:
+            out.append("cpu")
+        if self.cpuset is not None:
+            out.append("cpuset")
+        if self.pids is not None:
+            out.append("pids")
+        return out
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Limits:
+        return cls(**data)

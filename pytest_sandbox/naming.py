@@ -1,0 +1,90 @@
+"""Every host-visible name pytest_sandbox creates comes from here (pure, stdlib only).
+
+All of them start with ``psbx`` so leftovers are easy to find, and all carry the owner's pid and
+start time where they outlive a call, so a sweeper can tell a dead owner from a live one (pids are
+reused; pid + start time is not).  Interface names must fit IFNAMSIZ-1 = 15 bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+
+PREFIX = "psbx"
+PROJECT_CGROUP = "pytest-sandbox"
+IFNAMSIZ = 16
+
+_OWNER_RE = re.compile(rf"^{PREFIX}-(\d+)-(\d+)$")
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+def new_container_id() -> str:
+    """12 hex digits, like Docker's short ids."""
+    return secrets.token_hex(6)
+
+
+def is_container_id(text: str) -> bool:
+    return bool(_ID_RE.match(text))
+
+
+def valid_name(name: str) -> bool:
+    """Container names: ``[a-zA-Z0-9][a-zA-Z0-9_.-]*``, at most 63 characters (a DNS label)."""
+    return bool(_NAME_RE.match(name))
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
+    rest = data[data.rindex(b")") + 2 :].split()
+    return int(rest[19])
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """``psbx-<pid>-<starttime>``: names the resources one pytest process owns."""
+    pid = os.getpid() if pid is None else pid
+    start = process_start_time(pid)
+    return f"{PREFIX}-{pid}-{start if start is not None else 0}"
+
+
+def parse_owner_tag(name: str) -> tuple[int, int] | None:
+    m = _OWNER_RE.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def owner_alive(name: str) -> bool:
+    """True unless ``name`` is an owner tag whose process is gone (or was replaced by a new one).
+
+    Names that are not owner tags count as alive: a sweeper never touches what it cannot attribute.
+    """
+    parsed = parse_owner_tag(name)
+    if parsed is None:
+        return True
+    pid, start = parsed
+    return process_start_time(pid) == start
+
+
+def state_dir_name(owner: str) -> str:
+    return f"{owner}"
+
+
+def container_dir_name(container_id: str) -> str:
+    return f"c-{container_id}"
+
+
+def cgroup_leaf_name(container_id: str) -> str:
+    return f"{PREFIX}-c-{container_id}"
+
+
+def ifname(kind: str, token: str) -> str:
+    """An interface name ``psbx<kind><token>`` that fits in 15 bytes."""
+    name = f"{PREFIX}{kind}{token}"
+    if len(name.encode()) >= IFNAMSIZ:
+        raise ValueError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
+    return name

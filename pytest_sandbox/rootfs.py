@@ -1,0 +1,349 @@
+"""Building a container's root filesystem: overlays, /proc, /dev, masks, pivot_root (stdlib only).
+
+Runs inside the launcher's children, in two halves:
+
+1. :func:`mount_image` -- in the container's first process while it is still host root, in a
+   private mount namespace owned by the host's user namespace.  Each layer is cloned as a detached
+   mount (``open_tree(OPEN_TREE_CLONE)``) and, where the filesystem supports it, *idmapped* to the
+   container's uid range (``mount_setattr(MOUNT_ATTR_IDMAP)``, Linux >= 5.12; overlayfs accepts
+   idmapped layers since 5.19), so host-root-owned files appear owned by container root and stay
+   writable through copy-up while the container's root is an unprivileged host uid.  Layers are
+   passed to overlayfs as ``/proc/self/fd/N``: no path escaping (``:``/``,`` in layer paths), and
+   the mount data stays short for deep stacks.  Idmapping needs CAP_SYS_ADMIN in the user
+   namespace of the layer's filesystem (the host's), which is why this half runs before the
+   container's user namespace exists.  User bind mounts are cloned here too, for the same reason,
+   and attached after ``pivot_root`` so their targets resolve inside the container.
+
+2. :func:`finish_rootfs` -- in the container's PID 1, inside the container's user and mount
+   namespaces.  The copied mounts are *locked* (mount_namespaces(7)): ``pivot_root`` refuses a
+   locked new root, so the rootfs is first bind-mounted onto itself.  /proc and /sys are mounted
+   *before* the old root is detached: the kernel lets a user namespace mount procfs/sysfs only
+   while a fully visible instance exists in the mount namespace (``mnt_already_visible``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from . import libc
+from .errors import LayerNotADirectoryError, LayerNotFoundError, SetupError
+from .spec import BindMount, ContainerSpec, TmpfsMount
+
+# podman's defaults (containers/common pkg/config/default.go), the list reliability.md checks.
+MASKED_PATHS = (
+    "proc/acpi",
+    "proc/kcore",
+    "proc/keys",
+    "proc/latency_stats",
+    "proc/sched_debug",
+    "proc/scsi",
+    "proc/timer_list",
+    "proc/timer_stats",
+    "proc/interrupts",
+    "sys/devices/virtual/powercap",
+    "sys/firmware",
+    "sys/fs/selinux",
+)
+READONLY_PATHS = ("proc/asound", "proc/bus", "proc/fs", "proc/irq", "proc/sys", "proc/sysrq-trigger")
+# name, major, minor: the devices every container gets (runtime-tools' defaultDevices minus ptmx,
+# which is a symlink into the container's own devpts instance).
+DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0))
+DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+)
+_PROC_FLAGS = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
+
+
+@dataclass
+class ContainerDirs:
+    """The launcher's per-container state directory (host side)."""
+
+    base: str
+
+    @property
+    def rootfs(self) -> str:
+        return os.path.join(self.base, "rootfs")
+
+    def upper(self, index: int) -> str:
+        return os.path.join(self.base, f"upper.{index}")
+
+    def work(self, index: int) -> str:
+        return os.path.join(self.base, f"work.{index}")
+
+    @property
+    def stdout(self) -> str:
+        return os.path.join(self.base, "stdout")
+
+    @property
+    def stderr(self) -> str:
+        return os.path.join(self.base, "stderr")
+
+    def exec_log(self, exec_id: str, stream: str) -> str:
+        return os.path.join(self.base, f"exec.{exec_id}.{stream}")
+
+
+@dataclass
+class PreparedBind:
+    fd: int  # a detached mount (open_tree clone), attached after pivot_root
+    target: str
+    is_dir: bool
+
+
+def _layer_fd(path: str, idmap_fd: int | None, index: int) -> int:
+    """A detached, read-only (idmapped where possible) clone of one layer directory."""
+    try:
+        fd = libc.open_tree(path, libc.OPEN_TREE_CLONE | libc.OPEN_TREE_CLOEXEC)
+    except SetupError as e:
+        if e.errno == errno.ENOENT:
+            raise LayerNotFoundError(
+                f"layer {index}: {path!r} does not exist", path=path, errno=e.errno
+            ) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        raise LayerNotADirectoryError(f"layer {index}: {path!r} is not a directory", path=path, errno=errno.ENOTDIR)
+    _try_idmap(fd, idmap_fd, libc.MOUNT_ATTR_RDONLY, path)
+    return fd
+
+
+def _try_idmap(fd: int, idmap_fd: int | None, attrs: int, path: str) -> None:
+    """Idmap the detached mount ``fd`` to the container's range; fall back to plain on unsupported fs."""
+    if idmap_fd is not None:
+        try:
+            libc.mount_setattr(fd, attrs | libc.MOUNT_ATTR_IDMAP, userns_fd=idmap_fd, what=path)
+            return
+        except SetupError as e:
+            # EINVAL: the filesystem cannot be idmapped (9p, overlayfs, tmpfs < 6.3, NFS ...).
+            # Files there keep their host owners and look like "nobody" inside; still usable.
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+    if attrs:
+        libc.mount_setattr(fd, attrs, what=path)
+
+
+def _mkdir_owned(path: str, uid: int) -> None:
+    os.mkdir(path, 0o755)
+    os.chown(path, uid, uid)
+
+
+def mount_image(spec: ContainerSpec, dirs: ContainerDirs, idmap_fd: int | None, root_uid: int) -> list[PreparedBind]:
+    """Half 1 (host root, private mount namespace): overlays at ``dirs.rootfs`` and bind clones."""
+    os.mkdir(dirs.rootfs, 0o755)
+    for index, overlay in enumerate(spec.overlays):
+        upper, work = dirs.upper(index), dirs.work(index)
+        _mkdir_owned(upper, root_uid)
+        os.mkdir(work, 0o700)
+        if index == 0:
+            _write_etc_files(upper, spec.etc_files, root_uid)
+        target = dirs.rootfs if not overlay.target else _plain_dir(dirs.rootfs, overlay.target)
+        _mount_overlay(target, overlay.lowers, upper, work, idmap_fd)
+    _make_dev(_plain_dir(dirs.rootfs, "dev"), root_uid)
+    return [_clone_bind(m, idmap_fd) for m in spec.mounts]
+
+
+def _make_dev(dev: str, root_uid: int) -> None:
+    """The container's /dev: a small tmpfs with real device nodes, made while still host root.
+
+    A tmpfs mounted from the host's user namespace may hold device nodes (one mounted inside a
+    user namespace is always ``nodev``), so ``mknod`` here replaces six bind mounts of the host's
+    nodes.  The container cannot add nodes: mknod needs CAP_MKNOD in the *host's* namespace.
+    """
+    libc.mount("tmpfs", dev, "tmpfs", libc.MS_NOSUID | libc.MS_NOEXEC,
+               f"mode=755,size=65536k,uid={root_uid},gid={root_uid}")
+    for name, major, minor in DEVICES:
+        path = os.path.join(dev, name)
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(path, 0o666)  # mknod's mode went through the umask
+        os.chown(path, root_uid, root_uid)
+    for sub in ("pts", "shm", "mqueue"):
+        os.mkdir(os.path.join(dev, sub), 0o755)
+    for name, target in DEV_LINKS:
+        os.symlink(target, os.path.join(dev, name))
+        os.lchown(os.path.join(dev, name), root_uid, root_uid)
+
+
+def _mount_overlay(target: str, lowers: Iterable[str], upper: str, work: str, idmap_fd: int | None) -> None:
+    fds = [_layer_fd(path, idmap_fd, i) for i, path in enumerate(lowers)]
+    try:
+        ufd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        wfd = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        fds += [ufd, wfd]
+        lowerdir = ":".join(f"/proc/self/fd/{fd}" for fd in fds[:-2])
+        data = f"lowerdir={lowerdir},upperdir=/proc/self/fd/{ufd},workdir=/proc/self/fd/{wfd}"
+        try:
+            # volatile: the upper layer is thrown away with the container, so skip its syncs.
+            libc.mount("overlay", target, "overlay", 0, data + ",volatile")
+        except SetupError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            libc.mount("overlay", target, "overlay", 0, data)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _write_etc_files(upper: str, files: Iterable[tuple[str, str]], root_uid: int) -> None:
+    files = list(files)
+    if not files:
+        return
+    etc = os.path.join(upper, "etc")
+    _mkdir_owned(etc, root_uid)
+    for name, content in files:
+        path = os.path.join(etc, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, content.encode())
+            os.fchown(fd, root_uid, root_uid)
+        finally:
+            os.close(fd)
+
+
+def _plain_dir(root: str, rel: str) -> str:
+    """``root/rel`` after checking that no component is a symlink or a non-directory.
+
+    Setup runs before any container process exists, so nothing can swap a component between this
+    check and the mount; what we guard against is an *image* that ships ``/proc`` or ``/usr`` as a
+    symlink to a host path (runc CVE-2019-19921, CVE-2023-27561).
+    """
+    path = root
+    for part in rel.strip("/").split("/"):
+        path = os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.mkdir(path, 0o755)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            raise SetupError(
+                f"/{rel} in the image is {kind}; it must be mounted on an ordinary directory",
+                call="mount",
+                path="/" + rel,
+                errno=errno.ENOTDIR,
+                hint="fix the image layer that replaces it",
+            )
+    return path
+
+
+def _clone_bind(m: BindMount, idmap_fd: int | None) -> PreparedBind:
+    try:
+        fd = libc.open_tree(m.source, libc.OPEN_TREE_CLONE | libc.OPEN_TREE_CLOEXEC | libc.AT_RECURSIVE)
+    except SetupError as e:
+        raise SetupError(
+            f"mounts: cannot bind {m.source!r}: {os.strerror(e.errno)}",
+            call="open_tree",
+            path=m.source,
+            errno=e.errno,
+        ) from None
+    _try_idmap(fd, idmap_fd, libc.MOUNT_ATTR_RDONLY if m.read_only else 0, m.source)
+    return PreparedBind(fd, m.target, stat.S_ISDIR(os.fstat(fd).st_mode))
+
+
+def mask_plan() -> list[tuple[str, bool]]:
+    """(path, is_directory) of each masked path this kernel has; computed once per launcher."""
+    plan = []
+    for rel in MASKED_PATHS:
+        try:
+            plan.append((rel, stat.S_ISDIR(os.lstat("/" + rel).st_mode)))
+        except OSError:
+            continue
+    return plan
+
+
+def finish_rootfs(
+    spec: ContainerSpec,
+    binds: list[PreparedBind],
+    masks: list[tuple[str, bool]],
+    *,
+    cgroup2: bool,
+    nested_userns: bool = False,
+) -> None:
+    """Half 2 (PID 1, container namespaces): system mounts, masks, pivot_root, user mounts.
+
+    Starts in the container's state directory (``rootfs/`` is relative to it): as an unprivileged
+    host uid we could not walk the state directory's absolute path.
+    """
+    libc.mount("rootfs", "rootfs", None, libc.MS_BIND | libc.MS_REC)  # an unlocked new root
+    os.chdir("rootfs")
+    libc.mount("proc", _plain_dir(".", "proc"), "proc", _PROC_FLAGS)
+    if not nested_userns:
+        # Creating user namespaces inside reaches kernel code written for root (CVE-2022-0185
+        # class); limit 0 in our namespace forbids it below us, as bwrap --disable-userns does.
+        # /proc/sys becomes read-only below, so the container cannot raise it again.
+        with open("proc/sys/user/max_user_namespaces", "w") as f:
+            f.write("0")
+    libc.mount("sysfs", _plain_dir(".", "sys"), "sysfs", _PROC_FLAGS | libc.MS_RDONLY)
+    if cgroup2:
+        with contextlib.suppress(SetupError):
+            libc.mount("cgroup2", "sys/fs/cgroup", "cgroup2", _PROC_FLAGS | libc.MS_RDONLY)
+    _mount_dev_filesystems()
+    _mask_paths(masks)
+    libc.pivot_root(".", ".")
+    libc.umount2(".", libc.MNT_DETACH)
+    os.chdir("/")
+    user_targets = {t.target for t in spec.tmpfs} | {b.target for b in binds}
+    if "/tmp" not in user_targets:
+        _mount_tmpfs(TmpfsMount("/tmp"))
+    for t in spec.tmpfs:
+        _mount_tmpfs(t)
+    for b in binds:
+        _attach_bind(b)
+    if spec.read_only:
+        libc.mount_setattr(libc.AT_FDCWD, libc.MOUNT_ATTR_RDONLY, path="/", flags=0)
+
+
+def _mount_dev_filesystems() -> None:
+    """The parts of /dev that must belong to the container's own namespaces."""
+    libc.mount("devpts", "dev/pts", "devpts", libc.MS_NOSUID | libc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
+    libc.mount("shm", "dev/shm", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC, "mode=1777,size=65536k")
+    libc.mount("mqueue", "dev/mqueue", "mqueue", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
+
+
+def _mask_paths(masks: list[tuple[str, bool]]) -> None:
+    for rel, is_dir in masks:
+        try:
+            if is_dir:
+                libc.mount("tmpfs", rel, "tmpfs", libc.MS_RDONLY | _PROC_FLAGS, "size=0,mode=0555")
+            else:
+                libc.mount("dev/null", rel, None, libc.MS_BIND)
+        except SetupError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+    for rel in READONLY_PATHS:
+        try:
+            libc.mount(rel, rel, None, libc.MS_BIND | libc.MS_REC)
+        except SetupError as e:
+            if e.errno == errno.ENOENT:
+                continue
+            raise
+        # mount_setattr changes only the bits asked for, so the locked nosuid/nodev/noexec of
+        # procfs stay as they are (a MS_REMOUNT would have to repeat them or fail with EPERM).
+        libc.mount_setattr(libc.AT_FDCWD, libc.MOUNT_ATTR_RDONLY, path=rel, flags=libc.AT_RECURSIVE)
+
+
+def _mount_tmpfs(t: TmpfsMount) -> None:
+    os.makedirs(t.target, exist_ok=True)
+    data = f"mode={t.mode:o}" + (f",size={t.size}" if t.size is not None else "")
+    libc.mount("tmpfs", t.target, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, data)
+
+
+def _attach_bind(b: PreparedBind) -> None:
+    # After pivot_root, symlinks in the target resolve inside the container's root.
+    if b.is_dir:
+        os.makedirs(b.target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(b.target), exist_ok=True)
+        if not os.path.lexists(b.target):
+            os.close(os.open(b.target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    libc.move_mount_fd(b.fd, b.target)
+    os.close(b.fd)

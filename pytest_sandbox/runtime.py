@@ -1,0 +1,136 @@
+"""Process-wide state: configuration, the launcher client, the host base, crash sweeps.
+
+One :class:`Runtime` per process (per xdist worker), created on first use and closed at the end of
+the pytest session (or at interpreter exit when used as a library).  Its state directory
+``$TMPDIR/psbx-<pid>-<starttime>`` holds the containers' upper layers and logs; at start it
+sweeps the state directories and cgroups of *dead* owners (a previous run killed with SIGKILL),
+never those of a live one (another session running at the same time).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import naming
+from .client import LauncherClient
+from .hostbase import HostLayout, ensure_skeleton
+from .image import Image
+from .spec import OverlaySpec
+
+DEFAULT_UID_BASE = 1_000_000_000
+ID_RANGE = 65536
+
+
+def default_data_root() -> str:
+    env = os.environ.get("PYTEST_SANDBOX_DATA_ROOT")
+    if env:
+        return os.path.abspath(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "pytest-sandbox")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    data_root: str = field(default_factory=default_data_root)
+    state_parent: str = field(default_factory=tempfile.gettempdir)
+    uid_base: int = int(os.environ.get("PYTEST_SANDBOX_UID_BASE", DEFAULT_UID_BASE))
+    cgroup_root: str = "/sys/fs/cgroup"
+
+
+class Runtime:
+    def __init__(self, config: RuntimeConfig | None = None) -> None:
+        self.config = config or RuntimeConfig()
+        self.pid = os.getpid()
+        self.owner = naming.owner_tag()
+        self.state_dir = os.path.join(self.config.state_parent, self.owner)
+        self.client = LauncherClient(
+            state_dir=self.state_dir,
+            owner=self.owner,
+            uid_base=self.config.uid_base,
+            cgroup_root=self.config.cgroup_root,
+        )
+        self._lock = threading.Lock()
+        self._skeleton: tuple[str, HostLayout] | None = None
+        self._swept = False
+        self.closed = False
+
+    def info(self) -> dict[str, Any]:
+        """Start the launcher if needed; what it found (idmap support, cgroup backend)."""
+        self._sweep_once()
+        return self.client.ensure_started()
+
+    def overlays(self, image: Image) -> tuple[OverlaySpec, ...]:
+        if not image.host:
+            return image.overlays(None, None)
+        with self._lock:
+            if self._skeleton is None:
+                self._skeleton = ensure_skeleton(self.config.data_root)
+        return image.overlays(*self._skeleton)
+
+    def container_dir(self, container_id: str) -> str:
+        return os.path.join(self.state_dir, naming.container_dir_name(container_id))
+
+    def _sweep_once(self) -> None:
+        with self._lock:
+            if self._swept:
+                return
+            self._swept = True
+        sweep_state_dirs(self.config.state_parent)
+
+    def close(self) -> None:
+        """Stop the launcher (which removes every container, cgroup and state directory)."""
+        self.closed = True
+        self.client.close()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def sweep_state_dirs(parent: str) -> list[str]:
+    """Remove ``psbx-<pid>-<start>`` state directories whose owner process is gone."""
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        if naming.parse_owner_tag(name) and not naming.owner_alive(name):
+            path = os.path.join(parent, name)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+_config: RuntimeConfig | None = None
+
+
+def configure(config: RuntimeConfig) -> None:
+    """Set the configuration the next runtime is created with (the pytest plugin calls this)."""
+    global _config
+    _config = config
+
+
+def get_runtime() -> Runtime:
+    """This process's runtime, created on first use (a fork gets its own)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None or _runtime.pid != os.getpid() or _runtime.closed:
+            _runtime = Runtime(_config)
+        return _runtime
+
+
+def shutdown_runtime() -> None:
+    global _runtime
+    with _runtime_lock:
+        rt, _runtime = _runtime, None
+    if rt is not None and rt.pid == os.getpid():
+        rt.close()
+
+
+atexit.register(shutdown_runtime)

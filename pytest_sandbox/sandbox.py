@@ -1,0 +1,227 @@
+"""The handle a test gets: ``sandbox.run(cmd, **opts)`` and ``sandbox.start(cmd, **opts)``.
+
+Every container started through a handle is removed when the handle closes (the fixture's scope
+ends), whatever state it is in.  A handle can carry default options (from a
+``@pytest.mark.sandbox(...)`` marker or the constructor) that each call may override.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from . import naming
+from .container import Container, Result, read_logs, result_from_info
+from .errors import InvalidSpecError, LauncherError, SandboxError, SandboxTimeoutError
+from .image import Image
+from .launcher import trace
+from .runtime import Runtime, get_runtime
+from .spec import ContainerSpec, Options, ProcessSpec, parse_argv, parse_options
+
+
+def _hosts_file(hostname: str) -> str:
+    return f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+
+
+@dataclass(frozen=True)
+class _Planned:
+    spec: ContainerSpec
+    options: Options
+    image: Image
+    directory: str
+
+
+class Sandbox:
+    """Starts containers and removes them all on :meth:`close`."""
+
+    def __init__(
+        self,
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        runtime: Runtime | None = None,
+        on_start: Callable[[Container], None] | None = None,
+    ) -> None:
+        self.defaults = dict(defaults or {})
+        self._runtime = runtime
+        self._containers: list[Container] = []
+        self._removals: list[Future[dict[str, Any]]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._on_start = on_start
+        self.results: list[Result] = []  # of every run(), for reports
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime or get_runtime()
+
+    @property
+    def containers(self) -> list[Container]:
+        """Every container started through this handle and not yet removed, oldest first."""
+        with self._lock:
+            return list(self._containers)
+
+    # -- public API ------------------------------------------------------------------------
+
+    def run(self, cmd: object, *, image: Image | None = None, **opts: Any) -> Result:
+        """Run ``cmd`` to completion in a fresh container and return its :class:`Result`.
+
+        ``timeout`` (seconds) kills the container and raises :class:`SandboxTimeoutError` carrying
+        the partial result.  The container is gone (removed in the background) when this returns.
+        """
+        planned = self._plan(cmd, image, opts)
+        client = self.runtime.client
+        trace.event("client: run")
+        future = self._create(planned, until_exit=True)
+        timeout = planned.options.timeout
+        try:
+            info = future.result(timeout)
+            timed_out = False
+        except FutureTimeout:
+            with contextlib.suppress(SandboxError):
+                client.call("signal", id=planned.spec.id, signal=signal.SIGKILL)
+            info = future.result()
+            timed_out = True
+        except BaseException:
+            self._remove_later(planned.spec.id)
+            raise
+        out, err = read_logs(planned.directory)
+        result = result_from_info(info, out, err, planned.spec.process.argv)
+        trace.event("client: result")
+        self._remove_later(planned.spec.id)
+        self.results.append(result)
+        if timed_out:
+            raise SandboxTimeoutError(
+                f"{list(planned.spec.process.argv)} did not finish in {timeout} s; killed",
+                result=result,
+                hint="raise timeout=, or check the command is not waiting for input",
+            )
+        return result
+
+    def start(self, cmd: object, *, image: Image | None = None, **opts: Any) -> Container:
+        """Start ``cmd`` in a fresh container in the background; the :class:`Container`."""
+        planned = self._plan(cmd, image, opts)
+        try:
+            reply = self._create(planned, until_exit=False).result()
+        except BaseException:
+            self._remove_later(planned.spec.id)
+            raise
+        container = Container(
+            self.runtime, planned.spec, planned.image, planned.directory,
+            name=planned.options.name, pid=int(reply["pid"]), init_pid=int(reply["init_pid"]),
+            timeout=planned.options.timeout,
+        )
+        with self._lock:
+            self._containers.append(container)
+        if self._on_start is not None:
+            self._on_start(container)
+        return container
+
+    def close(self) -> None:
+        """Remove every container started here (killing those still running).  Idempotent."""
+        self._closed = True
+        with self._lock:
+            containers, self._containers = self._containers, []
+            removals, self._removals = self._removals, []
+        errors: list[BaseException] = []
+        for c in reversed(containers):
+            try:
+                c.remove()
+            except Exception as e:  # keep removing the others
+                errors.append(e)
+        for future in removals:
+            try:
+                future.result(timeout=60)
+            except LauncherError:
+                pass  # the launcher is gone: it took everything with it
+            except Exception as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _plan(self, cmd: object, image: Image | None, opts: Mapping[str, Any]) -> _Planned:
+        """Validate everything, then make the container's state directory (the first thing created)."""
+        if self._closed:
+            raise SandboxError("this sandbox handle is closed (its fixture scope has ended)")
+        argv = parse_argv(cmd)
+        options = parse_options(**{**self.defaults, **opts})
+        if image is None:
+            image = Image.host_base()
+        elif not isinstance(image, Image):
+            raise InvalidSpecError(f"image={image!r}: expected an Image, e.g. Image.from_layers(path)")
+        image.check()
+        if options.name is not None and any(c.name == options.name for c in self.containers):
+            raise InvalidSpecError(f"name={options.name!r}: a container with this name already exists here")
+        rt = self.runtime
+        rt.info()
+        cid = naming.new_container_id()
+        hostname = options.hostname or cid
+        spec = ContainerSpec(
+            id=cid,
+            hostname=hostname,
+            process=ProcessSpec(argv=argv, env=options.env, workdir=options.workdir, user=options.user),
+            overlays=rt.overlays(image),
+            mounts=options.mounts,
+            tmpfs=options.tmpfs,
+            limits=options.limits,
+            cgroup=options.cgroup,
+            etc_files=(("hostname", hostname + "\n"), ("hosts", _hosts_file(hostname))),
+            read_only=options.read_only,
+        )
+        directory = rt.container_dir(cid)
+        os.makedirs(os.path.dirname(directory), mode=0o700, exist_ok=True)
+        # 0711: the container's init (an unprivileged host uid) must traverse it to reach rootfs/
+        # during setup; the state directory above stays 0700, so no host user can get here.
+        os.mkdir(directory)
+        try:
+            os.chmod(directory, 0o711)
+            if options.input is not None:
+                stdin = os.path.join(directory, "stdin")
+                with open(stdin, "wb") as f:
+                    f.write(options.input)
+                spec = dataclasses.replace(spec, stdin=stdin)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return _Planned(spec, options, image, directory)
+
+    def _create(self, planned: _Planned, *, until_exit: bool) -> Future[dict[str, Any]]:
+        try:
+            return self.runtime.client.submit(
+                "create", spec=planned.spec.to_wire(), dir=planned.directory, until_exit=until_exit
+            )
+        except BaseException:
+            shutil.rmtree(planned.directory, ignore_errors=True)
+            raise
+
+    def _remove_later(self, container_id: str) -> None:
+        """Ask the launcher to remove a container without waiting; close() collects the answers."""
+        try:
+            future = self.runtime.client.submit("remove", id=container_id)
+        except LauncherError:
+            return
+        with self._lock:
+            self._removals.append(future)
+            self._removals = [f for f in self._removals if not f.done() or f.exception() is not None]
+
+    def forget(self, container: Container) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._containers.remove(container)
