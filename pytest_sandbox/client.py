@@ -10,6 +10,7 @@ tail of its log, and the next call starts a fresh one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -56,7 +57,13 @@ class LauncherClient:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        """The launcher's pid while it runs."""
+        return self._proc.pid if self._proc and self._sock is not None else None
+
+    def fileno(self) -> int:
+        """Our end of the launcher socket (-1 when not connected)."""
+        sock = self._sock
+        return sock.fileno() if sock is not None else -1
 
     def ensure_started(self) -> dict[str, Any]:
         with self._lock:
@@ -71,11 +78,22 @@ class LauncherClient:
             with open(self.log_path, "ab") as log:
                 self._proc = subprocess.Popen(
                     [
-                        sys.executable, "-I", "-S", "-c", _BOOTSTRAP, PACKAGE_DIR,
-                        "--fd", str(theirs.fileno()),
-                        "--owner", self.owner,
-                        "--uid-base", str(self.uid_base),
-                        "--cgroup-root", self.cgroup_root,
+                        sys.executable,
+                        "-I",
+                        "-S",
+                        "-c",
+                        _BOOTSTRAP,
+                        PACKAGE_DIR,
+                        "--fd",
+                        str(theirs.fileno()),
+                        "--owner",
+                        self.owner,
+                        "--state-dir",
+                        self.state_dir,
+                        "--uid-base",
+                        str(self.uid_base),
+                        "--cgroup-root",
+                        self.cgroup_root,
                     ],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
@@ -104,7 +122,9 @@ class LauncherClient:
         self.info = hello["ok"]
         self._sock = ours
         self._dead = None
-        threading.Thread(target=self._read_loop, args=(ours,), name="psbx-launcher-reader", daemon=True).start()
+        threading.Thread(
+            target=self._read_loop, args=(ours,), name="psbx-launcher-reader", daemon=True
+        ).start()
 
     def _read_loop(self, sock: socket.socket) -> None:
         while True:
@@ -185,10 +205,8 @@ class LauncherClient:
             sock, proc = self._sock, self._proc
         if sock is None or proc is None:
             return
-        try:
+        with contextlib.suppress(LauncherError, TimeoutError, OSError):
             self.call("shutdown", timeout=timeout)
-        except (LauncherError, TimeoutError, OSError):
-            pass
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -197,7 +215,5 @@ class LauncherClient:
         with self._lock:
             if self._sock is sock:
                 self._sock = None
-        try:
+        with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .cgroups.base import CgroupStats
-from .errors import ContainerNotRunningError, LauncherError, ReadinessError, SandboxTimeoutError
+from .errors import ContainerNotRunningError, LauncherError, ReadinessError, SandboxError, SandboxTimeoutError
 from .spec import ContainerSpec, ProcessSpec, container_path, parse_argv, parse_env, parse_timeout, parse_user
 from .units import parse_signal
 
@@ -103,8 +103,18 @@ def read_logs(directory: str) -> tuple[bytes, bytes]:
 class Container:
     """A running (or exited) container.  Made by ``sandbox.start()``; removed with its scope."""
 
-    def __init__(self, runtime: Runtime, spec: ContainerSpec, image: Image, directory: str, *,
-                 name: str | None, pid: int, init_pid: int, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        spec: ContainerSpec,
+        image: Image,
+        directory: str,
+        *,
+        name: str | None,
+        pid: int,
+        init_pid: int,
+        timeout: float | None = None,
+    ) -> None:
         self._runtime = runtime
         self._client = runtime.client
         self.spec = spec
@@ -228,7 +238,9 @@ class Container:
         proc = ProcessSpec(
             argv=argv,
             env=parse_env(env, base=dict(self.spec.process.env)),
-            workdir=container_path(workdir, what="workdir") if workdir is not None else self.spec.process.workdir,
+            workdir=container_path(workdir, what="workdir")
+            if workdir is not None
+            else self.spec.process.workdir,
             user=parse_user(user) if user is not None else self.spec.process.user,
         )
         limit = parse_timeout(timeout)
@@ -245,8 +257,15 @@ class Container:
             with open(stdin, "wb") as f:
                 f.write(input)
         try:
-            self._client.call("exec", id=exec_id, parent=self.id, process=proc.to_wire(), stdout=out, stderr=err,
-                              stdin=stdin)
+            self._client.call(
+                "exec",
+                id=exec_id,
+                parent=self.id,
+                process=proc.to_wire(),
+                stdout=out,
+                stderr=err,
+                stdin=stdin,
+            )
             future = self._client.submit("wait", id=exec_id)
             try:
                 info = future.result(limit)
@@ -301,7 +320,9 @@ class Container:
         self.wait_for(check, timeout=timeout, what=f"log line matching {regex.pattern!r}")
         return found[0]
 
-    def wait_for(self, condition: Callable[[], object], timeout: float = 30.0, *, what: str = "condition") -> None:
+    def wait_for(
+        self, condition: Callable[[], object], timeout: float = 30.0, *, what: str = "condition"
+    ) -> None:
         """Poll ``condition`` until it returns truthy; fail fast if the container exits first."""
         deadline = time.monotonic() + timeout
         delay = 0.005
@@ -313,6 +334,10 @@ class Container:
                 return
             if exited:
                 res = self._result
+                if res is None and not self._removed:
+                    # Exited but nobody waited yet: the exit is known, collect it for the message.
+                    with contextlib.suppress(SandboxError):
+                        res = self.wait(0)
                 raise ReadinessError(
                     f"container {self.name} exited (code {res.exit_code if res else '?'}) before {what}; "
                     f"last output:\n{self.log_tail()}",

@@ -42,7 +42,7 @@ class Image:
         return cls((), True)
 
     @classmethod
-    def from_layers(cls, *dirs: PathLike, base: Image | None | _Default = DEFAULT_BASE) -> Image:
+    def from_layers(cls, *dirs: PathLike, base: Image | _Default | None = DEFAULT_BASE) -> Image:
         """Stack ``dirs`` (lowest first) on ``base``: the host base by default, None for nothing.
 
         ``Image.from_layers(busybox_dir, base=None)`` is an image made only of that layer.
@@ -50,11 +50,15 @@ class Image:
         if isinstance(base, _Default):
             base = cls.host_base()
         if base is not None and not isinstance(base, Image):
-            raise InvalidSpecError(f"base={base!r}: expected an Image, or None for an image of only these layers")
+            raise InvalidSpecError(
+                f"base={base!r}: expected an Image, or None for an image of only these layers"
+            )
         layers = tuple(check_layer(d, i) for i, d in enumerate(dirs))
         if base is None:
             if not layers:
-                raise InvalidSpecError("an image needs at least one layer: pass a directory, or keep the host base")
+                raise InvalidSpecError(
+                    "an image needs at least one layer: pass a directory, or keep the host base"
+                )
             image = cls(layers, False)
         else:
             image = cls(base.layers + layers, base.host)
@@ -71,10 +75,13 @@ class Image:
         top_first = tuple(reversed(self.layers))
         if not self.host:
             return (OverlaySpec("", top_first),)
-        assert skeleton is not None and layout is not None
+        if skeleton is None or layout is None:
+            raise ValueError("an image on the host base needs the host skeleton and layout")
         plan = [OverlaySpec("", (*top_first, skeleton))]
         for name in layout.dirs:
-            own = tuple(os.path.join(layer, name) for layer in top_first if os.path.isdir(os.path.join(layer, name)))
+            own = tuple(
+                os.path.join(layer, name) for layer in top_first if os.path.isdir(os.path.join(layer, name))
+            )
             plan.append(OverlaySpec(name, (*own, "/" + name)))
         return tuple(plan)
 
@@ -119,5 +126,6 @@ def _check_not_nested(layers: Iterable[str]) -> None:
                 raise InvalidSpecError(f"layers {i} and {j} are the same directory ({str(a)!r})")
             if i != j and a != b and b.is_relative_to(a):
                 raise InvalidSpecError(
-                    f"layer {j} ({str(b)!r}) is inside layer {i} ({str(a)!r}); overlayfs needs disjoint layers"
+                    f"layer {j} ({str(b)!r}) is inside layer {i} ({str(a)!r}); "
+                    "overlayfs needs disjoint layers"
                 )

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import errno as _errno
+import fcntl
 import os
 import platform
+import socket
+import struct
 from typing import Any
 
 from .errors import SetupError
@@ -134,7 +137,9 @@ def setns(fd: int, nstype: int = 0) -> None:
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
+) -> None:
     ret = _libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data))
     _check(ret, f"mount[{fstype or ('bind' if flags & MS_BIND else 'flags')}]", target)
 
@@ -150,6 +155,26 @@ def pivot_root(new_root: str, put_old: str) -> None:
 def sethostname(name: str) -> None:
     raw = name.encode()
     _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))), "sethostname", name)
+
+
+# netdevice(7)
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def loopback_up() -> None:
+    """Bring up ``lo`` of the current network namespace (a new one starts with it down)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            ifreq = bytearray(40)  # struct ifreq: the name, then a union whose first member is the flags
+            struct.pack_into("16sh", ifreq, 0, b"lo", 0)
+            fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifreq)
+            flags = struct.unpack_from("16sh", ifreq)[1]
+            struct.pack_into("16sh", ifreq, 0, b"lo", flags | IFF_UP)
+            fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, ifreq)
+    except OSError as e:
+        raise _fail("ioctl(SIOCSIFFLAGS)", "lo", e.errno or 0) from None
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
@@ -267,7 +292,11 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
 
 
 def capset(effective: int, permitted: int, inheritable: int = 0) -> None:

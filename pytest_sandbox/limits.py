@@ -65,7 +65,8 @@ class Limits:
         if memory_swap is not None:
             if mem is None:
                 raise InvalidSpecError(
-                    f"memory_swap={memory_swap!r}: set memory too; memory_swap is the total of memory and swap"
+                    f"memory_swap={memory_swap!r}: set memory too; "
+                    "memory_swap is the total of memory and swap"
                 )
             if memory_swap in (-1, "-1"):
                 swap = UNLIMITED

@@ -34,8 +34,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "~/.cache/pytest-sandbox), like daemon.json's data-root",
     )
     parser.addini("sandbox_data_root", "where images and the host base are stored", default="")
-    parser.addini("sandbox_uid_base", f"first host uid of the containers' id range (default {DEFAULT_UID_BASE})",
-                  default="")
+    parser.addini(
+        "sandbox_state_dir", "where containers' writable layers and logs go (default /dev/shm)", default=""
+    )
+    parser.addini(
+        "sandbox_uid_base",
+        f"first host uid of the containers' id range (default {DEFAULT_UID_BASE})",
+        default="",
+    )
     parser.addini("sandbox_cgroup_root", "where the cgroup hierarchies are mounted", default="/sys/fs/cgroup")
 
 
@@ -58,6 +64,9 @@ def pytest_configure(config: pytest.Config) -> None:
     kwargs: dict[str, Any] = {"cgroup_root": config.getini("sandbox_cgroup_root") or "/sys/fs/cgroup"}
     if data_root:
         kwargs["data_root"] = os.path.abspath(os.path.expanduser(data_root))
+    state_dir = config.getini("sandbox_state_dir")
+    if state_dir:
+        kwargs["state_parent"] = os.path.abspath(os.path.expanduser(str(state_dir)))
     if uid_base:
         try:
             kwargs["uid_base"] = int(uid_base)
@@ -138,7 +147,9 @@ def pytest_runtest_makereport(
                 )
             for result in sandbox.results[-5:]:
                 report.sections.append(
-                    (f"sandbox run {list(result.argv)} -> exit {result.exit_code}",
-                     (result.stdout + result.stderr).decode(errors="replace")[-4000:])
+                    (
+                        f"sandbox run {list(result.argv)} -> exit {result.exit_code}",
+                        (result.stdout + result.stderr).decode(errors="replace")[-4000:],
+                    )
                 )
     return report

@@ -111,7 +111,9 @@ def _layer_fd(path: str, idmap_fd: int | None, index: int) -> int:
     st = os.fstat(fd)
     if not stat.S_ISDIR(st.st_mode):
         os.close(fd)
-        raise LayerNotADirectoryError(f"layer {index}: {path!r} is not a directory", path=path, errno=errno.ENOTDIR)
+        raise LayerNotADirectoryError(
+            f"layer {index}: {path!r} is not a directory", path=path, errno=errno.ENOTDIR
+        )
     _try_idmap(fd, idmap_fd, libc.MOUNT_ATTR_RDONLY, path)
     return fd
 
@@ -136,7 +138,9 @@ def _mkdir_owned(path: str, uid: int) -> None:
     os.chown(path, uid, uid)
 
 
-def mount_image(spec: ContainerSpec, dirs: ContainerDirs, idmap_fd: int | None, root_uid: int) -> list[PreparedBind]:
+def mount_image(
+    spec: ContainerSpec, dirs: ContainerDirs, idmap_fd: int | None, root_uid: int
+) -> list[PreparedBind]:
     """Half 1 (host root, private mount namespace): overlays at ``dirs.rootfs`` and bind clones."""
     os.mkdir(dirs.rootfs, 0o755)
     for index, overlay in enumerate(spec.overlays):
@@ -158,8 +162,13 @@ def _make_dev(dev: str, root_uid: int) -> None:
     user namespace is always ``nodev``), so ``mknod`` here replaces six bind mounts of the host's
     nodes.  The container cannot add nodes: mknod needs CAP_MKNOD in the *host's* namespace.
     """
-    libc.mount("tmpfs", dev, "tmpfs", libc.MS_NOSUID | libc.MS_NOEXEC,
-               f"mode=755,size=65536k,uid={root_uid},gid={root_uid}")
+    libc.mount(
+        "tmpfs",
+        dev,
+        "tmpfs",
+        libc.MS_NOSUID | libc.MS_NOEXEC,
+        f"mode=755,size=65536k,uid={root_uid},gid={root_uid}",
+    )
     for name, major, minor in DEVICES:
         path = os.path.join(dev, name)
         os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
@@ -240,10 +249,10 @@ def _clone_bind(m: BindMount, idmap_fd: int | None) -> PreparedBind:
         fd = libc.open_tree(m.source, libc.OPEN_TREE_CLONE | libc.OPEN_TREE_CLOEXEC | libc.AT_RECURSIVE)
     except SetupError as e:
         raise SetupError(
-            f"mounts: cannot bind {m.source!r}: {os.strerror(e.errno)}",
+            f"mounts: cannot bind {m.source!r}: {os.strerror(e.errno or 0)}",
             call="open_tree",
             path=m.source,
-            errno=e.errno,
+            errno=e.errno or 0,
         ) from None
     _try_idmap(fd, idmap_fd, libc.MOUNT_ATTR_RDONLY if m.read_only else 0, m.source)
     return PreparedBind(fd, m.target, stat.S_ISDIR(os.fstat(fd).st_mode))
@@ -299,13 +308,22 @@ def finish_rootfs(
     for b in binds:
         _attach_bind(b)
     if spec.read_only:
-        libc.mount_setattr(libc.AT_FDCWD, libc.MOUNT_ATTR_RDONLY, path="/", flags=0)
+        # Every overlay of the image: on the host base /usr (and /lib* where not usr-merged) are
+        # overlays of their own, not part of the root mount.  (One hidden under a user's mount
+        # is out of reach; by path we would hit the user's mount instead.)
+        overlays = ["/" + o.target for o in spec.overlays if o.target]
+        for target in ["/"] + [t for t in overlays if t not in user_targets]:
+            libc.mount_setattr(libc.AT_FDCWD, libc.MOUNT_ATTR_RDONLY, path=target, flags=0)
 
 
 def _mount_dev_filesystems() -> None:
     """The parts of /dev that must belong to the container's own namespaces."""
-    libc.mount("devpts", "dev/pts", "devpts", libc.MS_NOSUID | libc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
-    libc.mount("shm", "dev/shm", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC, "mode=1777,size=65536k")
+    libc.mount(
+        "devpts", "dev/pts", "devpts", libc.MS_NOSUID | libc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"
+    )
+    libc.mount(
+        "shm", "dev/shm", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC, "mode=1777,size=65536k"
+    )
     libc.mount("mqueue", "dev/mqueue", "mqueue", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
 
 

@@ -116,8 +116,13 @@ class Sandbox:
             self._remove_later(planned.spec.id)
             raise
         container = Container(
-            self.runtime, planned.spec, planned.image, planned.directory,
-            name=planned.options.name, pid=int(reply["pid"]), init_pid=int(reply["init_pid"]),
+            self.runtime,
+            planned.spec,
+            planned.image,
+            planned.directory,
+            name=planned.options.name,
+            pid=int(reply["pid"]),
+            init_pid=int(reply["init_pid"]),
             timeout=planned.options.timeout,
         )
         with self._lock:
@@ -151,8 +156,9 @@ class Sandbox:
     def __enter__(self) -> Sandbox:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # -- internals -------------------------------------------------------------------------

@@ -21,7 +21,9 @@ from .units import parse_size
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV_KEY_RE = re.compile(r"^[^=\0]+$")
-_HOSTNAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$")
+_HOSTNAME_RE = re.compile(
+    r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$"
+)
 _USER_RE = re.compile(r"^[a-zA-Z0-9_.][a-zA-Z0-9_.-]{0,31}\$?$")
 MAX_MAPPED_ID = 65535
 
@@ -48,13 +50,21 @@ class ProcessSpec:
     user: str | None = None  # "uid", "uid:gid", "name" or "name:group"; None: root
 
     def to_wire(self) -> dict[str, Any]:
-        return {"argv": list(self.argv), "env": [list(kv) for kv in self.env], "workdir": self.workdir,
-                "user": self.user}
+        return {
+            "argv": list(self.argv),
+            "env": [list(kv) for kv in self.env],
+            "workdir": self.workdir,
+            "user": self.user,
+        }
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> ProcessSpec:
-        return cls(argv=tuple(d["argv"]), env=tuple((k, v) for k, v in d["env"]), workdir=d["workdir"],
-                   user=d["user"])
+        return cls(
+            argv=tuple(d["argv"]),
+            env=tuple((k, v) for k, v in d["env"]),
+            workdir=d["workdir"],
+            user=d["user"],
+        )
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,9 @@ class ContainerSpec:
             "hostname": self.hostname,
             "process": self.process.to_wire(),
             "overlays": [{"target": o.target, "lowers": list(o.lowers)} for o in self.overlays],
-            "mounts": [{"source": m.source, "target": m.target, "read_only": m.read_only} for m in self.mounts],
+            "mounts": [
+                {"source": m.source, "target": m.target, "read_only": m.read_only} for m in self.mounts
+            ],
             "tmpfs": [{"target": t.target, "size": t.size, "mode": t.mode} for t in self.tmpfs],
             "limits": self.limits.to_wire(),
             "cgroup": self.cgroup,
@@ -140,9 +152,8 @@ def parse_argv(cmd: object) -> tuple[str, ...]:
     if not isinstance(cmd, Sequence) or not cmd:
         raise InvalidSpecError(f"cmd={cmd!r}: expected a non-empty list of strings, e.g. ['ls', '-l']")
     argv = []
-    for arg in cmd:
-        if isinstance(arg, os.PathLike):
-            arg = os.fspath(arg)
+    for item in cmd:
+        arg = os.fspath(item) if isinstance(item, os.PathLike) else item
         if not isinstance(arg, str):
             raise InvalidSpecError(f"cmd={cmd!r}: argument {arg!r} is not a string")
         if "\0" in arg:
@@ -158,7 +169,9 @@ def container_path(value: object, *, what: str) -> str:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str) or not value:
-        raise InvalidSpecError(f"{what}={value!r}: expected an absolute path inside the container, e.g. '/app'")
+        raise InvalidSpecError(
+            f"{what}={value!r}: expected an absolute path inside the container, e.g. '/app'"
+        )
     if "\0" in value:
         raise InvalidSpecError(f"{what}={value!r}: contains a NUL byte")
     if not value.startswith("/"):
@@ -189,11 +202,12 @@ def parse_env(env: object, *, base: Mapping[str, str] | None = None) -> tuple[tu
         env = {}
     if not isinstance(env, Mapping):
         raise InvalidSpecError(f"env={env!r}: expected a mapping of names to strings, e.g. {{'DEBUG': '1'}}")
-    for key, val in env.items():
+    for key, raw in env.items():
         if not isinstance(key, str) or not _ENV_KEY_RE.match(key):
-            raise InvalidSpecError(f"env: invalid variable name {key!r} (must be non-empty, without '=' or NUL)")
-        if isinstance(val, (int, float)) and not isinstance(val, bool):
-            val = str(val)
+            raise InvalidSpecError(
+                f"env: invalid variable name {key!r} (must be non-empty, without '=' or NUL)"
+            )
+        val = str(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else raw
         if not isinstance(val, str) or "\0" in val:
             raise InvalidSpecError(f"env[{key!r}]={val!r}: expected a string without NUL bytes")
         merged[key] = val
@@ -258,18 +272,19 @@ def parse_mounts(mounts: object) -> tuple[BindMount, ...]:
         raise InvalidSpecError(f"mounts={mounts!r}: expected a mapping of host paths to container paths")
     out = []
     targets = set()
-    for src, dst, mode in items:
+    for given, dst, mode in items:
         if mode not in ("ro", "rw"):
-            raise InvalidSpecError(f"mounts: mode {mode!r} for {src!r}: expected 'ro' or 'rw'")
-        if isinstance(src, os.PathLike):
-            src = os.fspath(src)
+            raise InvalidSpecError(f"mounts: mode {mode!r} for {given!r}: expected 'ro' or 'rw'")
+        src = os.fspath(given) if isinstance(given, os.PathLike) else given
         if not isinstance(src, str) or not os.path.isabs(src):
             raise InvalidSpecError(f"mounts: source {src!r} must be an absolute host path")
         if not os.path.exists(src):
             raise InvalidSpecError(f"mounts: source {src!r} does not exist on the host")
         target = container_path(dst, what=f"mounts[{src!r}]")
         if target == "/":
-            raise InvalidSpecError(f"mounts: cannot mount {src!r} over the container's root; use an image layer")
+            raise InvalidSpecError(
+                f"mounts: cannot mount {src!r} over the container's root; use an image layer"
+            )
         if target in targets:
             raise InvalidSpecError(f"mounts: two mounts target {target!r}")
         targets.add(target)
@@ -347,7 +362,8 @@ def parse_options(
     )
     if not cgroup and not limits.is_empty():
         raise InvalidSpecError(
-            f"cgroup=False with limits ({', '.join(limits.controllers())}): limits need a cgroup; drop one or the other"
+            f"cgroup=False with limits ({', '.join(limits.controllers())}): "
+            "limits need a cgroup; drop one or the other"
         )
     if input is not None and not isinstance(input, (bytes, bytearray, memoryview)):
         raise InvalidSpecError(f"input={input!r}: expected bytes (use 'text'.encode())")

@@ -15,6 +15,7 @@ from .errors import InvalidSignalError, InvalidSpecError
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
 SIZE_FORMS = "an int of bytes or a string like '512k', '64m', '1.5g', '64MiB'"
+_MAX_SIZE = 1 << 62
 
 
 def parse_size(value: object, *, what: str) -> int:
@@ -24,6 +25,8 @@ def parse_size(value: object, *, what: str) -> int:
     if isinstance(value, int):
         if value < 0:
             raise InvalidSpecError(f"{what}={value!r}: a size cannot be negative; expected {SIZE_FORMS}")
+        if value >= _MAX_SIZE:  # the kernel would silently truncate it (10**30 became ~4.4 EiB)
+            raise InvalidSpecError(f"{what}={value!r}: size is too large")
         return value
     m = _SIZE_RE.match(value)
     if not m:
@@ -32,7 +35,7 @@ def parse_size(value: object, *, what: str) -> int:
     if unit == "" and m.group(3) and m.group(3).lower() == "ib":
         raise InvalidSpecError(f"{what}={value!r}: 'ib' needs a unit (k, m, g, t, p); expected {SIZE_FORMS}")
     scaled = float(number) * _UNITS[unit] if "." in number else int(number) * _UNITS[unit]
-    if scaled >= 1 << 62:
+    if scaled >= _MAX_SIZE:
         raise InvalidSpecError(f"{what}={value!r}: size is too large")
     return int(scaled)
 
@@ -53,7 +56,7 @@ def parse_cpus(value: object, *, online: int) -> float:
         cpus = float(value)
     except ValueError:
         raise InvalidSpecError(f"cpus={value!r}: expected a number of CPUs such as 0.5 or 2") from None
-    if not cpus >= 0.01 or cpus > online or cpus != cpus:
+    if not 0.01 <= cpus <= online:  # also false for NaN
         raise InvalidSpecError(
             f"cpus={value!r}: range of CPUs is from 0.01 to {online}.00, as there are only {online} CPUs "
             "available; leave cpus unset for no limit"
@@ -75,8 +78,8 @@ def online_cpus() -> set[int]:
 def parse_cpu_list(text: str, *, what: str) -> set[int]:
     """``{0, 1, 3}`` from the kernel's list format ``0-1,3``."""
     cpus: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
+    for raw in text.split(","):
+        part = raw.strip()
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not m:
             raise InvalidSpecError(f"{what}={text!r}: expected a CPU list such as '0', '0-1' or '0,2-3'")
@@ -129,7 +132,7 @@ _SIGNAL_MAX = 64
 
 
 def parse_signal(value: object) -> int:
-    """A signal number from ``15``, ``"15"``, ``"TERM"``, ``"SIGTERM"``, ``"sigterm"`` or ``signal.SIGTERM``."""
+    """A signal number from ``15``, ``"15"``, ``"TERM"``, ``"SIGTERM"``, ``"sigterm"``, ``signal.SIGTERM``."""
     if isinstance(value, bool):
         raise InvalidSignalError(f"invalid signal: {value!r}")
     if isinstance(value, int):

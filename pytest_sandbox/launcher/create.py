@@ -2,9 +2,10 @@
 
 Order (each step needs the one before; see DESIGN.md "How a container is born"):
 
-1. (host root) close every inherited fd we do not need, put stdio on the log files, join the
-   cgroup leaf (before any namespace: the cgroup namespace's root is the cgroup we are in when we
-   unshare it), become non-dumpable.
+1. (host root) close every inherited fd we do not need, become non-dumpable, join the cgroup
+   leaf (before any namespace: the cgroup namespace's root is the cgroup we are in when we
+   unshare it) -- a *spare* does this ahead of time, then waits for a spec -- and put stdio on
+   the container's log files.
 2. (host root) private mount namespace; mount the image's overlays and clone bind sources -- see
    :mod:`pytest_sandbox.rootfs` for why this happens before the user namespace exists.
 3. unshare the user namespace; the launcher writes uid_map/gid_map (only a process with
@@ -18,8 +19,10 @@ Order (each step needs the one before; see DESIGN.md "How a container is born"):
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+from dataclasses import dataclass
 from typing import NoReturn
 
 from .. import libc, rootfs
@@ -52,70 +55,113 @@ def open_stdio(stdin: str | None, stdout: str, stderr: str) -> None:
         os.close(fd)
 
 
-def container_main(
-    spec: ContainerSpec,
-    dirs: rootfs.ContainerDirs,
+@dataclass(frozen=True)
+class LaunchContext:
+    """What every container's first process gets from the launcher, the same for all."""
+
+    launcher_pid: int
+    lifeline_fd: int
+    idmap_fd: int | None
+    root_uid: int
+    cgroup2: bool
+    masks: list[tuple[str, bool]]
+
+
+@dataclass(frozen=True)
+class Pipes:
+    status_fd: int  # events to the launcher
+    go_fd: int  # the launcher's "id maps written"
+    spec_fd: int = -1  # a spare reads its spec here
+
+
+def first_process(
+    ctx: LaunchContext,
+    pipes: Pipes,
     cgroup: Cgroup | None,
-    *,
-    status_fd: int,
-    go_fd: int,
-    lifeline_fd: int,
-    idmap_fd: int | None,
-    root_uid: int,
-    cgroup2: bool,
-    launcher_pid: int,
-    masks: list[tuple[str, bool]],
+    spec: ContainerSpec | None = None,
+    dirs: rootfs.ContainerDirs | None = None,
 ) -> NoReturn:
-    """Run in a fresh fork of the launcher.  Never returns."""
+    """Run in a fresh fork of the launcher.  Never returns.
+
+    Without ``spec`` this is a *spare*: it joins its cgroup now -- on cgroup v1 the first attach
+    after a quiet moment waits for an RCU grace period, 5-20 ms -- and then waits for the launcher
+    to send the spec of the next container, which therefore starts without that wait.
+    """
     try:
         signal.set_wakeup_fd(-1)  # the launcher's wakeup fd number must not hit a file we open
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != launcher_pid:
+        if os.getppid() != ctx.launcher_pid:
             os._exit(137)  # the launcher died before prctl took effect
-        open_stdio(spec.stdin, dirs.stdout, dirs.stderr)
-        trace.event("first: forked")
-        keep = {status_fd, go_fd, lifeline_fd} | ({idmap_fd} if idmap_fd is not None else set()) | trace.fds()
-        libc.close_fds_except(keep)
-        libc.set_process_name("psbx-init")
+        keep = {pipes.status_fd, pipes.go_fd, pipes.spec_fd, ctx.lifeline_fd} | trace.fds()
+        libc.close_fds_except(keep | ({ctx.idmap_fd} if ctx.idmap_fd is not None else set()))
+        libc.set_process_name("psbx-spare" if spec is None else "psbx-init")
         # Non-dumpable: processes inside cannot ptrace us or our PID 1, nor open our /proc/<pid>/
         # files (runc CVE-2016-9962; BenchExec does the same).
         libc.prctl(libc.PR_SET_DUMPABLE, 0)
         if cgroup is not None:
             cgroup.attach(0)
-        trace.event("first: in cgroup")
-        libc.unshare(libc.CLONE_NEWNS)
-        # Private, so nothing we mount propagates back to the host's namespace (and vice versa).
-        libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
-        binds = rootfs.mount_image(spec, dirs, idmap_fd, root_uid)
-        trace.event("first: image mounted")
-        os.chdir(dirs.base)  # PID 1 continues from here by relative paths (see finish_rootfs)
-        if idmap_fd is not None:
-            os.close(idmap_fd)
-        libc.unshare(libc.CLONE_NEWUSER)
-        write_event(status_fd, {"ev": "userns"})
-        if os.read(go_fd, 1) != b"g":
-            os._exit(125)  # the launcher could not write our id maps and reports that itself
-        os.close(go_fd)
-        trace.event("first: id maps written")
-        os.setresgid(0, 0, 0)
-        os.setresuid(0, 0, 0)
-        libc.unshare(NAMESPACES)
-        libc.sethostname(spec.hostname)
-        libc.join_new_session_keyring()
-        trace.event("first: namespaces unshared")
-        pid = os.fork()
-        if pid == 0:
-            _init_main(spec, binds, masks, status_fd, lifeline_fd, cgroup2)
-        write_event(status_fd, {"ev": "init", "pid": pid})
-        os._exit(0)
+        if spec is None or dirs is None:
+            spec, dirs = _receive_spec(pipes.spec_fd)
+            libc.set_process_name("psbx-init")
+        trace.event("first: in cgroup, has spec")
+        _become_container(ctx, pipes, spec, dirs)
     except BaseException as e:
-        report_setup_failure(status_fd, e)
+        report_setup_failure(pipes.status_fd, e)
+
+
+def _receive_spec(fd: int) -> tuple[ContainerSpec, rootfs.ContainerDirs]:
+    data = b"".join(iter(lambda: os.read(fd, 1 << 16), b""))
+    os.close(fd)
+    if not data:
+        os._exit(0)  # the launcher is shutting down and no longer needs this spare
+    message = json.loads(data)
+    return ContainerSpec.from_wire(message["spec"]), rootfs.ContainerDirs(message["dir"])
+
+
+def _become_container(
+    ctx: LaunchContext, pipes: Pipes, spec: ContainerSpec, dirs: rootfs.ContainerDirs
+) -> NoReturn:
+    open_stdio(spec.stdin, dirs.stdout, dirs.stderr)
+    libc.unshare(libc.CLONE_NEWNS)
+    # Private, so nothing we mount propagates back to the host's namespace (and vice versa).
+    libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+    binds = rootfs.mount_image(spec, dirs, ctx.idmap_fd, ctx.root_uid)
+    trace.event("first: image mounted")
+    os.chdir(dirs.base)  # PID 1 continues from here by relative paths (see finish_rootfs)
+    if ctx.idmap_fd is not None:
+        os.close(ctx.idmap_fd)
+    libc.unshare(libc.CLONE_NEWUSER)
+    write_event(pipes.status_fd, {"ev": "userns"})
+    if os.read(pipes.go_fd, 1) != b"g":
+        os._exit(125)  # the launcher could not write our id maps and reports that itself
+    os.close(pipes.go_fd)
+    trace.event("first: id maps written")
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    libc.unshare(NAMESPACES)
+    libc.sethostname(spec.hostname)
+    libc.loopback_up()  # 127.0.0.1 works inside, as in Docker's network=none
+    libc.join_new_session_keyring()
+    trace.event("first: namespaces unshared")
+    pid = os.fork()
+    if pid == 0:
+        _init_main(
+            spec,
+            binds,
+            ctx.masks,
+            status_fd=pipes.status_fd,
+            lifeline_fd=ctx.lifeline_fd,
+            cgroup2=ctx.cgroup2,
+        )
+    write_event(pipes.status_fd, {"ev": "init", "pid": pid})
+    os._exit(0)
 
 
 def _init_main(
     spec: ContainerSpec,
     binds: list[rootfs.PreparedBind],
     masks: list[tuple[str, bool]],
+    *,
     status_fd: int,
     lifeline_fd: int,
     cgroup2: bool,

@@ -16,10 +16,10 @@ from typing import NoReturn
 from .. import libc
 from ..cgroups.base import Cgroup
 from ..spec import ProcessSpec
+from . import trace
 from .create import NAMESPACES, open_stdio
 from .init import report_setup_failure
 from .process import launch, prepare
-from . import trace
 from .protocol import write_event
 
 

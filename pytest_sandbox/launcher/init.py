@@ -10,12 +10,13 @@ closes and init exits, and the kernel then kills every process of the PID namesp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
 from typing import NoReturn
 
-from ..errors import SetupError, to_wire
+from ..errors import to_wire
 from ..spec import ProcessSpec
 from . import trace
 from .process import launch, prepare
@@ -25,33 +26,51 @@ _NOT_FORWARDED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGPIPE
 _FORWARDED = sorted(set(signal.valid_signals()) - _NOT_FORWARDED)
 
 
+class _Forwarder:
+    """Signal handlers installed *before* the command starts, so none is lost.
+
+    A PID namespace's init receives only the signals it has a handler for -- others are dropped
+    by the kernel (pid_namespaces(7)) -- and the command may be up and trapping signals before
+    posix_spawn even returns here.  Signals that arrive before we know the command's pid are held
+    and delivered as soon as we do.
+    """
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.held: list[int] = []
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        if self.pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+        elif self.pid == 0:
+            self.held.append(signum)
+
+    def started(self, pid: int) -> None:
+        self.pid = pid
+        held, self.held = self.held, []
+        for signum in held:
+            self(signum, None)
+
 
 def run_init(proc: ProcessSpec, hostname: str, status_fd: int, lifeline_fd: int) -> NoReturn:
     """Run the command as our child and report it on ``status_fd``.  Never returns."""
-    try:
-        main_pid = launch(prepare(proc, hostname))
-    except BaseException as e:
-        report_setup_failure(status_fd, e)
-    trace.event("init: command started")
-
-    def forward(signum: int, _frame: object) -> None:
-        if main_pid:
-            try:
-                os.kill(main_pid, signum)
-            except ProcessLookupError:
-                pass
-
+    forward = _Forwarder()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so SIGCHLD writes to the wakeup fd
     for sig in _FORWARDED:
-        try:
+        with contextlib.suppress(OSError, ValueError):  # glibc-reserved real-time signals
             signal.signal(sig, forward)
-        except (OSError, ValueError):
-            pass  # glibc-reserved real-time signals
+    try:
+        main_pid = launch(prepare(proc, hostname))
+    except BaseException as e:
+        report_setup_failure(status_fd, e)
+    forward.started(main_pid)
+    trace.event("init: command started")
     _report(status_fd, {"ev": "started", "pid": main_pid})
     status = _wait_main(main_pid, wake_r, lifeline_fd)
-    main_pid = 0
+    forward.pid = -1  # reaped: its pid may be reused inside the namespace
     trace.event("init: command exited")
     if os.WIFSIGNALED(status):
         _report(status_fd, {"ev": "exit", "signal": os.WTERMSIG(status)})
@@ -92,7 +111,7 @@ def _report(fd: int, event: dict[str, object]) -> None:
 
 
 def report_setup_failure(fd: int, exc: BaseException) -> NoReturn:
-    error = to_wire(exc if isinstance(exc, (SetupError, OSError)) else exc)
+    error = to_wire(exc)
     try:
         write_event(fd, {"ev": "error", "error": error})
     finally:

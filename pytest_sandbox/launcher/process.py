@@ -47,7 +47,9 @@ def _read_db(path: str) -> list[list[str]]:
         data = os.read(fd, _MAX_DB_BYTES)
     finally:
         os.close(fd)
-    return [line.split(":") for line in data.decode("utf-8", "replace").splitlines() if line and line[0] != "#"]
+    return [
+        line.split(":") for line in data.decode("utf-8", "replace").splitlines() if line and line[0] != "#"
+    ]
 
 
 def resolve_user(user: str | None) -> tuple[int, int, list[int], str]:
@@ -56,7 +58,9 @@ def resolve_user(user: str | None) -> tuple[int, int, list[int], str]:
         user = "0"
     name, _, group = user.partition(":")
     passwd = _read_db("/etc/passwd")
-    entry = next((e for e in passwd if len(e) >= 7 and (e[0] == name or (name.isdigit() and e[2] == name))), None)
+    entry = next(
+        (e for e in passwd if len(e) >= 7 and (e[0] == name or (name.isdigit() and e[2] == name))), None
+    )
     if entry is not None:
         uid, gid, home, login = int(entry[2]), int(entry[3]), entry[5] or "/", entry[0]
     elif name.isdigit():
@@ -77,7 +81,9 @@ def resolve_user(user: str | None) -> tuple[int, int, list[int], str]:
             g = next((e for e in groups_db if len(e) >= 3 and e[0] == group), None)
             if g is None:
                 raise UserNotFoundError(
-                    f"group {group!r} not found in the image's /etc/group", path="/etc/group", errno=errno.ENOENT
+                    f"group {group!r} not found in the image's /etc/group",
+                    path="/etc/group",
+                    errno=errno.ENOENT,
                 )
             gid = int(g[2])
     supplementary = {gid}
@@ -115,8 +121,9 @@ def find_program(argv0: str, env_path: str | None, workdir: str) -> str:
         if ok:
             return path
         if why == "no such file or directory":
-            raise CommandNotFoundError(f"exec {argv0}: no such file or directory", call="execve", path=path,
-                                       errno=errno.ENOENT)
+            raise CommandNotFoundError(
+                f"exec {argv0}: no such file or directory", call="execve", path=path, errno=errno.ENOENT
+            )
         raise CommandNotExecutableError(f"exec {argv0}: {why}", call="execve", path=path, errno=errno.EACCES)
     denied = ""
     for d in (env_path if env_path is not None else DEFAULT_PATH).split(":"):
@@ -127,7 +134,9 @@ def find_program(argv0: str, env_path: str | None, workdir: str) -> str:
         if why != "no such file or directory" and not denied:
             denied = f"{candidate}: {why}"
     if denied:
-        raise CommandNotExecutableError(f"exec {argv0}: {denied}", call="execve", path=argv0, errno=errno.EACCES)
+        raise CommandNotExecutableError(
+            f"exec {argv0}: {denied}", call="execve", path=argv0, errno=errno.EACCES
+        )
     raise CommandNotFoundError(
         f'exec: "{argv0}": executable file not found in $PATH ({env_path})',
         call="execve",
@@ -142,17 +151,24 @@ def _explain_exec_failure(path: str, err: OSError) -> SandboxError:
         # The file exists (find_program checked), so what is missing is its interpreter.
         interp = _interpreter(path)
         return CommandNotFoundError(
-            f"exec {path}: its interpreter {interp} is missing in the image" if interp
+            f"exec {path}: its interpreter {interp} is missing in the image"
+            if interp
             else f"exec {path}: no such file or directory",
-            call="execve", path=interp or path, errno=code,
+            call="execve",
+            path=interp or path,
+            errno=code,
         )
     if code == errno.ENOEXEC:
         return CommandNotExecutableError(
             f"exec {path}: exec format error (not a program for this architecture, or a script without #!)",
-            call="execve", path=path, errno=code,
+            call="execve",
+            path=path,
+            errno=code,
         )
     if code in (errno.EACCES, errno.EPERM, errno.EISDIR):
-        return CommandNotExecutableError(f"exec {path}: {os.strerror(code)}", call="execve", path=path, errno=code)
+        return CommandNotExecutableError(
+            f"exec {path}: {os.strerror(code)}", call="execve", path=path, errno=code
+        )
     return SetupError(f"exec {path}: {os.strerror(code)}", call="execve", path=path, errno=code)
 
 
@@ -203,7 +219,9 @@ def prepare(proc: ProcessSpec, hostname: str) -> Prepared:
         except OSError as e:
             raise CommandNotExecutableError(
                 f'workdir "{proc.workdir}" does not exist and cannot be created: {os.strerror(e.errno or 0)}',
-                call="mkdir", path=proc.workdir, errno=e.errno or 0,
+                call="mkdir",
+                path=proc.workdir,
+                errno=e.errno or 0,
             ) from None
     return Prepared(proc.argv, env, uid, gid, groups, proc.workdir)
 
@@ -227,14 +245,19 @@ def become(p: Prepared) -> str:
         os.chdir(p.workdir)
     except OSError as e:
         raise CommandNotExecutableError(
-            f'workdir "{p.workdir}": {os.strerror(e.errno or 0)}', call="chdir", path=p.workdir, errno=e.errno or 0
+            f'workdir "{p.workdir}": {os.strerror(e.errno or 0)}',
+            call="chdir",
+            path=p.workdir,
+            errno=e.errno or 0,
         ) from None
     path = find_program(p.argv[0], p.env.get("PATH"), p.workdir)
     libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
     return path
 
 
-_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)  # the launcher ignores them; execve would keep that
+# The launcher ignores these (SIGINT so a Ctrl-C aimed at pytest does not hit it); execve would keep
+# that, and a shell cannot even trap a signal ignored at its start.
+_DEFAULT_SIGNALS = (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ)
 
 
 def launch(p: Prepared) -> int:
@@ -248,8 +271,9 @@ def launch(p: Prepared) -> int:
     if p.uid == 0:
         path = become(p)
         try:
-            return os.posix_spawn(path, list(p.argv), p.env, setsid=True, setsigdef=_DEFAULT_SIGNALS,
-                                  setsigmask=())
+            return os.posix_spawn(
+                path, list(p.argv), p.env, setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=()
+            )
         except OSError as e:
             raise _explain_exec_failure(path, e) from None
     err_r, err_w = os.pipe()  # close-on-exec: EOF means the child's execve succeeded

@@ -8,6 +8,7 @@ Disabled, each call is one global lookup and a comparison.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -30,7 +31,5 @@ def fds() -> set[int]:
 
 def event(name: str) -> None:
     if _fd >= 0:
-        try:
+        with contextlib.suppress(OSError):
             os.write(_fd, f"{time.monotonic_ns()} {os.getpid()} {name}\n".encode())
-        except OSError:
-            pass

@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Start->exit latency of ``/bin/true``: pytest_sandbox vs bubblewrap, side by side.
+
+Usage (as root, after ``.ci/setup``)::
+
+    .venv/bin/python bench/startup.py              # 100 rounds, then the report
+    .venv/bin/python bench/startup.py --rounds 300 --ballast-gib 2
+
+All variants run on the same rootfs -- a busybox layer from Debian's busybox-static -- and are
+interleaved round by round so that drift (other load, CPU frequency) hits each the same way:
+
+- ``full``: a pytest_sandbox container -- user, mount, PID, UTS, IPC, network and cgroup
+  namespaces, the layer on overlayfs with its own upper layer, pivot_root, and a cgroup with
+  memory, pids and cpu limits -- from ``sandbox.run()`` to its Result;
+- ``no-cgroup``: the same with ``cgroup=False``;
+- ``bwrap``: ``bwrap --unshare-all`` on the same directory (bind-mounted, no overlay), the reference;
+- ``*-ballast``: ``full`` again after the benchmark process has grown by ``--ballast-gib`` GiB of
+  touched memory: the launcher forks containers, not this process, so the latency must not grow;
+- ``full-spaced``: ``full`` with 100 ms pauses between starts, as tests really start containers
+  (the kernel's cgroup migration cost is an RCU grace period when nothing migrated recently).
+
+The ratio full/bwrap is the figure the project tracks (target <= 2.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pytest_sandbox import Image, Sandbox
+
+LIMITS = {"memory": "64m", "pids": 32, "cpus": 1}
+
+
+def busybox_rootfs(dest: Path) -> Path:
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        sys.exit("busybox-static is needed: apt-get install busybox-static")
+    (dest / "bin").mkdir(parents=True)
+    shutil.copy2(busybox, dest / "bin" / "busybox")
+    for applet in ("sh", "true"):
+        (dest / "bin" / applet).symlink_to("busybox")
+    for d in ("proc", "dev", "sys", "tmp", "etc"):
+        (dest / d).mkdir()
+    return dest
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def summary(samples: list[float]) -> str:
+    qs = statistics.quantiles(samples, n=10)
+    median = statistics.median(samples)
+    return f"median {median:6.2f} ms   p10 {qs[0]:6.2f}   p90 {qs[-1]:6.2f}   (n={len(samples)})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--ballast-gib", type=float, default=1.0)
+    parser.add_argument("--spaced", type=int, default=30, help="rounds of the 100 ms-spaced variant")
+    args = parser.parse_args()
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        sys.exit("bubblewrap is needed: apt-get install bubblewrap")
+
+    with tempfile.TemporaryDirectory(prefix="psbx-bench-") as tmp:
+        rootfs = busybox_rootfs(Path(tmp) / "rootfs")
+        image = Image.from_layers(rootfs, base=None)
+        bwrap_cmd = [
+            bwrap,
+            "--unshare-all",
+            "--bind",
+            str(rootfs),
+            "/",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "/bin/true",
+        ]
+        with Sandbox() as sb:
+            variants: dict[str, Callable[[], object]] = {
+                "full": lambda: sb.run(["/bin/true"], image=image, **LIMITS).check(),
+                "no-cgroup": lambda: sb.run(["/bin/true"], image=image, cgroup=False).check(),
+                "bwrap": lambda: subprocess.run(bwrap_cmd, check=True),
+            }
+            for _ in range(args.warmup):
+                for fn in variants.values():
+                    fn()
+            samples: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(args.rounds):
+                for name, fn in variants.items():
+                    samples[name].append(timed(fn))
+
+            ballast = bytearray(int(args.ballast_gib * (1 << 30)))
+            for i in range(0, len(ballast), 4096):
+                ballast[i] = 1  # touch every page: the process really is that big
+            rss = _rss_mib()
+            samples[f"full-ballast ({rss:.0f} MiB RSS)"] = [
+                timed(variants["full"]) for _ in range(args.rounds)
+            ]
+            del ballast
+
+            spaced = []
+            for _ in range(args.spaced):
+                time.sleep(0.1)
+                spaced.append(timed(variants["full"]))
+            samples["full-spaced (100 ms apart)"] = spaced
+
+    width = max(len(n) for n in samples)
+    print(f"start->exit of /bin/true on a busybox rootfs, {os.cpu_count()} CPUs, kernel {os.uname().release}")
+    for name, values in samples.items():
+        print(f"  {name:<{width}}  {summary(values)}")
+    full, ref = statistics.median(samples["full"]), statistics.median(samples["bwrap"])
+    print(
+        f"  ratio full/bwrap = {full / ref:.2f} (target <= 2.5); "
+        f"no-cgroup/bwrap = {statistics.median(samples['no-cgroup']) / ref:.2f}"
+    )
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+if __name__ == "__main__":
+    main()

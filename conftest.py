@@ -1,0 +1,161 @@
+"""Project-wide test setup: a leak check around every test, and strict skips in CI.
+
+``leak_check`` (autouse) snapshots what pytest_sandbox may leave on the host -- processes under
+the launcher, cgroup directories of this process, container state directories, host mounts named
+psbx, this process's fds and threads -- before and after every test, and fails the test on any
+difference (reliability.md section 3.6).  With ``PYTEST_SANDBOX_STRICT=1`` (set by .ci/run), a
+skipped test is reported as a failure: in CI, as root, every kernel-level test must run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from pytest_sandbox.naming import PROJECT_CGROUP
+from pytest_sandbox.runtime import get_runtime
+
+STRICT = os.environ.get("PYTEST_SANDBOX_STRICT") == "1"
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.update(int(x) for x in f.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    seen: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return seen
+
+
+LAUNCHER_PARTS = ("psbx-cleaner", "psbx-spare")
+
+
+def _is_spare_cgroup(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            pids = [int(x) for x in f.read().split()]
+    except OSError:
+        return False
+    return bool(pids) and all(_comm(p) == "psbx-spare" for p in pids)
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+@dataclass(frozen=True)
+class LeakSnapshot:
+    processes: frozenset[str]
+    cgroups: frozenset[str]
+    state: frozenset[str]
+    mounts: frozenset[str]
+    fds: int
+    threads: frozenset[str]
+
+    @classmethod
+    def take(cls) -> LeakSnapshot:
+        rt = get_runtime()
+        launcher = rt.client.pid
+        procs: set[str] = set()
+        if launcher:
+            # The launcher's long-lived helpers are part of it: the cleaner, and the spare (a
+            # container's first process forked ahead of time, waiting in its own cgroup).
+            procs = {f"{p} {_comm(p)}" for p in _descendants(launcher) if _comm(p) not in LAUNCHER_PARTS}
+        cgroups: set[str] = set()
+        for root, dirs, _files in _walk_cgroups(rt.owner, rt.config.cgroup_root):
+            cgroups.update(os.path.join(root, d) for d in dirs if not _is_spare_cgroup(os.path.join(root, d)))
+        try:
+            state = {e for e in os.listdir(rt.state_dir) if e != "launcher.log"}
+        except FileNotFoundError:
+            state = set()
+        with open("/proc/self/mountinfo") as f:
+            mounts = {line.split()[4] for line in f if "psbx" in line}
+        threads = {t.name for t in threading.enumerate() if t.name != "psbx-launcher-reader"}
+        fds = set(os.listdir("/proc/self/fd")) - {str(rt.client.fileno())}
+        return cls(
+            frozenset(procs),
+            frozenset(cgroups),
+            frozenset(state),
+            frozenset(mounts),
+            len(fds),
+            frozenset(threads),
+        )
+
+    def diff(self, later: LeakSnapshot) -> list[str]:
+        problems = []
+        for name in ("processes", "cgroups", "state", "mounts", "threads"):
+            extra = getattr(later, name) - getattr(self, name)
+            if extra:
+                problems.append(f"{name} left behind: {sorted(extra)}")
+        if later.fds > self.fds:
+            problems.append(f"file descriptors: {self.fds} before, {later.fds} after")
+        return problems
+
+
+def _walk_cgroups(owner: str, cgroup_root: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    try:
+        hierarchies = os.listdir(cgroup_root)
+    except OSError:
+        return
+    for h in ["", *hierarchies]:
+        group = os.path.join(cgroup_root, h, PROJECT_CGROUP, owner)
+        if os.path.isdir(group):
+            yield from os.walk(group)
+
+
+@pytest.fixture(autouse=True)
+def leak_check(request: pytest.FixtureRequest) -> Generator[None, None, None]:
+    if request.node.get_closest_marker("no_leak_check"):
+        yield
+        return
+    before = LeakSnapshot.take()
+    yield
+    problems: list[str] = []
+    for _ in range(50):  # processes may take a moment to be reaped after a kill
+        problems = before.diff(LeakSnapshot.take())
+        if not problems:
+            return
+        time.sleep(0.02)
+    pytest.fail("leak check: " + "; ".join(problems), pytrace=False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "no_leak_check: skip the per-test leak check (the test checks itself)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if STRICT and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.longrepr = f"skipped in strict mode (PYTEST_SANDBOX_STRICT=1): {reason}"
+    return report
