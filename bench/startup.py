@@ -14,8 +14,9 @@ interleaved round by round so that drift (other load, CPU frequency) hits each t
   memory, pids and cpu limits -- from ``sandbox.run()`` to its Result;
 - ``no-cgroup``: the same with ``cgroup=False``;
 - ``bwrap``: ``bwrap --unshare-all`` on the same directory (bind-mounted, no overlay), the reference;
-- ``*-ballast``: ``full`` again after the benchmark process has grown by ``--ballast-gib`` GiB of
-  touched memory: the launcher forks containers, not this process, so the latency must not grow;
+- ``... + N MiB RSS``: the same rounds again after the benchmark process has grown by
+  ``--ballast-gib`` GiB of touched memory: the launcher forks containers, not this process, so
+  the latency must not grow with it;
 - ``full-spaced``: ``full`` with 100 ms pauses between starts, as tests really start containers
   (the kernel's cgroup migration cost is an RCU grace period when nothing migrated recently).
 
@@ -53,6 +54,17 @@ def busybox_rootfs(dest: Path) -> Path:
     for d in ("proc", "dev", "sys", "tmp", "etc"):
         (dest / d).mkdir()
     return dest
+
+
+def interleave(
+    variants: dict[str, Callable[[], object]], rounds: int, samples: dict[str, list[float]], suffix: str
+) -> None:
+    """Run every variant once per round, in the same order, so drift hits them alike."""
+    for name in variants:
+        samples.setdefault(name + suffix, [])
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            samples[name + suffix].append(timed(fn))
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -104,18 +116,17 @@ def main() -> None:
             for _ in range(args.warmup):
                 for fn in variants.values():
                     fn()
-            samples: dict[str, list[float]] = {name: [] for name in variants}
-            for _ in range(args.rounds):
-                for name, fn in variants.items():
-                    samples[name].append(timed(fn))
+            samples: dict[str, list[float]] = {}
+            interleave(variants, args.rounds, samples, "")
 
+            # The same rounds again with this process grown by --ballast-gib of touched memory:
+            # pytest processes are big, and fork() cost grows with the forking process's size.
             ballast = bytearray(int(args.ballast_gib * (1 << 30)))
             for i in range(0, len(ballast), 4096):
                 ballast[i] = 1  # touch every page: the process really is that big
-            rss = _rss_mib()
-            samples[f"full-ballast ({rss:.0f} MiB RSS)"] = [
-                timed(variants["full"]) for _ in range(args.rounds)
-            ]
+            time.sleep(3)  # let the kernel finish with the fresh pages (zeroing, reclaim scans)
+            suffix = f" + {_rss_mib():.0f} MiB RSS"
+            interleave({k: v for k, v in variants.items() if k != "no-cgroup"}, args.rounds, samples, suffix)
             del ballast
 
             spaced = []
@@ -133,6 +144,9 @@ def main() -> None:
         f"  ratio full/bwrap = {full / ref:.2f} (target <= 2.5); "
         f"no-cgroup/bwrap = {statistics.median(samples['no-cgroup']) / ref:.2f}"
     )
+    big = [name for name in samples if name.startswith("full + ")]
+    if big:
+        print(f"  with the ballast: full {statistics.median(samples[big[0]]):.2f} ms vs {full:.2f} ms without")
 
 
 def _rss_mib() -> float:
