@@ -146,7 +146,9 @@ def main() -> None:
     )
     big = [name for name in samples if name.startswith("full + ")]
     if big:
-        print(f"  with the ballast: full {statistics.median(samples[big[0]]):.2f} ms vs {full:.2f} ms without")
+        print(
+            f"  with the ballast: full {statistics.median(samples[big[0]]):.2f} ms vs {full:.2f} ms without"
+        )
 
 
 def _rss_mib() -> float:
