@@ -19,34 +19,9 @@ import pytest
 
 from pytest_sandbox.naming import PROJECT_CGROUP
 from pytest_sandbox.runtime import get_runtime
+from tests.e2e_support import descendants
 
 STRICT = os.environ.get("PYTEST_SANDBOX_STRICT") == "1"
-
-
-def _children(pid: int) -> set[int]:
-    out: set[int] = set()
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.update(int(x) for x in f.read().split())
-        except OSError:
-            continue
-    return out
-
-
-def _descendants(pid: int) -> set[int]:
-    seen: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in _children(todo.pop()):
-            if child not in seen:
-                seen.add(child)
-                todo.append(child)
-    return seen
 
 
 LAUNCHER_PARTS = ("psbx-cleaner", "psbx-spare")
@@ -86,7 +61,7 @@ class LeakSnapshot:
         if launcher:
             # The launcher's long-lived helpers are part of it: the cleaner, and the spare (a
             # container's first process forked ahead of time, waiting in its own cgroup).
-            procs = {f"{p} {_comm(p)}" for p in _descendants(launcher) if _comm(p) not in LAUNCHER_PARTS}
+            procs = {f"{p} {_comm(p)}" for p, _ in descendants(launcher) if _comm(p) not in LAUNCHER_PARTS}
         cgroups: set[str] = set()
         for root, dirs, _files in _walk_cgroups(rt.owner, rt.config.cgroup_root):
             cgroups.update(os.path.join(root, d) for d in dirs if not _is_spare_cgroup(os.path.join(root, d)))

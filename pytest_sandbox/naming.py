@@ -34,16 +34,21 @@ def valid_name(name: str) -> bool:
     return bool(_NAME_RE.match(name))
 
 
-def process_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), None if gone."""
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields 3 onwards of /proc/PID/stat (index 0 = state, 6 = flags, 19 = start time); None if gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
     # comm (field 2) may contain spaces and parentheses: split after the last ')'.
-    rest = data[data.rindex(b")") + 2 :].split()
-    return int(rest[19])
+    return data[data.rindex(b")") + 2 :].decode().split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), None if gone."""
+    fields = proc_stat(pid)
+    return None if fields is None else int(fields[19])
 
 
 def owner_tag(pid: int | None = None) -> str:

@@ -20,28 +20,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pytest_sandbox.naming import PREFIX, PROJECT_CGROUP, process_start_time
+from pytest_sandbox.cgroups._fs import V1_CONTROLLERS
+from pytest_sandbox.naming import PREFIX, PROJECT_CGROUP, proc_stat, process_start_time
 
 CGROUP_ROOT = "/sys/fs/cgroup"
-_V1_CONTROLLERS = frozenset(
-    {
-        "cpuset",
-        "cpu",
-        "cpuacct",
-        "blkio",
-        "io",
-        "memory",
-        "devices",
-        "freezer",
-        "net_cls",
-        "perf_event",
-        "net_prio",
-        "hugetlb",
-        "pids",
-        "rdma",
-        "misc",
-    }
-)
 
 Proc = tuple[int, int]  # (pid, start time in clock ticks since boot)
 
@@ -51,12 +33,8 @@ Proc = tuple[int, int]  # (pid, start time in clock ticks since boot)
 
 def proc_state(pid: int) -> str | None:
     """The one-letter state of ``pid`` (``R``, ``S``, ``Z``...), None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rindex(b")") + 2 :].split()[0].decode()
+    fields = proc_stat(pid)
+    return None if fields is None else fields[0]
 
 
 def ident(pid: int) -> Proc | None:
@@ -201,7 +179,7 @@ def cgroup_mounts() -> dict[str, str]:
             if fstype == "cgroup2":
                 out.setdefault("", fields[4])
             elif fstype == "cgroup":
-                ctrls = [o for o in opts.split(",") if o in _V1_CONTROLLERS]
+                ctrls = [o for o in opts.split(",") if o in V1_CONTROLLERS]
                 names = [o for o in opts.split(",") if o.startswith("name=")]
                 out.setdefault(",".join(ctrls + names), fields[4])
     return out

@@ -31,6 +31,27 @@ T = TypeVar("T")
 # against ever writing into a cgroup we did not create (the host supervisor lives in one).
 _OURS = f"/{PROJECT_CGROUP}/"
 
+# How often a racing session may remove the project parent between our mkdirs before we give up.
+_MKDIR_ATTEMPTS = 8
+
+
+def mkdir_leaf(path: str, make_parents: Callable[[], None]) -> str:
+    """mkdir ``path``; when its parents are missing, ``make_parents()`` and try again.
+
+    Another session may rmdir the (empty) project parent between any two of our mkdirs or writes
+    (it sees no owner group of ours yet): start over, a bounded number of times.
+    """
+    for _ in range(_MKDIR_ATTEMPTS):
+        try:
+            mkdir(path)
+            return path
+        except FileNotFoundError:
+            pass
+        with contextlib.suppress(FileNotFoundError):
+            make_parents()
+    raise OSError(errno.ENOENT, "the cgroup's parent kept disappearing while creating it", path)
+
+
 # cgroup v1 controller names as they appear in the super options of a ``cgroup`` mount.
 V1_CONTROLLERS = frozenset(
     {

@@ -20,7 +20,6 @@ pids.rst, cgroups.rst, and scheduler/sched-bwc.rst for the CFS quota.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import time
@@ -40,8 +39,6 @@ ALWAYS = ("memory", "pids", "cpuacct", "freezer")
 _FREEZE_WAIT_S = 0.1
 # How long to wait for killed tasks to exit before doing another freeze/kill/thaw round.
 _ROUND_WAIT_S = 0.25
-# How often a racing session may remove the project parent between our mkdirs before we give up.
-_MKDIR_ATTEMPTS = 8
 
 _LIMIT_FILES = (
     "memory.limit_in_bytes",
@@ -313,23 +310,16 @@ class V1Backend(CgroupBackend):
         cpuset = "cpuset" in self._mount_ctrls[mountpoint]
         project = f"{mountpoint}/{PROJECT_CGROUP}"
         group = f"{project}/{owner}"
-        path = f"{group}/{leaf}"
-        for _ in range(_MKDIR_ATTEMPTS):
-            try:
-                _fs.mkdir(path)
-                return path
-            except FileNotFoundError:
-                pass
-            # Another session may rmdir the (empty) project parent between any two of our
-            # mkdirs/writes (it sees no owner group yet): start over.
-            with contextlib.suppress(FileNotFoundError):
-                _fs.mkdir_exist_ok(project)
-                if cpuset:
-                    _cpuset_inherit(project, mountpoint)
-                _fs.mkdir_exist_ok(group)
-                if cpuset:
-                    _cpuset_inherit(group, project)
-        raise OSError(errno.ENOENT, "the cgroup's parent kept disappearing while creating it", path)
+
+        def make_parents() -> None:
+            _fs.mkdir_exist_ok(project)
+            if cpuset:
+                _cpuset_inherit(project, mountpoint)
+            _fs.mkdir_exist_ok(group)
+            if cpuset:
+                _cpuset_inherit(group, project)
+
+        return _fs.mkdir_leaf(f"{group}/{leaf}", make_parents)
 
     def _apply(self, dirs: dict[str, str], limits: Limits) -> None:
         if limits.memory is not None:

@@ -22,7 +22,6 @@ Choices, each against cgroup-v2.rst:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import time
@@ -254,22 +253,17 @@ class V2Backend(CgroupBackend):
 
     def _mkleaf(self, owner: str, leaf: str) -> str:
         group = f"{self.project}/{owner}"
-        path = f"{group}/{leaf}"
-        for _ in range(_MKDIR_ATTEMPTS):
-            try:
-                _fs.mkdir(path)
-                return path
-            except FileNotFoundError:
-                pass
-            # First leaf of this owner, or another session removed the empty project parent
-            # between our mkdirs: (re)create the parents and enable the controllers in both.
-            # Enabling is idempotent, and done even on EEXIST: a racing creator may not be there yet.
-            with contextlib.suppress(FileNotFoundError):
-                _fs.mkdir_exist_ok(self.project)
-                self._enable(self.project)
-                _fs.mkdir_exist_ok(group)
-                self._enable(group)
-        raise OSError(errno.ENOENT, "the cgroup's parent kept disappearing while creating it", path)
+
+        def make_parents() -> None:
+            # First leaf of this owner, or another session removed the empty project parent: (re)
+            # create the parents and enable the controllers in both.  Enabling is idempotent, and
+            # done even on EEXIST: a racing creator may not have done it yet.
+            _fs.mkdir_exist_ok(self.project)
+            self._enable(self.project)
+            _fs.mkdir_exist_ok(group)
+            self._enable(group)
+
+        return _fs.mkdir_leaf(f"{group}/{leaf}", make_parents)
 
     def _enable(self, d: str) -> None:
         if self._subtree_value:

@@ -40,7 +40,7 @@ from ..cgroups import detect
 from ..cgroups.base import Cgroup, CgroupBackend, CgroupStats
 from ..errors import ContainerNotRunningError, LauncherError, SandboxError, SetupError, from_wire, to_wire
 from ..limits import Limits
-from ..naming import cgroup_leaf_name
+from ..naming import cgroup_leaf_name, proc_stat
 from ..rootfs import ContainerDirs, mask_plan
 from ..spec import ContainerSpec, ProcessSpec
 from . import protocol, trace
@@ -740,12 +740,8 @@ def _gone(ent: Entity) -> bool:
         return True
     # Between SIGKILL and exit, the init drops its namespaces (setns then fails with ESRCH) and
     # waits for its PID namespace to empty; only its kernel flags tell (proc(5), field 9).
-    try:
-        with open(f"/proc/{ent.init_pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return bool(int(fields[6]) & PF_EXITING)
-    except (OSError, IndexError, ValueError):
-        return True
+    fields = proc_stat(ent.init_pid)
+    return fields is None or bool(int(fields[6]) & PF_EXITING)
 
 
 def write_id_maps(pid: int, base: int) -> None:
