@@ -35,7 +35,6 @@ from .base import Cgroup, CgroupBackend, CgroupStats
 
 # Enabled in the subtree_control of the directories we create, when the root offers them.
 WANTED = ("memory", "pids", "cpu", "cpuset", "io")
-_MKDIR_ATTEMPTS = 8
 _LIMIT_FILES = (
     "memory.max",
     "memory.swap.max",
