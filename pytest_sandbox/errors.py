@@ -9,7 +9,6 @@ when that is the cause.  Errors cross the launcher socket as plain dicts (:func:
 
 from __future__ import annotations
 
-import errno as _errno
 from typing import Any
 
 
@@ -178,8 +177,3 @@ def from_wire(data: dict[str, Any]) -> SandboxError:
     if issubclass(cls, LayerError):
         return cls(message, path=str(data.get("path", "")), errno=int(data.get("errno", 0) or 0), hint=hint)
     return cls(message, hint=hint)
-
-
-def errno_name(code: int) -> str:
-    """``ENOENT`` for 2: the name users search for."""
-    return _errno.errorcode.get(code, str(code))

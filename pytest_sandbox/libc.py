@@ -1,7 +1,7 @@
 """Thin ctypes wrappers for the Linux syscalls Python 3.10/3.11 does not expose (stdlib only).
 
 ``os.unshare``/``os.setns`` arrive only in 3.12, and the new mount API (open_tree, mount_setattr,
-move_mount), openat2, pivot_root, close_range and capset never reached ``os`` at all.  Every wrapper
+move_mount), pivot_root, close_range and capset never reached ``os`` at all.  Every wrapper
 raises :class:`~pytest_sandbox.errors.SetupError` naming the call and the path, so a failure inside
 a container's setup reads "mount(/proc): Operation not permitted", not "OSError 1".
 
@@ -12,7 +12,6 @@ Syscall numbers of the calls added since Linux 5.2 are the same on every archite
 from __future__ import annotations
 
 import ctypes
-import errno as _errno
 import fcntl
 import os
 import platform
@@ -41,10 +40,8 @@ MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
-MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
 MNT_DETACH = 0x2
 
 # open_tree(2) / mount_setattr(2) / move_mount(2)
@@ -53,20 +50,10 @@ OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
-AT_SYMLINK_NOFOLLOW = 0x100
 MOUNT_ATTR_RDONLY = 0x1
-MOUNT_ATTR_NOSUID = 0x2
-MOUNT_ATTR_NODEV = 0x4
-MOUNT_ATTR_NOEXEC = 0x8
 MOUNT_ATTR_IDMAP = 0x00100000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 
-# openat2(2) resolve flags
-RESOLVE_NO_XDEV = 0x01
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
-RESOLVE_IN_ROOT = 0x10
 
 # prctl(2)
 PR_SET_PDEATHSIG = 1
@@ -78,7 +65,6 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
-CLOSE_RANGE_CLOEXEC = 1 << 2
 KEYCTL_JOIN_SESSION_KEYRING = 1
 
 _NR_COMMON = {
@@ -86,7 +72,6 @@ _NR_COMMON = {
     "move_mount": 429,
     "pidfd_open": 434,
     "close_range": 436,
-    "openat2": 437,
     "mount_setattr": 442,
 }
 _NR_ARCH = {
@@ -244,22 +229,6 @@ def move_mount_fd(fd: int, target: str, *, what: str = "") -> None:
     )
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
-    how = _OpenHow(flags=flags | os.O_CLOEXEC, mode=mode, resolve=resolve)
-    return syscall(
-        "openat2",
-        ctypes.c_int(dirfd),
-        _b(path),
-        ctypes.byref(how),
-        ctypes.c_size_t(ctypes.sizeof(how)),
-        path=path,
-    )
-
-
 def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
     syscall("close_range", ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(flags))
 
@@ -315,11 +284,3 @@ def cap_last_cap() -> int:
             return int(f.read())
     except OSError:
         return 40
-
-
-def is_errno(exc: BaseException, *codes: int) -> bool:
-    return isinstance(exc, OSError) and exc.errno in codes
-
-
-ENOENT = _errno.ENOENT
-EINVAL = _errno.EINVAL

@@ -13,20 +13,14 @@ import secrets
 
 PREFIX = "psbx"
 PROJECT_CGROUP = "pytest-sandbox"
-IFNAMSIZ = 16
 
 _OWNER_RE = re.compile(rf"^{PREFIX}-(\d+)-(\d+)$")
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
-_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 
 
 def new_container_id() -> str:
     """12 hex digits, like Docker's short ids."""
     return secrets.token_hex(6)
-
-
-def is_container_id(text: str) -> bool:
-    return bool(_ID_RE.match(text))
 
 
 def valid_name(name: str) -> bool:
@@ -75,21 +69,9 @@ def owner_alive(name: str) -> bool:
     return process_start_time(pid) == start
 
 
-def state_dir_name(owner: str) -> str:
-    return f"{owner}"
-
-
 def container_dir_name(container_id: str) -> str:
     return f"c-{container_id}"
 
 
 def cgroup_leaf_name(container_id: str) -> str:
     return f"{PREFIX}-c-{container_id}"
-
-
-def ifname(kind: str, token: str) -> str:
-    """An interface name ``psbx<kind><token>`` that fits in 15 bytes."""
-    name = f"{PREFIX}{kind}{token}"
-    if len(name.encode()) >= IFNAMSIZ:
-        raise ValueError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
-    return name

@@ -87,9 +87,6 @@ class ContainerDirs:
     def stderr(self) -> str:
         return os.path.join(self.base, "stderr")
 
-    def exec_log(self, exec_id: str, stream: str) -> str:
-        return os.path.join(self.base, f"exec.{exec_id}.{stream}")
-
 
 @dataclass
 class PreparedBind:

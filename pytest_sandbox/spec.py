@@ -12,11 +12,11 @@ import posixpath
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
 from .errors import InvalidSpecError
 from .limits import Limits
+from .naming import valid_name
 from .units import parse_size
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -348,7 +348,7 @@ def parse_options(
         raise InvalidSpecError(
             f"network={network!r}: only network=None (loopback only) is supported in this version"
         )
-    if name is not None and (not isinstance(name, str) or not _valid_name(name)):
+    if name is not None and (not isinstance(name, str) or not valid_name(name)):
         raise InvalidSpecError(
             f"name={name!r}: expected letters, digits, '_', '.', '-' (starting with a letter or digit), "
             "at most 63 characters"
@@ -381,13 +381,3 @@ def parse_options(
         input=None if input is None else bytes(input),
         cgroup=cgroup,
     )
-
-
-def _valid_name(name: str) -> bool:
-    from .naming import valid_name
-
-    return valid_name(name)
-
-
-def is_beneath(path: str, parent: str) -> bool:
-    return PurePosixPath(path).is_relative_to(parent)
