@@ -277,11 +277,7 @@ class Container:
                     f"exec {list(argv)} in {self.name} did not finish in {timeout} s; killed",
                     result=result_from_info(info, _read(out), _read(err), argv),
                 ) from None
-            oom = False
-            if info["exit"].get("signal") == _signal.SIGKILL:
-                oom = self.stats().oom_kills > 0
-            res = result_from_info(info, _read(out), _read(err), argv)
-            return Result(**{**res.__dict__, "oom_killed": oom})
+            return result_from_info(info, _read(out), _read(err), argv)
         finally:
             for path in (out, err, stdin):
                 if path:
@@ -305,7 +301,11 @@ class Container:
     def wait_for_log(
         self, pattern: bytes | str | re.Pattern[bytes], timeout: float = 30.0, *, stream: str = "both"
     ) -> re.Match[bytes]:
-        """Wait until the output matches ``pattern`` (a regex); fail fast if the container exits."""
+        """Wait until the output contains ``pattern``; fail fast if the container exits first.
+
+        bytes and str are matched literally; pass ``re.compile(rb"...")`` for a regular expression.
+        The match is returned.
+        """
         if isinstance(pattern, str):
             pattern = pattern.encode()
         regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))

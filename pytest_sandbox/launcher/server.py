@@ -98,6 +98,7 @@ class Entity:
     finished: bool = False  # and every process of it is gone
     started_at: float = field(default_factory=time.monotonic)
     exited_at: float = 0.0
+    counters_before: tuple[int, int] = (0, 0)  # an exec's container's OOM kills and pids hits at start
 
     @property
     def running(self) -> bool:
@@ -373,7 +374,9 @@ class Launcher:
                 launcher_pid=self.pid,
             )
         os.close(status_w)
-        self._track(Entity(exec_id, "exec", pid, status_r, parent=parent, create_rid=rid))
+        ent = Entity(exec_id, "exec", pid, status_r, parent=parent, create_rid=rid)
+        ent.counters_before = _counters(parent.cgroup)
+        self._track(ent)
 
     def op_wait(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any] | None:
         ent = self._entity(msg["id"])
@@ -573,6 +576,10 @@ class Launcher:
                 ent.stats = ent.cgroup.stats()
             except OSError:
                 ent.stats = CgroupStats()
+        elif ent.kind == "exec" and ent.parent is not None:
+            # An exec shares its container's cgroup: what happened in between is its part.
+            (oom0, pids0), (oom1, pids1) = ent.counters_before, _counters(ent.parent.cgroup)
+            ent.stats = CgroupStats(oom_kills=oom1 - oom0, pids_limit_hits=pids1 - pids0)
         trace.event("launcher: exited")
         info = self._exit_info(ent)
         for rid in ent.waiters:
@@ -731,6 +738,17 @@ class Cleaner:
         os.close(self._req_w)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+
+
+def _counters(cgroup: Cgroup | None) -> tuple[int, int]:
+    """(OOM kills, pids-limit hits) of a cgroup so far."""
+    if cgroup is None:
+        return (0, 0)
+    try:
+        stats = cgroup.stats()
+    except OSError:
+        return (0, 0)
+    return (stats.oom_kills, stats.pids_limit_hits)
 
 
 PF_EXITING = 0x4  # include/linux/sched.h: set at the start of do_exit()
