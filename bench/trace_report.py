@@ -35,6 +35,8 @@ def main(path: str) -> None:
             steps[event].append((when - prev) / 1e6)
             prev = when
         steps["total"].append((run[-1][0] - t0) / 1e6)
+    if not runs:
+        sys.exit(f"no 'client: run' event in {path}: was PYTEST_SANDBOX_TRACE set for the client too?")
     print(f"{len(runs)} container starts; median ms per phase (time since the previous event):")
     for name in [*order, "total"]:
         print(f"  {name:<34} {statistics.median(steps[name]):7.3f}")

@@ -1,8 +1,8 @@
 """Building a container's root filesystem: overlays, /proc, /dev, masks, pivot_root (stdlib only).
 
-Runs inside the launcher's children, in two halves:
+Runs in the container's first process (its PID 1), in two halves:
 
-1. :func:`mount_image` -- in the container's first process while it is still host root, in a
+1. :func:`mount_image` and :func:`mount_proc` -- while it is still host root, in a
    private mount namespace owned by the host's user namespace.  Each layer is cloned as a detached
    mount (``open_tree(OPEN_TREE_CLONE)``) and, where the filesystem supports it, *idmapped* to the
    container's uid range (``mount_setattr(MOUNT_ATTR_IDMAP)``, Linux >= 5.12; overlayfs accepts
@@ -14,11 +14,11 @@ Runs inside the launcher's children, in two halves:
    container's user namespace exists.  User bind mounts are cloned here too, for the same reason,
    and attached after ``pivot_root`` so their targets resolve inside the container.
 
-2. :func:`finish_rootfs` -- in the container's PID 1, inside the container's user and mount
-   namespaces.  The copied mounts are *locked* (mount_namespaces(7)): ``pivot_root`` refuses a
-   locked new root, so the rootfs is first bind-mounted onto itself.  /proc and /sys are mounted
-   *before* the old root is detached: the kernel lets a user namespace mount procfs/sysfs only
-   while a fully visible instance exists in the mount namespace (``mnt_already_visible``).
+2. :func:`finish_rootfs` -- inside the container's user and mount namespaces.  The copied mounts
+   are *locked* (mount_namespaces(7)): ``pivot_root`` refuses a locked new root, so the rootfs is
+   first bind-mounted onto itself.  /sys is mounted *before* the old root is detached: the kernel
+   lets a user namespace mount sysfs only while a fully visible instance exists in the mount
+   namespace (``mnt_already_visible``).
 """
 
 from __future__ import annotations
@@ -263,6 +263,11 @@ def _clone_bind(m: BindMount, idmap_fd: int | None) -> PreparedBind:
     return PreparedBind(fd, m.target, stat.S_ISDIR(os.fstat(fd).st_mode))
 
 
+def mount_proc(rootfs: str) -> None:
+    """The container's /proc, mounted by its PID 1 while still host root (see launcher.create)."""
+    libc.mount("proc", _plain_dir(rootfs, "proc"), "proc", _PROC_FLAGS)
+
+
 def mask_plan() -> list[tuple[str, bool]]:
     """(path, is_directory) of each masked path this kernel has; computed once per launcher."""
     plan = []
@@ -289,7 +294,6 @@ def finish_rootfs(
     """
     libc.mount("rootfs", "rootfs", None, libc.MS_BIND | libc.MS_REC)  # an unlocked new root
     os.chdir("rootfs")
-    libc.mount("proc", _plain_dir(".", "proc"), "proc", _PROC_FLAGS)
     if not nested_userns:
         # Creating user namespaces inside reaches kernel code written for root (CVE-2022-0185
         # class); limit 0 in our namespace forbids it below us, as bwrap --disable-userns does.

@@ -24,6 +24,7 @@ from .client import LauncherClient
 from .errors import SetupError
 from .hostbase import HostLayout, ensure_skeleton
 from .image import Image
+from .launcher import trace
 from .spec import OverlaySpec
 
 DEFAULT_UID_BASE = 1_000_000_000
@@ -92,6 +93,7 @@ class Runtime:
         self._skeleton: tuple[str, HostLayout] | None = None
         self._swept = False
         self.closed = False
+        trace.enable()  # only if $PYTEST_SANDBOX_TRACE names a file
 
     def info(self) -> dict[str, Any]:
         """Start the launcher if needed; what it found (idmap support, cgroup backend)."""

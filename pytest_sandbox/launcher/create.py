@@ -1,26 +1,29 @@
-"""The container's first process: from a fork of the launcher to a running PID 1.
+"""The container's first process, which is also its PID 1: from a fork of the launcher to init.
 
+The launcher forks us into a new PID namespace (it unshares CLONE_NEWPID just for that fork), so
+we are PID 1 from the start and no second fork is needed (a forked Python process costs ~0.7 ms).
 Order (each step needs the one before; see DESIGN.md "How a container is born"):
 
 1. (host root) close every inherited fd we do not need, become non-dumpable, join the cgroup
    leaf (before any namespace: the cgroup namespace's root is the cgroup we are in when we
    unshare it) -- a *spare* does this ahead of time, then waits for a spec -- and put stdio on
    the container's log files.
-2. (host root) private mount namespace; mount the image's overlays and clone bind sources -- see
-   :mod:`pytest_sandbox.rootfs` for why this happens before the user namespace exists.
+2. (host root) private mount namespace; mount the image's overlays, /dev and /proc, and clone
+   bind sources -- see :mod:`pytest_sandbox.rootfs` for why this happens before the user
+   namespace exists.  /proc is mounted here because our PID namespace is owned by the host's
+   user namespace: the container's root could not mount it, and cannot mount another one.
 3. unshare the user namespace; the launcher writes uid_map/gid_map (only a process with
    CAP_SETUID in the *parent* namespace may write a multi-id map); become root in it.
-4. unshare mount, PID, UTS, IPC, network and cgroup namespaces, all owned by the new user
-   namespace, so the container's root has capabilities over them and nothing else.
-5. fork: the child is PID 1 of the new PID namespace.  It finishes the rootfs, pivots, and runs
-   :func:`~pytest_sandbox.launcher.init.run_init`.  We report its pid and exit; the launcher, a
-   child subreaper, inherits it.
+4. unshare mount, UTS, IPC, network and cgroup namespaces, all owned by the new user namespace,
+   so the container's root has capabilities over them (it can bind port 80, set its hostname).
+5. finish the rootfs, pivot, and become init (:func:`~pytest_sandbox.launcher.init.run_init`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 from dataclasses import dataclass
 from typing import NoReturn
@@ -32,13 +35,11 @@ from . import trace
 from .init import report_setup_failure, run_init
 from .protocol import write_event
 
+# Made after the user namespace, so that they are owned by it and the container's root has
+# capabilities over them (and nothing else).  The PID namespace is not here: the launcher creates
+# it when it forks us (see first_process).
 NAMESPACES = (
-    libc.CLONE_NEWNS
-    | libc.CLONE_NEWPID
-    | libc.CLONE_NEWUTS
-    | libc.CLONE_NEWIPC
-    | libc.CLONE_NEWNET
-    | libc.CLONE_NEWCGROUP
+    libc.CLONE_NEWNS | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC | libc.CLONE_NEWNET | libc.CLONE_NEWCGROUP
 )
 
 
@@ -59,7 +60,6 @@ def open_stdio(stdin: str | None, stdout: str, stderr: str) -> None:
 class LaunchContext:
     """What every container's first process gets from the launcher, the same for all."""
 
-    launcher_pid: int
     lifeline_fd: int
     idmap_fd: int | None
     root_uid: int
@@ -72,6 +72,14 @@ class Pipes:
     status_fd: int  # events to the launcher
     go_fd: int  # the launcher's "id maps written"
     spec_fd: int = -1  # a spare reads its spec here
+
+
+def launcher_gone(lifeline_fd: int) -> bool:
+    """Nothing is ever written to the lifeline: readable means its write end, the launcher, is gone.
+
+    (getppid() cannot tell: as PID 1 of a new PID namespace our parent is invisible, ppid 0.)
+    """
+    return bool(select.select([lifeline_fd], [], [], 0)[0])
 
 
 def first_process(
@@ -90,7 +98,7 @@ def first_process(
     try:
         signal.set_wakeup_fd(-1)  # the launcher's wakeup fd number must not hit a file we open
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != ctx.launcher_pid:
+        if launcher_gone(ctx.lifeline_fd):
             os._exit(137)  # the launcher died before prctl took effect
         keep = {pipes.status_fd, pipes.go_fd, pipes.spec_fd, ctx.lifeline_fd} | trace.fds()
         libc.close_fds_except(keep | ({ctx.idmap_fd} if ctx.idmap_fd is not None else set()))
@@ -126,8 +134,9 @@ def _become_container(
     # Private, so nothing we mount propagates back to the host's namespace (and vice versa).
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
     binds = rootfs.mount_image(spec, dirs, ctx.idmap_fd, ctx.root_uid)
+    rootfs.mount_proc(dirs.rootfs)
     trace.event("first: image mounted")
-    os.chdir(dirs.base)  # PID 1 continues from here by relative paths (see finish_rootfs)
+    os.chdir(dirs.base)  # we continue from here by relative paths (see finish_rootfs)
     if ctx.idmap_fd is not None:
         os.close(ctx.idmap_fd)
     libc.unshare(libc.CLONE_NEWUSER)
@@ -138,38 +147,15 @@ def _become_container(
     trace.event("first: id maps written")
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
+    # Changing euid reset two things (commit_creds): the parent-death signal is cleared and
+    # "dumpable" set back to fs.suid_dumpable.  Both are wanted: set them again.
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(libc.PR_SET_DUMPABLE, 0)
     libc.unshare(NAMESPACES)
     libc.sethostname(spec.hostname)
     libc.loopback_up()  # 127.0.0.1 works inside, as in Docker's network=none
     libc.join_new_session_keyring()
     trace.event("first: namespaces unshared")
-    pid = os.fork()
-    if pid == 0:
-        _init_main(
-            spec,
-            binds,
-            ctx.masks,
-            status_fd=pipes.status_fd,
-            lifeline_fd=ctx.lifeline_fd,
-            cgroup2=ctx.cgroup2,
-        )
-    write_event(pipes.status_fd, {"ev": "init", "pid": pid})
-    os._exit(0)
-
-
-def _init_main(
-    spec: ContainerSpec,
-    binds: list[rootfs.PreparedBind],
-    masks: list[tuple[str, bool]],
-    *,
-    status_fd: int,
-    lifeline_fd: int,
-    cgroup2: bool,
-) -> NoReturn:
-    trace.event("init: forked")
-    try:
-        rootfs.finish_rootfs(spec, binds, masks, cgroup2=cgroup2)
-    except BaseException as e:
-        report_setup_failure(status_fd, e)
+    rootfs.finish_rootfs(spec, binds, ctx.masks, cgroup2=ctx.cgroup2)
     trace.event("init: rootfs ready")
-    run_init(spec.process, spec.hostname, status_fd, lifeline_fd)
+    run_init(spec.process, spec.hostname, pipes.status_fd, ctx.lifeline_fd)

@@ -47,10 +47,12 @@ def exec_main(
         libc.prctl(libc.PR_SET_DUMPABLE, 0)
         if cgroup is not None:
             cgroup.attach(0)
-        libc.setns(init_pidfd, libc.CLONE_NEWUSER | NAMESPACES)
+        libc.setns(init_pidfd, libc.CLONE_NEWUSER | libc.CLONE_NEWPID | NAMESPACES)
         os.close(init_pidfd)
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # cleared by the euid change
+        libc.prctl(libc.PR_SET_DUMPABLE, 0)  # reset to fs.suid_dumpable by the euid change
         pid = launch(prepare(proc, hostname))
         write_event(status_fd, {"ev": "started", "pid": pid})
         _, status = os.waitpid(pid, 0)

@@ -4,9 +4,9 @@ Why it exists: a pytest process is multi-threaded and may be large; forking name
 out of it is unsafe (a lock held by another thread stays locked in the child forever) and slow
 (fork copies page tables in proportion to the parent's memory).  This process is started fresh as
 ``python -I -S`` with only stdlib imports, never starts a thread, and forks one child per container
-(:mod:`.create`) or exec (:mod:`.enter`).  It is the parent of every container init (it is a child
-subreaper), writes their uid/gid maps, owns their cgroups and state directories, and reports
-starts and exits to the client over the socket (:mod:`.protocol`).
+(:mod:`.create`) or exec (:mod:`.enter`).  It is the parent of every container's init (each forked
+into a PID namespace of its own), writes their uid/gid maps, owns their cgroups and state
+directories, and reports starts and exits to the client over the socket (:mod:`.protocol`).
 
 Death handling: the client's end of the socket closes when the pytest process exits, however it
 exits (SIGKILL included), and the launcher then kills every container, removes every cgroup and
@@ -71,7 +71,7 @@ class Entity:
 
     id: str
     kind: str  # "container" or "exec"
-    helper_pid: int  # the forked launcher child: the container's first process, or the exec helper
+    pid: int  # our child: the container's first process (its PID 1), or the exec helper
     status_fd: int
     go_fd: int = -1
     dirs: ContainerDirs | None = None
@@ -90,9 +90,8 @@ class Entity:
     error: dict[str, Any] | None = None
     stats: CgroupStats | None = None
     lines: protocol.LineBuffer = field(default_factory=protocol.LineBuffer)
-    helper_reaped: bool = False
-    init_reaped: bool = False
-    init_status: int | None = None
+    reaped: bool = False
+    wait_status: int | None = None  # of ``pid``, once reaped
     pipe_closed: bool = False
     exited: bool = False  # the command's exit is known and was answered
     finished: bool = False  # and every process of it is gone
@@ -115,13 +114,12 @@ class Launcher:
         self.frames = protocol.FrameBuffer()
         self.entities: dict[str, Entity] = {}
         self.by_pid: dict[int, Entity] = {}
-        self.orphans: dict[int, int] = {}  # reaped before we learned whose they were
         self.backend: CgroupBackend = detect(cgroup_root)
         self.lifeline_r, self.lifeline_w = os.pipe()
+        self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.idmap_fd = self._make_idmap_userns()
         self.cleaner = Cleaner(keep=trace.fds())
         self.ctx = LaunchContext(
-            launcher_pid=self.pid,
             lifeline_fd=self.lifeline_r,
             idmap_fd=self.idmap_fd,
             root_uid=self.uid_base,
@@ -279,7 +277,10 @@ class Launcher:
             spec=spec,
             create_rid=rid,
             until_exit=bool(msg.get("until_exit")),
+            init_pid=pid,  # the first process is the container's PID 1
         )
+        with contextlib.suppress(SetupError):
+            ent.init_pidfd = libc.pidfd_open(pid)
         self._track(ent)
         # Now, while this container sets itself up on another CPU: the next one's spare.  Its
         # first event (the id-map request) comes about a millisecond later, after the fork is done.
@@ -297,7 +298,14 @@ class Launcher:
         status_r, status_w = os.pipe()
         go_r, go_w = os.pipe()
         try:
-            pid = os.fork()
+            # The child is PID 1 of a new PID namespace (unshare(CLONE_NEWPID) affects only the
+            # children forked after it); then we go back to forking into our own namespace.
+            libc.unshare(libc.CLONE_NEWPID)
+            try:
+                pid = os.fork()
+            finally:
+                if os.getpid() == self.pid:
+                    libc.setns(self.own_pidns, libc.CLONE_NEWPID)
         except BaseException:
             for fd in (status_r, status_w, go_r, go_w):
                 os.close(fd)
@@ -440,7 +448,7 @@ class Launcher:
 
     def _track(self, ent: Entity) -> None:
         self.entities[ent.id] = ent
-        self.by_pid[ent.helper_pid] = ent
+        self.by_pid[ent.pid] = ent
         self.sel.register(ent.status_fd, selectors.EVENT_READ, lambda fd, e=ent: self._on_status(e))
 
     def _on_status(self, ent: Entity) -> None:
@@ -458,7 +466,7 @@ class Launcher:
         kind = event.get("ev")
         if kind == "userns":
             try:
-                write_id_maps(ent.helper_pid, self.uid_base)
+                write_id_maps(ent.pid, self.uid_base)
                 os.write(ent.go_fd, b"g")
             except OSError as e:
                 self._fail(
@@ -466,22 +474,15 @@ class Launcher:
                     SetupError(
                         f"cannot write the uid/gid map of the container: {e}",
                         call="write",
-                        path=f"/proc/{ent.helper_pid}/uid_map",
+                        path=f"/proc/{ent.pid}/uid_map",
                         errno=e.errno or 0,
                     ),
                 )
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(ent.helper_pid, signal.SIGKILL)
+                    os.kill(ent.pid, signal.SIGKILL)
             finally:
                 os.close(ent.go_fd)
                 ent.go_fd = -1
-        elif kind == "init":
-            ent.init_pid = int(event["pid"])
-            self.by_pid[ent.init_pid] = ent
-            with contextlib.suppress(SetupError):
-                ent.init_pidfd = libc.pidfd_open(ent.init_pid)
-            if ent.init_pid in self.orphans:
-                self._on_exit(ent.init_pid, self.orphans.pop(ent.init_pid))
         elif kind == "started":
             trace.event("launcher: started")
             ent.started = True
@@ -546,16 +547,9 @@ class Launcher:
             return
         ent = self.by_pid.pop(pid, None)
         if ent is None:
-            self.orphans[pid] = status
-            return
-        if pid == ent.helper_pid:
-            ent.helper_reaped = True
-            if ent.kind == "exec":
-                ent.init_reaped = True
-                ent.init_status = status
-        if pid == ent.init_pid:
-            ent.init_reaped = True
-            ent.init_status = status
+            return  # the idmap helper of __init__, or a spare discarded and reaped already
+        ent.reaped = True
+        ent.wait_status = status
         self._maybe_finish(ent)
 
     def _exited(self, ent: Entity) -> None:
@@ -588,14 +582,12 @@ class Launcher:
 
     def _maybe_finish(self, ent: Entity) -> None:
         """Once every process of the entity is reaped and its pipe closed: release everything."""
-        if ent.finished or not ent.pipe_closed or not ent.helper_reaped:
-            return
-        if ent.init_pid and not ent.init_reaped:
+        if ent.finished or not ent.pipe_closed or not ent.reaped:
             return
         if ent.create_rid is not None and not (ent.until_exit and ent.started):  # died before reporting
-            self._fail(ent, SetupError(f"container setup process died ({_describe_status(ent.init_status)})"))
+            self._fail(ent, SetupError(f"container setup process died ({_describe_status(ent.wait_status)})"))
         if ent.exit is None:  # killed: init never reported an exit
-            st = ent.init_status
+            st = ent.wait_status
             sig = os.WTERMSIG(st) if st is not None and os.WIFSIGNALED(st) else signal.SIGKILL
             ent.exit = {"code": None, "signal": sig}
         self._exited(ent)
@@ -612,7 +604,7 @@ class Launcher:
             for child in list(self.entities.values()):
                 if child.parent is ent and not child.finished:
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(child.helper_pid, signal.SIGKILL)
+                        os.kill(child.pid, signal.SIGKILL)
         self._remove_cgroup(ent)
         if ent.remove_rids:
             self._forget(ent)
@@ -636,10 +628,10 @@ class Launcher:
                 print(f"psbx-launcher: cannot remove cgroup of {ent.id}: {e}", file=sys.stderr)
 
     def _kill(self, ent: Entity) -> None:
-        for pid in (ent.init_pid, ent.helper_pid if ent.kind == "exec" or not ent.init_pid else 0):
-            if pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        # A container's PID 1 takes its whole PID namespace with it; an exec helper is killed
+        # with its container (or here) and its command then dies with the namespace.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(ent.pid, signal.SIGKILL)
         if ent.cgroup is not None:
             with contextlib.suppress(OSError):
                 ent.cgroup.kill(timeout=2.0)
@@ -818,7 +810,6 @@ def main(argv: list[str]) -> None:
     # Nothing here builds reference cycles worth collecting; freeze what exists, collect nothing.
     gc.disable()
     gc.freeze()
-    libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
     sock = socket.socket(fileno=args.fd)
     try:
         launcher = Launcher(sock, args.owner, args.uid_base, args.cgroup_root)
