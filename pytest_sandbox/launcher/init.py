@@ -1,11 +1,12 @@
 """PID 1 of a container: start the command, forward signals, reap zombies, report the exit.
 
-This process was forked from the launcher (no exec), so it is Python code already in memory; after
-pivot_root it must import nothing new.  It is non-dumpable (inherited from the container's first
-process), so nothing inside the container can ptrace it or open its /proc files (runc
-CVE-2016-9962).  It watches the launcher's *lifeline* pipe: if the launcher dies, the write end
-closes and init exits, and the kernel then kills every process of the PID namespace
-(pid_namespaces(7)) -- no container outlives its pytest process, however that process ends.
+This is the container's first process (:mod:`.create`), forked from the launcher (no exec), so it
+is Python code already in memory; after pivot_root it must import nothing new.  It is
+non-dumpable, so nothing inside the container can ptrace it or open its /proc files (runc
+CVE-2016-9962).  Two things end it with the launcher: its parent-death signal, and the
+launcher's *lifeline* pipe, which it watches -- if the launcher dies, the write end closes and
+init exits.  The kernel then kills every process of the PID namespace (pid_namespaces(7)): no
+container outlives its pytest process, however that process ends.
 """
 
 from __future__ import annotations
