@@ -247,25 +247,30 @@ class Launcher:
         if spec.id in self.entities:
             raise SandboxError(f"container {spec.id} already exists")
         dirs = ContainerDirs(msg["dir"])
-        if spec.cgroup:
-            self.backend.check(spec.limits)
-        payload = json.dumps({"spec": msg["spec"], "dir": msg["dir"]}).encode()
-        spare = self.spare if spec.cgroup and len(payload) < SPEC_PIPE_SIZE else None
-        if spare is not None:
-            self.spare = None
-            try:
-                spare.cgroup.apply(spec.limits)
-            except BaseException:
-                self._discard_spare(spare)
-                raise
-            os.write(spare.spec_fd, payload)
-            os.close(spare.spec_fd)
-            pid, status_r, go_w, cgroup = spare.pid, spare.status_fd, spare.go_fd, spare.cgroup
-        else:
-            cgroup = None
+        try:
             if spec.cgroup:
-                cgroup = self.backend.create(self.owner, cgroup_leaf_name(spec.id), spec.limits)
-            pid, status_r, go_w = self._fork_first(cgroup, spec, dirs)
+                self.backend.check(spec.limits)
+            payload = json.dumps({"spec": msg["spec"], "dir": msg["dir"]}).encode()
+            spare = self.spare if spec.cgroup and len(payload) < SPEC_PIPE_SIZE else None
+            if spare is not None:
+                self.spare = None
+                try:
+                    spare.cgroup.apply(spec.limits)
+                except BaseException:
+                    self._discard_spare(spare)
+                    raise
+                os.write(spare.spec_fd, payload)
+                os.close(spare.spec_fd)
+                pid, status_r, go_w, cgroup = spare.pid, spare.status_fd, spare.go_fd, spare.cgroup
+            else:
+                cgroup = None
+                if spec.cgroup:
+                    cgroup = self.backend.create(self.owner, cgroup_leaf_name(spec.id), spec.limits)
+                pid, status_r, go_w = self._fork_first(cgroup, spec, dirs)
+        except BaseException:
+            # Never tracked, so no remove() would delete it: the directory the client made goes now.
+            remove_tree(dirs.base)
+            raise
         ent = Entity(
             spec.id,
             "container",
@@ -302,7 +307,7 @@ class Launcher:
             # children forked after it); then we go back to forking into our own namespace.
             libc.unshare(libc.CLONE_NEWPID)
             try:
-                pid = os.fork()
+                pid = _fork()
             finally:
                 if os.getpid() == self.pid:
                     libc.setns(self.own_pidns, libc.CLONE_NEWPID)
@@ -337,6 +342,12 @@ class Launcher:
             fcntl.fcntl(spec_w, F_SETPIPE_SZ, SPEC_PIPE_SIZE)
         try:
             pid, status_r, go_w = self._fork_first(cgroup, spec_r=spec_r)
+        except OSError as e:
+            # Not the caller's failure: the start that asked for this spare has its process already,
+            # and the next start forks its own (and tries again for a spare).
+            os.close(spec_w)
+            print(f"psbx-launcher: cannot fork a spare ({e}); the next start forks its own", file=sys.stderr)
+            return
         except BaseException:
             os.close(spec_w)
             raise
@@ -368,7 +379,12 @@ class Launcher:
         proc = ProcessSpec.from_wire(msg["process"])
         assert parent.spec is not None
         status_r, status_w = os.pipe()
-        pid = os.fork()
+        try:
+            pid = _fork()
+        except BaseException:
+            os.close(status_r)
+            os.close(status_w)
+            raise
         if pid == 0:
             exec_main(
                 proc,
@@ -730,6 +746,14 @@ class Cleaner:
         os.close(self._req_w)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+
+
+def _fork() -> int:
+    """os.fork(), failing (EAGAIN: out of pids or memory) with a SetupError that names the call."""
+    try:
+        return os.fork()
+    except OSError as e:
+        raise SetupError(f"fork: {os.strerror(e.errno or 0)}", call="fork", errno=e.errno or 0) from None
 
 
 def _counters(cgroup: Cgroup | None) -> tuple[int, int]:
