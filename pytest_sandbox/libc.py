@@ -11,12 +11,14 @@ Syscall numbers of the calls added since Linux 5.2 are the same on every archite
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
 import platform
 import socket
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import SetupError
@@ -170,8 +172,28 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
             ctypes.c_ulong(arg4),
             ctypes.c_ulong(arg5),
         ),
-        f"prctl({option})",
+        f"prctl({_PRCTL_NAMES.get(option, option)})",
     )
+
+
+_PRCTL_NAMES = {
+    PR_SET_PDEATHSIG: "PR_SET_PDEATHSIG",
+    PR_SET_DUMPABLE: "PR_SET_DUMPABLE",
+    PR_CAPBSET_DROP: "PR_CAPBSET_DROP",
+    PR_SET_NO_NEW_PRIVS: "PR_SET_NO_NEW_PRIVS",
+    PR_CAP_AMBIENT: "PR_CAP_AMBIENT",
+}
+
+
+@contextlib.contextmanager
+def named(call: str, path: str = "") -> Iterator[None]:
+    """Turn an OSError of a plain ``os.*`` call into a SetupError naming ``call`` and the path."""
+    try:
+        yield
+    except SetupError:
+        raise
+    except OSError as e:
+        raise _fail(call, path or str(e.filename or ""), e.errno or 0) from None
 
 
 def set_process_name(name: str) -> None:

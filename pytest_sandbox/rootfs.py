@@ -141,19 +141,23 @@ def _try_idmap(fd: int, idmap_fd: int | None, attrs: int, path: str) -> None:
 
 
 def _mkdir_owned(path: str, uid: int) -> None:
-    os.mkdir(path, 0o755)
-    os.chown(path, uid, uid)
+    with libc.named("mkdir", path):
+        os.mkdir(path, 0o755)
+    with libc.named("chown", path):
+        os.chown(path, uid, uid)
 
 
 def mount_image(
     spec: ContainerSpec, dirs: ContainerDirs, idmap_fd: int | None, root_uid: int
 ) -> list[PreparedBind]:
     """Half 1 (host root, private mount namespace): overlays at ``dirs.rootfs`` and bind clones."""
-    os.mkdir(dirs.rootfs, 0o755)
+    with libc.named("mkdir", dirs.rootfs):
+        os.mkdir(dirs.rootfs, 0o755)
     for index, overlay in enumerate(spec.overlays):
         upper, work = dirs.upper(index), dirs.work(index)
         _mkdir_owned(upper, root_uid)
-        os.mkdir(work, 0o700)
+        with libc.named("mkdir", work):
+            os.mkdir(work, 0o700)
         if index == 0:
             _write_etc_files(upper, spec.etc_files, root_uid)
         target = dirs.rootfs if not overlay.target else _plain_dir(dirs.rootfs, overlay.target)
@@ -178,14 +182,21 @@ def _make_dev(dev: str, root_uid: int) -> None:
     )
     for name, major, minor in DEVICES:
         path = os.path.join(dev, name)
-        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
-        os.chmod(path, 0o666)  # mknod's mode went through the umask
-        os.chown(path, root_uid, root_uid)
+        with libc.named("mknod", path):
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        with libc.named("chmod", path):
+            os.chmod(path, 0o666)  # mknod's mode went through the umask
+        with libc.named("chown", path):
+            os.chown(path, root_uid, root_uid)
     for sub in ("pts", "shm", "mqueue"):
-        os.mkdir(os.path.join(dev, sub), 0o755)
+        with libc.named("mkdir", os.path.join(dev, sub)):
+            os.mkdir(os.path.join(dev, sub), 0o755)
     for name, target in DEV_LINKS:
-        os.symlink(target, os.path.join(dev, name))
-        os.lchown(os.path.join(dev, name), root_uid, root_uid)
+        link = os.path.join(dev, name)
+        with libc.named("symlink", link):
+            os.symlink(target, link)
+        with libc.named("lchown", link):
+            os.lchown(link, root_uid, root_uid)
 
 
 def _mount_overlay(target: str, lowers: Iterable[str], upper: str, work: str, idmap_fd: int | None) -> None:
@@ -193,8 +204,10 @@ def _mount_overlay(target: str, lowers: Iterable[str], upper: str, work: str, id
     try:
         for i, path in enumerate(lowers):
             fds.append(_layer_fd(path, idmap_fd, i, target))
-        ufd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        wfd = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        with libc.named("open", upper):
+            ufd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        with libc.named("open", work):
+            wfd = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         fds += [ufd, wfd]
         lowerdir = ":".join(f"/proc/self/fd/{fd}" for fd in fds[:-2])
         data = f"lowerdir={lowerdir},upperdir=/proc/self/fd/{ufd},workdir=/proc/self/fd/{wfd}"
@@ -214,10 +227,13 @@ def _write_etc_files(upper: str, files: Iterable[tuple[str, str]], root_uid: int
     _mkdir_owned(etc, root_uid)
     for name, content in files:
         path = os.path.join(etc, name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with libc.named("open", path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, content.encode())
-            os.fchown(fd, root_uid, root_uid)
+            with libc.named("write", path):
+                os.write(fd, content.encode())
+            with libc.named("fchown", path):
+                os.fchown(fd, root_uid, root_uid)
         finally:
             os.close(fd)
 
@@ -235,7 +251,8 @@ def _plain_dir(root: str, rel: str) -> str:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            os.mkdir(path, 0o755)
+            with libc.named("mkdir", path):
+                os.mkdir(path, 0o755)
             continue
         if not stat.S_ISDIR(st.st_mode):
             kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
@@ -293,13 +310,20 @@ def finish_rootfs(
     host uid we could not walk the state directory's absolute path.
     """
     libc.mount("rootfs", "rootfs", None, libc.MS_BIND | libc.MS_REC)  # an unlocked new root
-    os.chdir("rootfs")
+    with libc.named("chdir", "rootfs"):
+        os.chdir("rootfs")
     if not nested_userns:
         # Creating user namespaces inside reaches kernel code written for root (CVE-2022-0185
         # class); limit 0 in our namespace forbids it below us, as bwrap --disable-userns does.
         # /proc/sys becomes read-only below, so the container cannot raise it again.
-        with open("proc/sys/user/max_user_namespaces", "w") as f:
-            f.write("0")
+        limit = "proc/sys/user/max_user_namespaces"
+        with libc.named("open", limit):
+            fd = os.open(limit, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            with libc.named("write", limit):
+                os.write(fd, b"0")
+        finally:
+            os.close(fd)
     libc.mount("sysfs", _plain_dir(".", "sys"), "sysfs", _PROC_FLAGS | libc.MS_RDONLY)
     if cgroup2:
         with contextlib.suppress(SetupError):
@@ -308,7 +332,8 @@ def finish_rootfs(
     _mask_paths(masks)
     libc.pivot_root(".", ".")
     libc.umount2(".", libc.MNT_DETACH)
-    os.chdir("/")
+    with libc.named("chdir", "/"):
+        os.chdir("/")
     user_targets = {t.target for t in spec.tmpfs} | {b.target for b in binds}
     if "/tmp" not in user_targets:
         _mount_tmpfs(TmpfsMount("/tmp"))
@@ -359,18 +384,18 @@ def _mask_paths(masks: list[tuple[str, bool]]) -> None:
 
 
 def _mount_tmpfs(t: TmpfsMount) -> None:
-    os.makedirs(t.target, exist_ok=True)
+    with libc.named("mkdir", t.target):
+        os.makedirs(t.target, exist_ok=True)
     data = f"mode={t.mode:o}" + (f",size={t.size}" if t.size is not None else "")
     libc.mount("tmpfs", t.target, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, data)
 
 
 def _attach_bind(b: PreparedBind) -> None:
     # After pivot_root, symlinks in the target resolve inside the container's root.
-    if b.is_dir:
-        os.makedirs(b.target, exist_ok=True)
-    else:
-        os.makedirs(os.path.dirname(b.target), exist_ok=True)
-        if not os.path.lexists(b.target):
+    with libc.named("mkdir", b.target):
+        os.makedirs(b.target if b.is_dir else os.path.dirname(b.target), exist_ok=True)
+    if not b.is_dir and not os.path.lexists(b.target):
+        with libc.named("open", b.target):
             os.close(os.open(b.target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
     libc.move_mount_fd(b.fd, b.target)
     os.close(b.fd)

@@ -35,8 +35,7 @@ How the fault is aimed (the details matter; each is checked, not assumed):
   (``setns``), and its write of a container's uid map, where ``-P /proc/<spare>/uid_map``
   restricts strace to syscalls on that one file, so ``inject=write`` fails that write and no other.
 
-Steps done with plain ``os.*`` calls fail without naming the call: those cases are strict xfails
-(``PLAIN_OS_BUG``) until the launcher names them.
+Steps done with plain ``os.*`` calls name their call too (``libc.named``).
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ from pytest_sandbox import (
     Sandbox,
     SetupError,
 )
-from pytest_sandbox.runtime import get_runtime, shutdown_runtime
+from pytest_sandbox.runtime import get_runtime
 from tests.e2e_support import Proc, alive, cgroup_paths_of, children, descendants, ident, proc_state
 
 STRACE = shutil.which("strace")
@@ -86,7 +85,7 @@ SETUP_SYSCALLS = (
     "prctl",
     "clone3",
     "execve",
-    # Steps made with plain os.* calls (see PLAIN_OS_BUG).
+    # Steps made with plain os.* calls, named by libc.named.
     "mknodat",
     "setresuid",
     "setgroups",
@@ -469,8 +468,14 @@ SETUP_FAULTS = [
     SetupFault("detach the old root", "umount2", errno.EBUSY, _name("umount2"), "umount2"),
     SetupFault("mount /tmp", "mount", errno.ENOSPC, _mount("tmpfs", target='"/tmp'), "mount[tmpfs]"),
     SetupFault("set capabilities", "capset", errno.EPERM, _name("capset"), "capset"),
-    SetupFault("no_new_privs", "prctl", errno.EINVAL, _name("prctl", "PR_SET_NO_NEW_PRIVS"), "prctl(38)"),
-    SetupFault("spawn the command (clone3)", "clone3", errno.EAGAIN, _name("clone3"), "execve"),
+    SetupFault(
+        "no_new_privs",
+        "prctl",
+        errno.EINVAL,
+        _name("prctl", "PR_SET_NO_NEW_PRIVS"),
+        "prctl(PR_SET_NO_NEW_PRIVS)",
+    ),
+    SetupFault("spawn the command (clone3)", "clone3", errno.EAGAIN, _name("clone3"), "posix_spawn"),
     SetupFault(
         "exec the command: ENOENT",
         "execve",
@@ -490,26 +495,17 @@ SETUP_FAULTS = [
 ]
 
 
-PLAIN_OS_BUG = (
-    "BUG: a setup step made with a plain os.* call (no libc wrapper) fails as SetupError with "
-    "call='' and the message '[Errno N] ...', naming neither the call nor (mostly) the path; "
-    "DESIGN.md: every syscall failure names the call and the path"
-)
+# Steps made with plain os.* calls, wrapped by libc.named so that they, too, name the call.
 SETUP_FAULTS += [
-    SetupFault(
-        "make a /dev node", "mknodat", errno.EPERM, _name("mknodat", "/dev/null"), "mknod", bug=PLAIN_OS_BUG
-    ),
-    SetupFault(
-        "write /etc/hosts", "write", errno.ENOSPC, _name("write", "localhost"), "write", bug=PLAIN_OS_BUG
-    ),
-    SetupFault("enter the state directory", "chdir", errno.EACCES, _name("chdir"), "chdir", bug=PLAIN_OS_BUG),
+    SetupFault("make a /dev node", "mknodat", errno.EPERM, _name("mknodat", "/dev/null"), "mknod"),
+    SetupFault("write /etc/hosts", "write", errno.ENOSPC, _name("write", "localhost"), "write"),
+    SetupFault("enter the state directory", "chdir", errno.EACCES, _name("chdir"), "chdir"),
     SetupFault(
         "become root in the user namespace",
         "setresuid",
         errno.EPERM,
         _name("setresuid"),
         "setresuid",
-        bug=PLAIN_OS_BUG,
     ),
     SetupFault(
         "forbid nested user namespaces",
@@ -517,7 +513,6 @@ SETUP_FAULTS += [
         errno.EACCES,
         _name("openat", "max_user_namespaces"),
         "open",
-        bug=PLAIN_OS_BUG,
     ),
     SetupFault(
         "set the command's groups",
@@ -525,7 +520,6 @@ SETUP_FAULTS += [
         errno.EPERM,
         _name("setgroups"),
         "setgroups",
-        bug=PLAIN_OS_BUG,
     ),
 ]
 
@@ -739,18 +733,11 @@ def test_spare_fork_failure_does_not_fail_the_start(busybox_image: Image, tmp_pa
         idle_spare(launcher[0])  # and there is a spare again
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when the launcher's setns() back into its own PID namespace fails after forking a "
-    "first process (launcher/server.py _fork_first), it keeps forking into that start's new PID "
-    "namespace, whose init has died: from then on every fork of a first process fails with "
-    "'unshare: Invalid argument' and every exec with 'fork: Cannot allocate memory' (only a start "
-    "served by the spare already forked still works) until the session ends",
-)
 def test_launcher_survives_a_failed_return_to_its_pid_namespace(busybox_image: Image, tmp_path: Path) -> None:
     """setns(own PID namespace) fails once (ENOMEM) right after the launcher forked a container's
-    first process: that start fails with SetupError(call="setns"), and the next start that needs a
-    fresh fork works."""
+    first process: the launcher retries it, so that start and the next ones work.  Without the
+    retry, every later fork would land in that start's PID namespace ('unshare: Invalid
+    argument' for starts, 'fork: Cannot allocate memory' for execs) until the session ended."""
     launcher = ident(launcher_pid())
     assert launcher is not None
     idle_spare(launcher[0])
@@ -761,17 +748,16 @@ def test_launcher_survives_a_failed_return_to_its_pid_namespace(busybox_image: I
         inject="setns:error=ENOMEM:when=1",
         follow=False,
     )
-    try:
-        with Sandbox() as sb:
-            with strace, pytest.raises(SetupError) as excinfo:
-                sb.run(["true"], image=busybox_image, cgroup=False)  # cgroup=False: a fresh fork
-            assert len([c for c in strace.calls() if c.injected]) == 1
-            assert (excinfo.value.call, excinfo.value.errno) == ("setns", errno.ENOMEM), excinfo.value
+    with Sandbox() as sb:
+        with strace:
+            first = sb.run(["true"], image=busybox_image, cgroup=False)  # cgroup=False: a fresh fork
+        assert len([c for c in strace.calls() if c.injected]) == 1
+        assert first.exit_code == 0
+        for _ in range(2):  # fresh forks (cgroup=False) and an exec: all in the right namespaces
             assert sb.run(["true"], image=busybox_image, cgroup=False).exit_code == 0
-    finally:
-        # The bug leaves this launcher unable to fork first processes: the tests that follow in
-        # this process get a fresh one (no test keeps containers across modules).
-        shutdown_runtime()
+        c = sb.start(["sleep", "60"], image=busybox_image, cgroup=False)
+        assert c.exec(["true"]).exit_code == 0
+        c.stop(timeout=1)
 
 
 def test_exec_fork_fails(sleeper: Container, tmp_path: Path) -> None:
@@ -817,7 +803,7 @@ class ExecFault:
 
 EXEC_FAULTS = [
     ExecFault("join the namespaces", "setns", errno.EPERM, "setns"),
-    ExecFault("spawn the command (clone3)", "clone3", errno.ENOMEM, "execve"),
+    ExecFault("spawn the command (clone3)", "clone3", errno.ENOMEM, "posix_spawn"),
     ExecFault("exec the command: ENOENT", "execve", errno.ENOENT, "execve", CommandNotFoundError),
     ExecFault(
         "exec as a non-root user: ENOENT", "execve", errno.ENOENT, "execve", CommandNotFoundError, "1000"

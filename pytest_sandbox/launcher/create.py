@@ -46,11 +46,14 @@ NAMESPACES = (
 def open_stdio(stdin: str | None, stdout: str, stderr: str) -> None:
     """fds 0, 1, 2 of the container: the input file (or /dev/null) and the two log files."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-    fds = [
-        os.open(stdin or "/dev/null", os.O_RDONLY | os.O_CLOEXEC),
-        os.open(stdout, flags, 0o644),
-        os.open(stderr, flags, 0o644),
-    ]
+    fds = []
+    for path, how, mode in (
+        (stdin or "/dev/null", os.O_RDONLY | os.O_CLOEXEC, 0),
+        (stdout, flags, 0o644),
+        (stderr, flags, 0o644),
+    ):
+        with libc.named("open", path):
+            fds.append(os.open(path, how, mode))
     for target, fd in enumerate(fds):
         os.dup2(fd, target)  # dup2 clears close-on-exec on the target: the command inherits it
         os.close(fd)
@@ -136,7 +139,8 @@ def _become_container(
     binds = rootfs.mount_image(spec, dirs, ctx.idmap_fd, ctx.root_uid)
     rootfs.mount_proc(dirs.rootfs)
     trace.event("first: image mounted")
-    os.chdir(dirs.base)  # we continue from here by relative paths (see finish_rootfs)
+    with libc.named("chdir", dirs.base):
+        os.chdir(dirs.base)  # we continue from here by relative paths (see finish_rootfs)
     if ctx.idmap_fd is not None:
         os.close(ctx.idmap_fd)
     libc.unshare(libc.CLONE_NEWUSER)
@@ -145,8 +149,10 @@ def _become_container(
         os._exit(125)  # the launcher could not write our id maps and reports that itself
     os.close(pipes.go_fd)
     trace.event("first: id maps written")
-    os.setresgid(0, 0, 0)
-    os.setresuid(0, 0, 0)
+    with libc.named("setresgid"):
+        os.setresgid(0, 0, 0)
+    with libc.named("setresuid"):
+        os.setresuid(0, 0, 0)
     # Changing euid reset two things (commit_creds): the parent-death signal is cleared and
     # "dumpable" set back to fs.suid_dumpable.  Both are wanted: set them again.
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -49,8 +49,10 @@ def exec_main(
             cgroup.attach(0)
         libc.setns(init_pidfd, libc.CLONE_NEWUSER | libc.CLONE_NEWPID | NAMESPACES)
         os.close(init_pidfd)
-        os.setresgid(0, 0, 0)
-        os.setresuid(0, 0, 0)
+        with libc.named("setresgid"):
+            os.setresgid(0, 0, 0)
+        with libc.named("setresuid"):
+            os.setresuid(0, 0, 0)
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # cleared by the euid change
         libc.prctl(libc.PR_SET_DUMPABLE, 0)  # reset to fs.suid_dumpable by the euid change
         pid = launch(prepare(proc, hostname))

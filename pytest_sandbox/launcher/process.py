@@ -145,7 +145,8 @@ def find_program(argv0: str, env_path: str | None, workdir: str) -> str:
     )
 
 
-def _explain_exec_failure(path: str, err: OSError) -> SandboxError:
+def _explain_exec_failure(path: str, err: OSError, call: str = "execve") -> SandboxError:
+    """A typed error for a failed start: ``call`` is posix_spawn or execve (the fork path)."""
     code = err.errno or 0
     if code == errno.ENOENT:
         # The file exists (find_program checked), so what is missing is its interpreter.
@@ -169,7 +170,9 @@ def _explain_exec_failure(path: str, err: OSError) -> SandboxError:
         return CommandNotExecutableError(
             f"exec {path}: {os.strerror(code)}", call="execve", path=path, errno=code
         )
-    return SetupError(f"exec {path}: {os.strerror(code)}", call="execve", path=path, errno=code)
+    # Anything else is not about the program: posix_spawn's clone failed (EAGAIN at the pids
+    # limit, ENOMEM), or the kernel could not load it.
+    return SetupError(f"{call} {path}: {os.strerror(code)}", call=call, path=path, errno=code)
 
 
 def _interpreter(path: str) -> str:
@@ -234,9 +237,12 @@ def become(p: Prepared) -> str:
     the image cannot regain what was dropped.
     """
     _drop_bounding_caps(DEFAULT_CAPS)
-    os.setgroups(p.groups)
-    os.setresgid(p.gid, p.gid, p.gid)
-    os.setresuid(p.uid, p.uid, p.uid)
+    with libc.named("setgroups"):
+        os.setgroups(p.groups)
+    with libc.named("setresgid"):
+        os.setresgid(p.gid, p.gid, p.gid)
+    with libc.named("setresuid"):
+        os.setresuid(p.uid, p.uid, p.uid)
     if p.uid == 0:
         mask = sum(1 << c for c in DEFAULT_CAPS)
         libc.capset(mask, mask, 0)
@@ -275,7 +281,7 @@ def launch(p: Prepared) -> int:
                 path, list(p.argv), p.env, setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=()
             )
         except OSError as e:
-            raise _explain_exec_failure(path, e) from None
+            raise _explain_exec_failure(path, e, "posix_spawn") from None
     err_r, err_w = os.pipe()  # close-on-exec: EOF means the child's execve succeeded
     pid = os.fork()
     if pid == 0:

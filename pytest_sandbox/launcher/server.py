@@ -302,6 +302,7 @@ class Launcher:
         """Fork a container's first process: (pid, status fd, go fd); a spare when spec is None."""
         status_r, status_w = os.pipe()
         go_r, go_w = os.pipe()
+        pid = -1
         try:
             # The child is PID 1 of a new PID namespace (unshare(CLONE_NEWPID) affects only the
             # children forked after it); then we go back to forking into our own namespace.
@@ -310,8 +311,13 @@ class Launcher:
                 pid = _fork()
             finally:
                 if os.getpid() == self.pid:
-                    libc.setns(self.own_pidns, libc.CLONE_NEWPID)
+                    self._restore_pidns()
         except BaseException:
+            if pid > 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
             for fd in (status_r, status_w, go_r, go_w):
                 os.close(fd)
             if cgroup is not None:
@@ -322,6 +328,24 @@ class Launcher:
         os.close(status_w)
         os.close(go_r)
         return pid, status_r, go_w
+
+    def _restore_pidns(self) -> None:
+        """Fork into our own PID namespace again.
+
+        Until this succeeds, every later fork would land in the namespace just made -- a second
+        ``unshare(CLONE_NEWPID)`` is refused (EINVAL) -- so a failure is retried, and if the
+        kernel keeps refusing, the launcher stops: the client starts a fresh one.
+        """
+        error: SetupError | None = None
+        for _ in range(3):
+            try:
+                libc.setns(self.own_pidns, libc.CLONE_NEWPID)
+                return
+            except SetupError as e:
+                error = e
+        self.running = False
+        assert error is not None
+        raise error
 
     def _make_spare(self) -> None:
         if not self.spares or not self.running:
