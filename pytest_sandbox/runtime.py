@@ -21,7 +21,7 @@ from typing import Any
 from . import naming
 from .cgroups import detect
 from .client import LauncherClient
-from .errors import SetupError
+from .errors import InvalidSpecError, SetupError
 from .hostbase import HostLayout, ensure_skeleton
 from .image import Image
 from .launcher import trace
@@ -37,6 +37,18 @@ def default_data_root() -> str:
         return os.path.abspath(env)
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "pytest-sandbox")
+
+
+def default_uid_base() -> int:
+    """First host uid of the containers' id range: ``$PYTEST_SANDBOX_UID_BASE`` or 10**9."""
+    raw = os.environ.get("PYTEST_SANDBOX_UID_BASE", "")
+    if not raw:
+        return DEFAULT_UID_BASE
+    if not raw.isdigit() or not 0 < int(raw) <= (1 << 32) - 1 - ID_RANGE:
+        raise InvalidSpecError(
+            f"PYTEST_SANDBOX_UID_BASE={raw!r}: expected a host uid from 1 to {(1 << 32) - 1 - ID_RANGE}"
+        )
+    return int(raw)
 
 
 def default_state_parent() -> str:
@@ -73,7 +85,7 @@ def _is_tmpfs(path: str) -> bool:
 class RuntimeConfig:
     data_root: str = field(default_factory=default_data_root)
     state_parent: str = field(default_factory=default_state_parent)
-    uid_base: int = int(os.environ.get("PYTEST_SANDBOX_UID_BASE", DEFAULT_UID_BASE))
+    uid_base: int = field(default_factory=default_uid_base)
     cgroup_root: str = "/sys/fs/cgroup"
 
 
