@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from .errors import LauncherError, from_wire
+from .errors import LauncherError, SetupError, from_wire
 from .launcher import protocol
 
 _BOOTSTRAP = (
@@ -34,6 +35,31 @@ _BOOTSTRAP = (
 )
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 START_TIMEOUT = 30.0
+
+
+def make_private_dir(path: str) -> None:
+    """Create ``path`` (mode 0700), or accept it only if it is already ours and private.
+
+    Its parent is world-writable (/dev/shm, /tmp) and its name predictable (pid and start time
+    are in /proc): another user could create it first, with symlinks inside, and have root
+    work in a directory that user controls.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+        return
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise SetupError(
+            f"{path} exists and is not a private directory of uid {os.geteuid()} "
+            f"(owner {st.st_uid}, mode {stat.filemode(st.st_mode)}); refusing to use it",
+            call="mkdir",
+            path=path,
+            errno=17,
+            hint="another user may have created it; remove it, or set PYTEST_SANDBOX_STATE_DIR",
+        )
 
 
 class LauncherClient:
@@ -72,10 +98,13 @@ class LauncherClient:
             return self.info
 
     def _start(self) -> None:
-        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        make_private_dir(self.state_dir)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with open(self.log_path, "ab") as log:
+            fd = os.open(
+                self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+            with open(fd, "ab") as log:
                 self._proc = subprocess.Popen(
                     [
                         sys.executable,

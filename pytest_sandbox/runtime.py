@@ -2,9 +2,9 @@
 
 One :class:`Runtime` per process (per xdist worker), created on first use and closed at the end of
 the pytest session (or at interpreter exit when used as a library).  Its state directory
-``$TMPDIR/psbx-<pid>-<starttime>`` holds the containers' upper layers and logs; at start it
-sweeps the state directories and cgroups of *dead* owners (a previous run killed with SIGKILL),
-never those of a live one (another session running at the same time).
+``/dev/shm/psbx-<pid>-<starttime>`` (see :func:`default_state_parent`) holds the containers'
+upper layers and logs; at start it sweeps the state directories and cgroups of *dead* owners (a
+previous run killed with SIGKILL), never those of a live one (another session running now).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 from . import naming
 from .cgroups import detect
+from .cleanup import remove_tree
 from .client import LauncherClient
 from .errors import InvalidSpecError, SetupError
 from .hostbase import HostLayout, ensure_skeleton
@@ -135,7 +135,8 @@ class Runtime:
             if self._swept:
                 return
             self._swept = True
-        sweep_state_dirs(self.config.state_parent)
+        with contextlib.suppress(OSError):
+            sweep_state_dirs(self.config.state_parent)
         # cgroup groups of dead owners (the launcher of a SIGKILLed run may have died too); a
         # failure here (a task stuck in D state) must not stop this session: the next one retries.
         with contextlib.suppress(OSError):
@@ -145,7 +146,8 @@ class Runtime:
         """Stop the launcher (which removes every container, cgroup and state directory)."""
         self.closed = True
         self.client.close()
-        shutil.rmtree(self.state_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(self.state_dir)
 
 
 def sweep_state_dirs(parent: str) -> list[str]:
@@ -158,7 +160,10 @@ def sweep_state_dirs(parent: str) -> list[str]:
     for name in names:
         if naming.parse_owner_tag(name) and not naming.owner_alive(name):
             path = os.path.join(parent, name)
-            shutil.rmtree(path, ignore_errors=True)
+            try:
+                remove_tree(path)
+            except OSError:
+                continue  # not ours to fix now; the next session tries again
             removed.append(path)
     return removed
 

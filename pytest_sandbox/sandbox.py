@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 import signal
 import threading
 from collections.abc import Callable, Mapping
@@ -21,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from . import naming
+from .cleanup import remove_tree
 from .container import Container, Result, read_logs, result_from_info
 from .errors import InvalidSpecError, LauncherError, SandboxError, SandboxTimeoutError
 from .image import Image
@@ -205,7 +205,7 @@ class Sandbox:
                     f.write(options.input)
                 spec = dataclasses.replace(spec, stdin=stdin)
         except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
+            remove_tree(directory)
             raise
         return _Planned(spec, options, image, directory)
 
@@ -215,7 +215,7 @@ class Sandbox:
                 "create", spec=planned.spec.to_wire(), dir=planned.directory, until_exit=until_exit
             )
         except BaseException:
-            shutil.rmtree(planned.directory, ignore_errors=True)
+            remove_tree(planned.directory)
             raise
 
     def _remove_later(self, container_id: str) -> None:

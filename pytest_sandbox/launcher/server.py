@@ -26,7 +26,6 @@ import os
 import secrets
 import select
 import selectors
-import shutil
 import signal
 import socket
 import sys
@@ -37,6 +36,7 @@ from typing import Any
 from .. import libc
 from ..cgroups import detect
 from ..cgroups.base import Cgroup, CgroupBackend, CgroupStats
+from ..cleanup import remove_tree
 from ..errors import ContainerNotRunningError, SandboxError, SetupError, to_wire
 from ..limits import Limits
 from ..naming import cgroup_leaf_name, proc_stat
@@ -48,7 +48,6 @@ from .enter import exec_main
 
 ID_RANGE = 65536
 SPEC_PIPE_SIZE = 1 << 20  # a spare's spec is written in one go; a larger spec gets a fresh fork
-F_SETPIPE_SZ = 1031
 # Sent straight to the command, not through its init: the init cannot forward SIGSTOP, and keeps
 # SIGPIPE and SIGCHLD for itself (init._NOT_FORWARDED) -- through it they would be lost.
 _DIRECT_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGCONT, signal.SIGPIPE, signal.SIGCHLD})
@@ -78,9 +77,9 @@ class Entity:
     cgroup: Cgroup | None = None
     parent: Entity | None = None
     spec: ContainerSpec | None = None
-    init_pid: int = 0
-    init_pidfd: int = -1
+    pidfd: int = -1  # of ``pid``: signals and setns without the pid-reuse race
     main_pid: int = 0  # host pid of the command (0 if it exited before we could look it up)
+    main_pidfd: int = -1
     started: bool = False
     create_rid: Any = None
     until_exit: bool = False  # answer create only at exit (run()): one round trip instead of two
@@ -252,15 +251,11 @@ class Launcher:
                 self.backend.check(spec.limits)
             payload = json.dumps({"spec": msg["spec"], "dir": msg["dir"]}).encode()
             spare = self.spare if spec.cgroup and len(payload) < SPEC_PIPE_SIZE else None
+            handed = False
             if spare is not None:
                 self.spare = None
-                try:
-                    spare.cgroup.apply(spec.limits)
-                except BaseException:
-                    self._discard_spare(spare)
-                    raise
-                os.write(spare.spec_fd, payload)
-                os.close(spare.spec_fd)
+                handed = self._hand_over(spare, spec, payload)
+            if spare is not None and handed:
                 pid, status_r, go_w, cgroup = spare.pid, spare.status_fd, spare.go_fd, spare.cgroup
             else:
                 cgroup = None
@@ -269,7 +264,7 @@ class Launcher:
                 pid, status_r, go_w = self._fork_first(cgroup, spec, dirs)
         except BaseException:
             # Never tracked, so no remove() would delete it: the directory the client made goes now.
-            remove_tree(dirs.base)
+            _remove_quietly(dirs.base)
             raise
         ent = Entity(
             spec.id,
@@ -282,15 +277,34 @@ class Launcher:
             spec=spec,
             create_rid=rid,
             until_exit=bool(msg.get("until_exit")),
-            init_pid=pid,  # the first process is the container's PID 1
         )
-        with contextlib.suppress(SetupError):
-            ent.init_pidfd = libc.pidfd_open(pid)
+        with contextlib.suppress(OSError):
+            ent.pidfd = os.pidfd_open(pid)  # our child, not yet reaped: it is the right process
         self._track(ent)
         # Now, while this container sets itself up on another CPU: the next one's spare.  Its
         # first event (the id-map request) comes about a millisecond later, after the fork is done.
         if self.spare is None:
             self._make_spare()
+
+    def _hand_over(self, spare: Spare, spec: ContainerSpec, payload: bytes) -> bool:
+        """Give the spare its container's limits and spec; False if the spare is gone (use a fork).
+
+        A spare may have died (its cgroup attach failed, say) before its SIGCHLD was handled:
+        its pipe then says EPIPE.  A limit the cgroup refuses is the caller's error, raised.
+        """
+        try:
+            spare.cgroup.apply(spec.limits)
+            os.write(spare.spec_fd, payload)
+            os.close(spare.spec_fd)
+        except OSError as e:
+            self._discard_spare(spare)
+            if isinstance(e, (BrokenPipeError, ConnectionError)):
+                return False
+            raise
+        except BaseException:
+            self._discard_spare(spare)
+            raise
+        return True
 
     def _fork_first(
         self,
@@ -363,7 +377,7 @@ class Launcher:
             return
         spec_r, spec_w = os.pipe()
         with contextlib.suppress(OSError):
-            fcntl.fcntl(spec_w, F_SETPIPE_SZ, SPEC_PIPE_SIZE)
+            fcntl.fcntl(spec_w, fcntl.F_SETPIPE_SZ, SPEC_PIPE_SIZE)
         try:
             pid, status_r, go_w = self._fork_first(cgroup, spec_r=spec_r)
         except OSError as e:
@@ -395,7 +409,7 @@ class Launcher:
 
     def op_exec(self, rid: Any, msg: dict[str, Any]) -> None:
         parent = self._container(msg["parent"])
-        if not parent.running or parent.init_pidfd < 0:
+        if not parent.running or parent.pidfd < 0:
             raise ContainerNotRunningError(f"container {parent.id} is not running; cannot exec into it")
         exec_id = msg["id"]
         if exec_id in self.entities:
@@ -414,7 +428,7 @@ class Launcher:
                 proc,
                 parent.spec.hostname,
                 parent.cgroup,
-                init_pidfd=parent.init_pidfd,
+                init_pidfd=parent.pidfd,
                 status_fd=status_w,
                 stdin=msg.get("stdin"),
                 stdout=msg["stdout"],
@@ -423,6 +437,8 @@ class Launcher:
             )
         os.close(status_w)
         ent = Entity(exec_id, "exec", pid, status_r, parent=parent, create_rid=rid)
+        with contextlib.suppress(OSError):
+            ent.pidfd = os.pidfd_open(pid)
         ent.counters_before = _counters(parent.cgroup)
         self._track(ent)
 
@@ -436,13 +452,14 @@ class Launcher:
     def op_signal(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any]:
         ent = self._entity(msg["id"])
         sig = int(msg["signal"])
-        if ent.exited:
+        if ent.exited or ent.reaped:
             raise ContainerNotRunningError(f"{ent.kind} {ent.id} has exited; cannot signal it")
         # init forwards the others; SIGKILL to it ends the whole PID namespace.  Exec commands have no init.
-        target = ent.main_pid if ent.kind == "exec" or sig in _DIRECT_SIGNALS else ent.init_pid
-        if target:
+        # pidfds, not pids: the process may have been reaped, and its pid reused, a moment ago.
+        target = ent.main_pidfd if ent.kind == "exec" or sig in _DIRECT_SIGNALS else ent.pidfd
+        if target >= 0:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(target, sig)
+                signal.pidfd_send_signal(target, sig)
         return {}
 
     def op_stats(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any]:
@@ -527,9 +544,12 @@ class Launcher:
             trace.event("launcher: started")
             ent.started = True
             ent.main_pid = int(event["pid"]) if ent.kind == "exec" else self._host_pid_of_main(ent)
+            if ent.main_pid:
+                with contextlib.suppress(OSError):
+                    ent.main_pidfd = os.pidfd_open(ent.main_pid)
             if not ent.until_exit:
                 rid, ent.create_rid = ent.create_rid, None
-                self._reply(rid, {"pid": ent.main_pid, "init_pid": ent.init_pid})
+                self._reply(rid, {"pid": ent.main_pid, "init_pid": ent.pid if ent.kind == "container" else 0})
         elif kind == "error":
             ent.error = self._explain(ent, event["error"])
             rid, ent.create_rid = ent.create_rid, None
@@ -541,7 +561,7 @@ class Launcher:
     def _host_pid_of_main(self, ent: Entity) -> int:
         """The command is the only child of the container's init when it starts."""
         try:
-            with open(f"/proc/{ent.init_pid}/task/{ent.init_pid}/children") as f:
+            with open(f"/proc/{ent.pid}/task/{ent.pid}/children") as f:
                 children = f.read().split()
             return int(children[0]) if children else 0
         except OSError:
@@ -637,14 +657,14 @@ class Launcher:
             # gc is off (see main); collect what cycles there are now and then, between starts.
             gc.collect()
             gc.freeze()
-        if ent.init_pidfd >= 0:
-            os.close(ent.init_pidfd)
-            ent.init_pidfd = -1
+        for fd in (ent.pidfd, ent.main_pidfd, ent.go_fd):
+            if fd >= 0:
+                os.close(fd)
+        ent.pidfd = ent.main_pidfd = ent.go_fd = -1
         if ent.kind == "container":
             for child in list(self.entities.values()):
                 if child.parent is ent and not child.finished:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(child.pid, signal.SIGKILL)
+                    _sigkill(child)
         self._remove_cgroup(ent)
         if ent.remove_rids:
             self._forget(ent)
@@ -652,7 +672,7 @@ class Launcher:
     def _exit_info(self, ent: Entity) -> dict[str, Any]:
         return {
             "pid": ent.main_pid,
-            "init_pid": ent.init_pid,
+            "init_pid": ent.pid if ent.kind == "container" else 0,
             "exit": ent.exit,
             "error": ent.error,
             "stats": ent.stats.to_wire() if ent.stats else None,
@@ -670,8 +690,7 @@ class Launcher:
     def _kill(self, ent: Entity) -> None:
         # A container's PID 1 takes its whole PID namespace with it; an exec helper is killed
         # with its container (or here) and its command then dies with the namespace.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(ent.pid, signal.SIGKILL)
+        _sigkill(ent)
         if ent.cgroup is not None:
             with contextlib.suppress(OSError):
                 ent.cgroup.kill(timeout=2.0)
@@ -683,14 +702,23 @@ class Launcher:
                 self.entities.pop(child.id, None)
             if ent.dirs is not None:
                 # The cleaner deletes it; removal is answered when the directory is gone.
-                self.cleaner.submit(ent.dirs.base, ent.remove_rids)
-                ent.remove_rids = []
+                if self.cleaner.submit(ent.dirs.base, ent.remove_rids):
+                    ent.remove_rids = []
+                else:
+                    _remove_quietly(ent.dirs.base)
         for rid in ent.remove_rids:
             self._reply(rid, {})
         ent.remove_rids.clear()
 
     def _on_cleaned(self, _fd: object) -> None:
-        for rids in self.cleaner.done():
+        finished = self.cleaner.done()
+        if finished is None:  # the cleaner died: what it had not done, we do
+            self.sel.unregister(self.cleaner.done_fd)
+            print("psbx-launcher: the cleaner exited; deleting state directories in-process", file=sys.stderr)
+            for path, rids in self.cleaner.take_back():
+                _remove_quietly(path)
+                finished = [*(finished or []), rids]
+        for rids in finished or []:
             for rid in rids:
                 self._reply(rid, {})
 
@@ -719,7 +747,7 @@ class Launcher:
         for ent in list(self.entities.values()):
             self._remove_cgroup(ent)
             if ent.dirs is not None:
-                remove_tree(ent.dirs.base)
+                _remove_quietly(ent.dirs.base)
         self.cleaner.close()
         with contextlib.suppress(OSError):
             self.backend.remove_owner(self.owner)
@@ -731,6 +759,8 @@ class Cleaner:
     Deleting a container's upper layer can take a millisecond or (after a test wrote 10,000 files)
     far more; done in the launcher's loop it would delay the next container's start.  Requests
     and completions are lines on two pipes; the launcher answers ``remove`` when a line comes back.
+    If the cleaner is gone or its pipe is full, :meth:`submit` says so and the launcher deletes the
+    directory itself; if it dies with requests pending, :meth:`take_back` returns them.
     """
 
     def __init__(self, keep: set[int]) -> None:
@@ -744,26 +774,44 @@ class Cleaner:
                 libc.set_process_name("psbx-cleaner")
                 for line in os.fdopen(req_r, "r"):
                     token, _, path = line.rstrip("\n").partition(" ")
-                    remove_tree(path)
+                    _remove_quietly(path)
                     os.write(done_w, f"{token}\n".encode())
             finally:
                 os._exit(0)
         os.close(req_r)
         os.close(done_w)
-        self._waiting: dict[int, list[Any]] = {}
+        os.set_blocking(self._req_w, False)  # a full pipe must not stall the launcher's loop
+        self._waiting: dict[int, tuple[str, list[Any]]] = {}
         self._serial = 0
         self._buf = b""
+        self.alive = True
 
-    def submit(self, path: str, rids: list[Any]) -> None:
+    def submit(self, path: str, rids: list[Any]) -> bool:
+        """Queue ``path`` for deletion; False if the cleaner cannot take it now."""
+        if not self.alive:
+            return False
         self._serial += 1
-        self._waiting[self._serial] = list(rids)
-        os.write(self._req_w, f"{self._serial} {path}\n".encode())
+        try:
+            os.write(self._req_w, f"{self._serial} {path}\n".encode())
+        except (BlockingIOError, BrokenPipeError):
+            return False
+        self._waiting[self._serial] = (path, list(rids))
+        return True
 
-    def done(self) -> list[list[Any]]:
+    def done(self) -> list[list[Any]] | None:
+        """The rids of finished deletions; None once the cleaner has exited."""
         data = os.read(self.done_fd, 65536)
+        if not data:
+            self.alive = False
+            return None
         self._buf += data
         *lines, self._buf = self._buf.split(b"\n")
-        return [self._waiting.pop(int(token), []) for token in lines if token]
+        return [self._waiting.pop(int(token), ("", []))[1] for token in lines if token]
+
+    def take_back(self) -> list[tuple[str, list[Any]]]:
+        """What a dead cleaner had not confirmed."""
+        pending, self._waiting = list(self._waiting.values()), {}
+        return pending
 
     def close(self) -> None:
         """Let it finish what was asked, then wait for it."""
@@ -778,6 +826,13 @@ def _fork() -> int:
         return os.fork()
     except OSError as e:
         raise SetupError(f"fork: {os.strerror(e.errno or 0)}", call="fork", errno=e.errno or 0) from None
+
+
+def _sigkill(ent: Entity) -> None:
+    """SIGKILL the entity's process through its pidfd: never a reaped pid that was reused."""
+    if ent.pidfd >= 0 and not ent.reaped:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(ent.pidfd, signal.SIGKILL)
 
 
 def _counters(cgroup: Cgroup | None) -> tuple[int, int]:
@@ -796,14 +851,14 @@ PF_EXITING = 0x4  # include/linux/sched.h: set at the start of do_exit()
 
 def _gone(ent: Entity) -> bool:
     """Whether a container's init has exited or is exiting."""
-    if ent.exited or ent.finished or ent.init_pidfd < 0:
+    if ent.exited or ent.finished or ent.pidfd < 0:
         return True
-    ready, _, _ = select.select([ent.init_pidfd], [], [], 0)  # a pidfd is readable once it exited
+    ready, _, _ = select.select([ent.pidfd], [], [], 0)  # a pidfd is readable once it exited
     if ready:
         return True
     # Between SIGKILL and exit, the init drops its namespaces (setns then fails with ESRCH) and
     # waits for its PID namespace to empty; only its kernel flags tell (proc(5), field 9).
-    fields = proc_stat(ent.init_pid)
+    fields = proc_stat(ent.pid)
     return fields is None or bool(int(fields[6]) & PF_EXITING)
 
 
@@ -815,24 +870,12 @@ def write_id_maps(pid: int, base: int) -> None:
             f.write(line)
 
 
-def remove_tree(path: str) -> None:
-    """Remove a state directory, including overlayfs' ``work/work`` (mode 000) and sub-uid files."""
-
-    def onerror(func: Any, p: str, exc: Any) -> None:
-        err = exc[1] if isinstance(exc, tuple) else exc
-        if isinstance(err, FileNotFoundError):
-            return
-        if isinstance(err, PermissionError):
-            with contextlib.suppress(OSError):
-                os.chmod(os.path.dirname(p), 0o700)
-                func(p)
-                return
-        print(f"psbx-launcher: cannot remove {p}: {err}", file=sys.stderr)
-
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=onerror)  # onerror is deprecated since 3.12
-    else:
-        shutil.rmtree(path, onerror=onerror)
+def _remove_quietly(path: str) -> None:
+    """Delete a state directory; a failure is logged, never raised (the launcher must go on)."""
+    try:
+        remove_tree(path)
+    except Exception as e:  # anything: the next session's sweep retries
+        print(f"psbx-launcher: cannot remove {path}: {e!r}", file=sys.stderr)
 
 
 def _describe_status(status: int | None) -> str:
@@ -871,4 +914,4 @@ def main(argv: list[str]) -> None:
     # gone, so the owner's state directory (launcher.log included) goes too.  Not on a crash of our
     # own: then the log explains it, and the next session's sweep removes the directory.
     if args.state_dir and os.path.basename(os.path.normpath(args.state_dir)) == args.owner:
-        remove_tree(args.state_dir)
+        _remove_quietly(args.state_dir)
