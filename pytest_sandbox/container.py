@@ -113,7 +113,6 @@ class Container:
         name: str | None,
         pid: int,
         init_pid: int,
-        timeout: float | None = None,
     ) -> None:
         self._runtime = runtime
         self._client = runtime.client
@@ -124,7 +123,6 @@ class Container:
         self.name = name or spec.id
         self.pid = pid
         self.init_pid = init_pid
-        self.timeout = timeout  # run()'s limit, from the options
         self._result: Result | None = None
         self._removed = False
         self._logs: tuple[bytes, bytes] | None = None

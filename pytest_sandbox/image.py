@@ -79,15 +79,36 @@ class Image:
             raise ValueError("an image on the host base needs the host skeleton and layout")
         plan = [OverlaySpec("", (*top_first, skeleton))]
         for name in layout.dirs:
-            own = tuple(
-                os.path.join(layer, name) for layer in top_first if os.path.isdir(os.path.join(layer, name))
-            )
-            plan.append(OverlaySpec(name, (*own, "/" + name)))
+            own = tuple(_system_subdir(layer, name) for layer in top_first)
+            plan.append(OverlaySpec(name, (*(d for d in own if d), "/" + name)))
         return tuple(plan)
 
     def __repr__(self) -> str:
         base = "host base" if self.host else "no base"
         return f"Image({', '.join(repr(x) for x in self.layers)}{', ' if self.layers else ''}{base})"
+
+
+def _system_subdir(layer: str, name: str) -> str:
+    """``layer/name`` if the layer adds to the host's /name; "" if it has no such entry.
+
+    On the host base, /usr (and the like) is an overlay of its own whose lowest layer is the
+    host's; what a layer puts there must be a directory.  A symlink would be followed on the host
+    when the layer is mounted -- ``usr -> /root`` in a lower layer, hidden in the merged view by
+    a real ``usr/`` above it, would mount the host's /root into the container.  (lstat, not
+    isdir: never follow it.)
+    """
+    path = os.path.join(layer, name)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return ""
+    if not stat.S_ISDIR(mode):
+        kind = "a symlink" if stat.S_ISLNK(mode) else "not a directory"
+        raise InvalidSpecError(
+            f"layer {layer!r}: /{name} is {kind}; on the host base /{name} is the host's, and a layer "
+            f"may only add to it with a directory (or use base=None for an image of its own)"
+        )
+    return path
 
 
 def check_layer(path: PathLike, index: int) -> str:

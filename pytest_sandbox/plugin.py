@@ -145,7 +145,7 @@ def pytest_runtest_makereport(
                 report.sections.append(
                     (f"sandbox {container.name} {list(container.spec.process.argv)}", container.log_tail(50))
                 )
-            for result in sandbox.results[-5:]:
+            for result in sandbox.results:
                 report.sections.append(
                     (
                         f"sandbox run {list(result.argv)} -> exit {result.exit_code}",

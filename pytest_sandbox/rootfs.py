@@ -104,7 +104,8 @@ def _layer_fd(path: str, idmap_fd: int | None, index: int, attach_at: str) -> in
     the caller's namespace); 6.18 accepts them, but attaching costs one syscall and works on both.
     """
     try:
-        fd = libc.open_tree(path, libc.OPEN_TREE_CLONE | libc.OPEN_TREE_CLOEXEC)
+        # NOFOLLOW: a layer (or a layer's /usr) that is a symlink would clone whatever it names.
+        fd = libc.open_tree(path, libc.OPEN_TREE_CLONE | libc.OPEN_TREE_CLOEXEC | libc.AT_SYMLINK_NOFOLLOW)
     except SetupError as e:
         if e.errno == errno.ENOENT:
             raise LayerNotFoundError(
@@ -125,19 +126,25 @@ def _layer_fd(path: str, idmap_fd: int | None, index: int, attach_at: str) -> in
     return os.open(attach_at, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def _try_idmap(fd: int, idmap_fd: int | None, attrs: int, path: str) -> None:
-    """Idmap the detached mount ``fd`` to the container's range; fall back to plain on unsupported fs."""
+def _try_idmap(fd: int, idmap_fd: int | None, attrs: int, path: str, *, recursive: bool = False) -> None:
+    """Idmap the detached mount ``fd`` to the container's range and set ``attrs`` (read-only).
+
+    ``recursive``: the tree's submounts too -- a read-only bind must not have writable mounts
+    under it.  Idmapping falls back to the top mount alone, then to none, where a filesystem
+    cannot be idmapped (9p, overlayfs, tmpfs < 6.3, NFS...): files there keep their host owners
+    and look like "nobody" inside, still usable.  ``attrs`` are always applied to the whole tree.
+    """
+    tree = libc.AT_EMPTY_PATH | (libc.AT_RECURSIVE if recursive else 0)
     if idmap_fd is not None:
-        try:
-            libc.mount_setattr(fd, attrs | libc.MOUNT_ATTR_IDMAP, userns_fd=idmap_fd, what=path)
-            return
-        except SetupError as e:
-            # EINVAL: the filesystem cannot be idmapped (9p, overlayfs, tmpfs < 6.3, NFS ...).
-            # Files there keep their host owners and look like "nobody" inside; still usable.
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                raise
+        for flags in dict.fromkeys((tree, libc.AT_EMPTY_PATH)):
+            try:
+                libc.mount_setattr(fd, libc.MOUNT_ATTR_IDMAP, userns_fd=idmap_fd, flags=flags, what=path)
+                break
+            except SetupError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
     if attrs:
-        libc.mount_setattr(fd, attrs, what=path)
+        libc.mount_setattr(fd, attrs, flags=tree, what=path)
 
 
 def _mkdir_owned(path: str, uid: int) -> None:
@@ -276,7 +283,7 @@ def _clone_bind(m: BindMount, idmap_fd: int | None) -> PreparedBind:
             path=m.source,
             errno=e.errno or 0,
         ) from None
-    _try_idmap(fd, idmap_fd, libc.MOUNT_ATTR_RDONLY if m.read_only else 0, m.source)
+    _try_idmap(fd, idmap_fd, libc.MOUNT_ATTR_RDONLY if m.read_only else 0, m.source, recursive=True)
     return PreparedBind(fd, m.target, stat.S_ISDIR(os.fstat(fd).st_mode))
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import signal
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -26,7 +27,7 @@ from .errors import InvalidSpecError, LauncherError, SandboxError, SandboxTimeou
 from .image import Image
 from .launcher import trace
 from .runtime import Runtime, get_runtime
-from .spec import ContainerSpec, Options, ProcessSpec, parse_argv, parse_options
+from .spec import OPTION_NAMES, ContainerSpec, Options, ProcessSpec, parse_argv, parse_options
 
 
 def _hosts_file(hostname: str) -> str:
@@ -58,7 +59,7 @@ class Sandbox:
         self._lock = threading.Lock()
         self._closed = False
         self._on_start = on_start
-        self.results: list[Result] = []  # of every run(), for reports
+        self.results: deque[Result] = deque(maxlen=5)  # of the last run()s, for failure reports
 
     @property
     def runtime(self) -> Runtime:
@@ -89,7 +90,17 @@ class Sandbox:
         except FutureTimeout:
             with contextlib.suppress(SandboxError):
                 client.call("signal", id=planned.spec.id, signal=signal.SIGKILL)
-            info = future.result()
+            try:
+                info = future.result()
+            except SandboxError:
+                # Killed before the command even started: the launcher reports a setup that
+                # died, but what the caller asked for is a time limit, and it was reached.
+                self._remove_later(planned.spec.id)
+                raise SandboxTimeoutError(
+                    f"{list(planned.spec.process.argv)} did not start within {timeout} s; killed",
+                    result=None,
+                    hint="raise timeout= (it includes the container's setup)",
+                ) from None
             timed_out = True
         except BaseException:
             self._remove_later(planned.spec.id)
@@ -109,6 +120,11 @@ class Sandbox:
 
     def start(self, cmd: object, *, image: Image | None = None, **opts: Any) -> Container:
         """Start ``cmd`` in a fresh container in the background; the :class:`Container`."""
+        if "timeout" in opts:
+            raise InvalidSpecError(
+                f"timeout={opts['timeout']!r}: start() runs in the background; give the timeout to "
+                "wait(), stop() or a readiness wait (run() takes timeout=)"
+            )
         planned = self._plan(cmd, image, opts)
         try:
             reply = self._create(planned, until_exit=False).result()
@@ -123,7 +139,6 @@ class Sandbox:
             name=planned.options.name,
             pid=int(reply["pid"]),
             init_pid=int(reply["init_pid"]),
-            timeout=planned.options.timeout,
         )
         with self._lock:
             self._containers.append(container)
@@ -168,7 +183,15 @@ class Sandbox:
         if self._closed:
             raise SandboxError("this sandbox handle is closed (its fixture scope has ended)")
         argv = parse_argv(cmd)
-        options = parse_options(**{**self.defaults, **opts})
+        merged = {**self.defaults, **opts}
+        default_image = merged.pop("image", None)  # defaults (a marker) may name the image too
+        unknown = sorted(set(merged) - OPTION_NAMES)
+        if unknown:
+            raise InvalidSpecError(
+                f"unknown option {unknown[0]!r}; the options are: image, {', '.join(sorted(OPTION_NAMES))}"
+            )
+        options = parse_options(**merged)
+        image = image if image is not None else default_image
         if image is None:
             image = Image.host_base()
         elif not isinstance(image, Image):

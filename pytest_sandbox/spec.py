@@ -7,6 +7,7 @@ launcher receives a :class:`ContainerSpec` (options + the image's overlay plan +
 
 from __future__ import annotations
 
+import inspect
 import os
 import posixpath
 import re
@@ -381,3 +382,6 @@ def parse_options(
         input=None if input is None else bytes(input),
         cgroup=cgroup,
     )
+
+
+OPTION_NAMES = frozenset(inspect.signature(parse_options).parameters)

@@ -281,10 +281,23 @@ def test_bad_input_refused_before_anything_exists(
     assert _orphaned_cgroups(rt, settle=0.5) == []
 
 
-def test_misspelled_option_is_a_type_error(sandbox: Sandbox, launcher_requests: list[str]) -> None:
-    """An unknown keyword (a typo like memroy=) is a TypeError naming it, never silently ignored."""
-    with pytest.raises(TypeError, match="memroy"):
+def test_misspelled_option_is_refused(sandbox: Sandbox, launcher_requests: list[str]) -> None:
+    """An unknown keyword (a typo like memroy=) is an InvalidSpecError naming it and listing the
+    options, never silently ignored; so is one given as a default (a marker's)."""
+    with pytest.raises(InvalidSpecError, match=r"unknown option 'memroy'; the options are: image, .*memory"):
         sandbox.run(["true"], memroy="64m")
+    with pytest.raises(InvalidSpecError, match="unknown option 'cpu'"):
+        Sandbox(defaults={"cpu": 1}).run(["true"])
+    assert launcher_requests == []
+
+
+def test_timeout_is_for_run_not_start(sandbox: Sandbox, launcher_requests: list[str]) -> None:
+    """start() runs in the background: a timeout= there would be silently meaningless, so it is
+    refused with where to put it instead."""
+    with pytest.raises(
+        InvalidSpecError, match=r"timeout=5: start\(\) runs in the background; give the timeout to wait"
+    ):
+        sandbox.start(["sleep", "10"], timeout=5)
     assert launcher_requests == []
 
 

@@ -217,7 +217,7 @@ def test_setup_failure_is_never_an_exit_code(sandbox: Sandbox) -> None:
     for cmd in (["/no/such/cmd"], ["/etc"]):
         with pytest.raises(SetupError):
             sandbox.run(cmd)
-    assert sandbox.results == []  # nothing was recorded as a run result
+    assert list(sandbox.results) == []  # nothing was recorded as a run result
 
 
 # --------------------------------------------------------------------------------------- signals

@@ -77,6 +77,24 @@ class Pipes:
     spec_fd: int = -1  # a spare reads its spec here
 
 
+def become_namespace_root() -> None:
+    """Become uid/gid 0 of the user namespace just made or entered, and restore what that resets.
+
+    Shared by the container's init and the exec helper, so that both end up alike: changing the
+    euid clears the parent-death signal and resets "dumpable" to fs.suid_dumpable
+    (commit_creds), so both are set again; a fresh anonymous session keyring, so the invoker's
+    keys are not visible (runc does the same); and a known umask for what the command creates.
+    """
+    with libc.named("setresgid"):
+        os.setresgid(0, 0, 0)
+    with libc.named("setresuid"):
+        os.setresuid(0, 0, 0)
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(libc.PR_SET_DUMPABLE, 0)
+    libc.join_new_session_keyring()
+    os.umask(0o022)
+
+
 def launcher_gone(lifeline_fd: int) -> bool:
     """Nothing is ever written to the lifeline: readable means its write end, the launcher, is gone.
 
@@ -149,18 +167,10 @@ def _become_container(
         os._exit(125)  # the launcher could not write our id maps and reports that itself
     os.close(pipes.go_fd)
     trace.event("first: id maps written")
-    with libc.named("setresgid"):
-        os.setresgid(0, 0, 0)
-    with libc.named("setresuid"):
-        os.setresuid(0, 0, 0)
-    # Changing euid reset two things (commit_creds): the parent-death signal is cleared and
-    # "dumpable" set back to fs.suid_dumpable.  Both are wanted: set them again.
-    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    libc.prctl(libc.PR_SET_DUMPABLE, 0)
+    become_namespace_root()
     libc.unshare(NAMESPACES)
     libc.sethostname(spec.hostname)
     libc.loopback_up()  # 127.0.0.1 works inside, as in Docker's network=none
-    libc.join_new_session_keyring()
     trace.event("first: namespaces unshared")
     rootfs.finish_rootfs(spec, binds, ctx.masks, cgroup2=ctx.cgroup2)
     trace.event("init: rootfs ready")

@@ -17,7 +17,7 @@ from .. import libc
 from ..cgroups.base import Cgroup
 from ..spec import ProcessSpec
 from . import trace
-from .create import NAMESPACES, open_stdio
+from .create import NAMESPACES, become_namespace_root, open_stdio
 from .init import report_setup_failure
 from .process import launch, prepare
 from .protocol import write_event
@@ -49,12 +49,7 @@ def exec_main(
             cgroup.attach(0)
         libc.setns(init_pidfd, libc.CLONE_NEWUSER | libc.CLONE_NEWPID | NAMESPACES)
         os.close(init_pidfd)
-        with libc.named("setresgid"):
-            os.setresgid(0, 0, 0)
-        with libc.named("setresuid"):
-            os.setresuid(0, 0, 0)
-        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # cleared by the euid change
-        libc.prctl(libc.PR_SET_DUMPABLE, 0)  # reset to fs.suid_dumpable by the euid change
+        become_namespace_root()
         pid = launch(prepare(proc, hostname))
         write_event(status_fd, {"ev": "started", "pid": pid})
         _, status = os.waitpid(pid, 0)

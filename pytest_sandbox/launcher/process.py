@@ -243,6 +243,10 @@ def become(p: Prepared) -> str:
         os.setresgid(p.gid, p.gid, p.gid)
     with libc.named("setresuid"):
         os.setresuid(p.uid, p.uid, p.uid)
+    # A gid or uid change reset these (commit_creds); in the posix_spawn path this process stays
+    # the container's init or the exec helper, which must remain non-dumpable and die with us.
+    libc.prctl(libc.PR_SET_DUMPABLE, 0)
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     if p.uid == 0:
         mask = sum(1 << c for c in DEFAULT_CAPS)
         libc.capset(mask, mask, 0)
