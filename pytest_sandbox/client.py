@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import threading
+import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -62,6 +63,17 @@ def make_private_dir(path: str) -> None:
         )
 
 
+_clients: weakref.WeakSet[LauncherClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client._abandon_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class LauncherClient:
     def __init__(self, *, state_dir: str, owner: str, uid_base: int, cgroup_root: str) -> None:
         self.state_dir = state_dir
@@ -76,6 +88,22 @@ class LauncherClient:
         self._next_rid = 1
         self.info: dict[str, Any] = {}
         self._dead: LauncherError | None = None
+        _clients.add(self)
+
+    def _abandon_after_fork(self) -> None:
+        """In a child forked from our process (multiprocessing, os.fork in a test): let go.
+
+        The socket is only close-on-exec, so a forked child holds it too, and the launcher would
+        not see EOF -- and so not clean up -- until that child exited as well, even if pytest was
+        SIGKILLed.  Locks are replaced, not taken: another thread may have held them at the fork.
+        """
+        sock, self._sock, self._proc = self._sock, None, None
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._pending = {}
+        self._dead = LauncherError("this process was forked from the one that started the launcher")
+        if sock is not None:
+            sock.close()
 
     @property
     def log_path(self) -> str:

@@ -21,6 +21,7 @@ rename, under a file lock) so xdist workers build it once.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -33,7 +34,8 @@ from dataclasses import dataclass
 SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
 # /etc entries copied into the skeleton: what programs need to start and behave like on the host,
-# nothing that holds secrets.  Directories are copied whole, minus EXCLUDED.
+# nothing that holds secrets (so no pam.d/security: security/opasswd keeps old password hashes).
+# Directories are copied whole, minus EXCLUDED; names may be glob patterns.
 ETC_ALLOW = (
     "passwd",
     "group",
@@ -69,19 +71,13 @@ ETC_ALLOW = (
     "inputrc",
     "shells",
     "login.defs",
-    "python3",
-    "python3.11",
-    "python3.12",
-    "python3.13",
+    "python3*",
     "perl",
     "bindresvport.blacklist",
     "xattr.conf",
     "mke2fs.conf",
     "terminfo",
     "manpath.config",
-    "pam.conf",
-    "pam.d",
-    "security",
     "selinux/config",
 )
 EXCLUDED = ("ssl/private",)
@@ -111,9 +107,19 @@ def host_layout(root: str = "/") -> HostLayout:
     return HostLayout(tuple(dirs), tuple(links))
 
 
+def _allowed_names(etc: str) -> list[str]:
+    names: list[str] = []
+    for pattern in ETC_ALLOW:
+        if any(c in pattern for c in "*?["):
+            names.extend(sorted(os.path.relpath(p, etc) for p in glob.glob(os.path.join(etc, pattern))))
+        else:
+            names.append(pattern)
+    return list(dict.fromkeys(names))
+
+
 def _etc_entries(etc: str) -> Iterator[tuple[str, os.stat_result]]:
     """(relative path, lstat) of every allowed /etc entry, recursively, in a stable order."""
-    for name in ETC_ALLOW:
+    for name in _allowed_names(etc):
         top = os.path.join(etc, name)
         try:
             st = os.lstat(top)
@@ -134,7 +140,7 @@ def _etc_entries(etc: str) -> Iterator[tuple[str, os.stat_result]]:
 
 def fingerprint(layout: HostLayout, etc: str = "/etc") -> str:
     """Digest of everything the skeleton would contain; names the skeleton's directory."""
-    h = hashlib.sha256(b"psbx-hostbase-v1\0")
+    h = hashlib.sha256(b"psbx-hostbase-v2\0")  # bump when what is copied changes
     h.update(repr(layout).encode())
     for rel, st in _etc_entries(etc):
         h.update(f"{rel}\0{st.st_mode:o}\0{st.st_uid}\0{st.st_gid}\0".encode())

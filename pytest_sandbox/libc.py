@@ -1,7 +1,8 @@
 """Thin ctypes wrappers for the Linux syscalls Python 3.10/3.11 does not expose (stdlib only).
 
 ``os.unshare``/``os.setns`` arrive only in 3.12, and the new mount API (open_tree, mount_setattr,
-move_mount), pivot_root, close_range and capset never reached ``os`` at all.  Every wrapper
+move_mount), pivot_root, close_range, capset, sethostname and keyctl never reached ``os`` at all
+(pidfd_open and pidfd_send_signal did, and are used from there).  Every wrapper
 raises :class:`~pytest_sandbox.errors.SetupError` naming the call and the path, so a failure inside
 a container's setup reads "mount(/proc): Operation not permitted", not "OSError 1".
 
@@ -40,7 +41,6 @@ MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
@@ -72,7 +72,6 @@ KEYCTL_JOIN_SESSION_KEYRING = 1
 _NR_COMMON = {
     "open_tree": 428,
     "move_mount": 429,
-    "pidfd_open": 434,
     "close_range": 436,
     "mount_setattr": 442,
 }
@@ -263,10 +262,6 @@ def close_fds_except(keep: set[int]) -> None:
             close_range(start, fd - 1)
         start = fd + 1
     close_range(start)
-
-
-def pidfd_open(pid: int) -> int:
-    return syscall("pidfd_open", ctypes.c_int(pid), ctypes.c_uint(0), path=f"pid {pid}")
 
 
 def join_new_session_keyring() -> None:

@@ -13,6 +13,7 @@ import secrets
 
 PREFIX = "psbx"
 PROJECT_CGROUP = "pytest-sandbox"
+ID_RANGE = 65536  # container uids/gids 0..65535, mapped to host ids uid_base..uid_base+65535
 
 _OWNER_RE = re.compile(rf"^{PREFIX}-(\d+)-(\d+)$")
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")

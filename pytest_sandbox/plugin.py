@@ -19,7 +19,15 @@ import pytest
 from . import hookspecs
 from .cgroups import detect
 from .container import Container
-from .runtime import DEFAULT_UID_BASE, RuntimeConfig, configure, default_data_root, shutdown_runtime
+from .errors import InvalidSpecError
+from .runtime import (
+    DEFAULT_UID_BASE,
+    RuntimeConfig,
+    configure,
+    default_data_root,
+    parse_uid_base,
+    shutdown_runtime,
+)
 from .sandbox import Sandbox
 
 _SANDBOXES = pytest.StashKey[list[Sandbox]]()
@@ -67,12 +75,12 @@ def pytest_configure(config: pytest.Config) -> None:
     state_dir = config.getini("sandbox_state_dir")
     if state_dir:
         kwargs["state_parent"] = os.path.abspath(os.path.expanduser(str(state_dir)))
-    if uid_base:
-        try:
-            kwargs["uid_base"] = int(uid_base)
-        except ValueError:
-            raise pytest.UsageError(f"sandbox_uid_base = {uid_base!r}: expected an integer") from None
-    configure(RuntimeConfig(**kwargs))
+    try:
+        if uid_base:
+            kwargs["uid_base"] = parse_uid_base(uid_base, what="sandbox_uid_base")
+        configure(RuntimeConfig(**kwargs))
+    except InvalidSpecError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -309,7 +309,6 @@ def finish_rootfs(
     masks: list[tuple[str, bool]],
     *,
     cgroup2: bool,
-    nested_userns: bool = False,
 ) -> None:
     """Half 2 (PID 1, container namespaces): system mounts, masks, pivot_root, user mounts.
 
@@ -319,18 +318,7 @@ def finish_rootfs(
     libc.mount("rootfs", "rootfs", None, libc.MS_BIND | libc.MS_REC)  # an unlocked new root
     with libc.named("chdir", "rootfs"):
         os.chdir("rootfs")
-    if not nested_userns:
-        # Creating user namespaces inside reaches kernel code written for root (CVE-2022-0185
-        # class); limit 0 in our namespace forbids it below us, as bwrap --disable-userns does.
-        # /proc/sys becomes read-only below, so the container cannot raise it again.
-        limit = "proc/sys/user/max_user_namespaces"
-        with libc.named("open", limit):
-            fd = os.open(limit, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            with libc.named("write", limit):
-                os.write(fd, b"0")
-        finally:
-            os.close(fd)
+    _forbid_nested_user_namespaces()
     libc.mount("sysfs", _plain_dir(".", "sys"), "sysfs", _PROC_FLAGS | libc.MS_RDONLY)
     if cgroup2:
         with contextlib.suppress(SetupError):
@@ -355,6 +343,22 @@ def finish_rootfs(
         overlays = ["/" + o.target for o in spec.overlays if o.target]
         for target in ["/"] + [t for t in overlays if t not in user_targets]:
             libc.mount_setattr(libc.AT_FDCWD, libc.MOUNT_ATTR_RDONLY, path=target, flags=0)
+
+
+def _forbid_nested_user_namespaces() -> None:
+    """Creating user namespaces inside reaches kernel code written for root (CVE-2022-0185 class).
+
+    Limit 0 in the container's namespace forbids it below, as bwrap --disable-userns does; /proc/sys
+    becomes read-only right after, so the container cannot raise it again.
+    """
+    limit = "proc/sys/user/max_user_namespaces"
+    with libc.named("open", limit):
+        fd = os.open(limit, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        with libc.named("write", limit):
+            os.write(fd, b"0")
+    finally:
+        os.close(fd)
 
 
 def _mount_dev_filesystems() -> None:

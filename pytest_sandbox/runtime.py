@@ -25,10 +25,10 @@ from .errors import InvalidSpecError, SetupError
 from .hostbase import HostLayout, ensure_skeleton
 from .image import Image
 from .launcher import trace
+from .naming import ID_RANGE
 from .spec import OverlaySpec
 
 DEFAULT_UID_BASE = 1_000_000_000
-ID_RANGE = 65536
 
 
 def default_data_root() -> str:
@@ -39,16 +39,18 @@ def default_data_root() -> str:
     return os.path.join(cache, "pytest-sandbox")
 
 
+def parse_uid_base(raw: str, *, what: str) -> int:
+    """A host uid that can start the containers' id range; never 0 (container root = host root)."""
+    top = (1 << 32) - 1 - ID_RANGE
+    if not raw.strip().isdigit() or not 0 < int(raw) <= top:
+        raise InvalidSpecError(f"{what}={raw!r}: expected a host uid from 1 to {top} (the range's first id)")
+    return int(raw)
+
+
 def default_uid_base() -> int:
     """First host uid of the containers' id range: ``$PYTEST_SANDBOX_UID_BASE`` or 10**9."""
     raw = os.environ.get("PYTEST_SANDBOX_UID_BASE", "")
-    if not raw:
-        return DEFAULT_UID_BASE
-    if not raw.isdigit() or not 0 < int(raw) <= (1 << 32) - 1 - ID_RANGE:
-        raise InvalidSpecError(
-            f"PYTEST_SANDBOX_UID_BASE={raw!r}: expected a host uid from 1 to {(1 << 32) - 1 - ID_RANGE}"
-        )
-    return int(raw)
+    return parse_uid_base(raw, what="PYTEST_SANDBOX_UID_BASE") if raw else DEFAULT_UID_BASE
 
 
 def default_state_parent() -> str:

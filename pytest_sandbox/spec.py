@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import InvalidSpecError
 from .limits import Limits
-from .naming import valid_name
+from .naming import ID_RANGE, valid_name
 from .units import parse_size
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -26,7 +26,7 @@ _HOSTNAME_RE = re.compile(
     r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$"
 )
 _USER_RE = re.compile(r"^[a-zA-Z0-9_.][a-zA-Z0-9_.-]{0,31}\$?$")
-MAX_MAPPED_ID = 65535
+MAX_MAPPED_ID = ID_RANGE - 1
 
 
 @dataclass(frozen=True)

@@ -308,15 +308,13 @@ def signal_procs(pids: Collection[int], dirs: list[str], sig: int = signal.SIGKI
     """
     ordered = sorted(pids)
     for i in range(0, len(ordered), _PIDFD_BATCH):
-        if not _signal_batch(ordered[i : i + _PIDFD_BATCH], dirs, sig):
-            _kill_without_pidfd(ordered[i:], dirs, sig)  # kernel < 5.3: no pidfd_open
-            return
+        _signal_batch(ordered[i : i + _PIDFD_BATCH], dirs, sig)
 
 
 _PIDFD_BATCH = 256
 
 
-def _signal_batch(pids: list[int], dirs: list[str], sig: int) -> bool:
+def _signal_batch(pids: list[int], dirs: list[str], sig: int) -> None:
     fds: dict[int, int] = {}
     try:
         for pid in pids:
@@ -325,8 +323,6 @@ def _signal_batch(pids: list[int], dirs: list[str], sig: int) -> bool:
             except (ProcessLookupError, InterruptedError):
                 continue  # gone already
             except OSError as e:
-                if e.errno == errno.ENOSYS:
-                    return False
                 if e.errno == errno.EINVAL:
                     continue  # not a thread-group leader (any more): the next round sees the new one
                 raise OSError(e.errno, f"pidfd_open({pid}) failed: {e.strerror}", dirs[0]) from None
@@ -335,18 +331,9 @@ def _signal_batch(pids: list[int], dirs: list[str], sig: int) -> bool:
             if pid in still:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(fd, sig)
-        return True
     finally:
         for fd in fds.values():
             os.close(fd)
-
-
-def _kill_without_pidfd(pids: list[int], dirs: list[str], sig: int) -> None:
-    still = procs_of(dirs)
-    for pid in pids:
-        if pid in still:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
 
 
 def wait_until(done: Callable[[], bool], deadline: float) -> bool:

@@ -8,21 +8,25 @@ Replies may come out of order: ``wait`` is answered only when the process exits.
 
 Operations (``id`` is a container id, or ``<container id>.<n>`` for an exec):
 
-=========  ====================================================  ==================================
-op         request fields                                        reply (``ok``)
-=========  ====================================================  ==================================
-hello      --                                                    pid, uid_base, idmap, cgroup
-create     id, spec (see :mod:`pytest_sandbox.launcher.spec`)     pid (host pid of the command), init_pid
-exec       id, parent, process, stdout, stderr, stdin            pid (host pid of the command)
-wait       id                                                    exit status + cgroup stats
-signal     id, signal, all (kill the whole container)            --
-stats      id                                                    cgroup stats now
-remove     id                                                    -- (after everything is gone)
-shutdown   --                                                    -- (the launcher then exits)
-=========  ====================================================  ==================================
+=========  =========================================================  =============================
+op         request fields                                             reply (``ok``)
+=========  =========================================================  =============================
+hello      --                                                         pid, uid_base, idmap, cgroup
+create     spec (:class:`pytest_sandbox.spec.ContainerSpec` as a      pid (host pid of the command),
+           dict), dir (its state directory), until_exit               init_pid; with until_exit:
+                                                                      the exit, as for ``wait``
+exec       id, parent, process, stdout, stderr, stdin                 pid (host pid of the command)
+wait       id                                                         exit, error, stats, duration_s
+signal     id, signal                                                 --
+stats      id                                                         cgroup stats now (or at exit)
+limits     id                                                         limits (cgroup files), paths
+remove     id                                                         -- (after everything is gone)
+shutdown   --                                                         -- (the launcher then exits)
+=========  =========================================================  =============================
 
-Inside the launcher, a container's first process and its init report on a pipe, one JSON object
-per line (``ev``: ``userns``, ``init``, ``started``, ``error``, ``exit``).
+The launcher hands a spare first process its spec as one JSON object on a pipe; a container's
+init and an exec helper report on a pipe, one JSON object per line (``ev``: ``userns``,
+``started``, ``error``, ``exit``).
 """
 
 from __future__ import annotations

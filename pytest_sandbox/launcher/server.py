@@ -39,14 +39,13 @@ from ..cgroups.base import Cgroup, CgroupBackend, CgroupStats
 from ..cleanup import remove_tree
 from ..errors import ContainerNotRunningError, SandboxError, SetupError, to_wire
 from ..limits import Limits
-from ..naming import cgroup_leaf_name, proc_stat
+from ..naming import ID_RANGE, cgroup_leaf_name, proc_stat
 from ..rootfs import ContainerDirs, mask_plan
 from ..spec import ContainerSpec, ProcessSpec
 from . import protocol, trace
 from .create import LaunchContext, Pipes, first_process
 from .enter import exec_main
 
-ID_RANGE = 65536
 SPEC_PIPE_SIZE = 1 << 20  # a spare's spec is written in one go; a larger spec gets a fresh fork
 # Sent straight to the command, not through its init: the init cannot forward SIGSTOP, and keeps
 # SIGPIPE and SIGCHLD for itself (init._NOT_FORWARDED) -- through it they would be lost.
