@@ -15,8 +15,9 @@ interleaved round by round so that drift (other load, CPU frequency) hits each t
 - ``no-cgroup``: the same with ``cgroup=False``;
 - ``bwrap``: ``bwrap --unshare-all`` on the same directory (bind-mounted, no overlay), the reference;
 - ``... + N MiB RSS``: the same rounds again after the benchmark process has grown by
-  ``--ballast-gib`` GiB of touched memory: the launcher forks containers, not this process, so
-  the latency must not grow with it;
+  ``--ballast-gib`` GiB of touched memory (then once more small, so that drift over the run is
+  not taken for an effect of size): the launcher forks containers, not this process, so the
+  latency must not grow with it;
 - ``full-spaced``: ``full`` with 100 ms pauses between starts, as tests really start containers
   (the kernel's cgroup migration cost is an RCU grace period when nothing migrated recently).
 
@@ -126,8 +127,11 @@ def main() -> None:
                 ballast[i] = 1  # touch every page: the process really is that big
             time.sleep(3)  # let the kernel finish with the fresh pages (zeroing, reclaim scans)
             suffix = f" + {_rss_mib():.0f} MiB RSS"
-            interleave({k: v for k, v in variants.items() if k != "no-cgroup"}, args.rounds, samples, suffix)
+            sized = {k: v for k, v in variants.items() if k != "no-cgroup"}
+            interleave(sized, args.rounds, samples, suffix)
             del ballast
+            # And once more without it: drift over the run must not pass for an effect of size.
+            interleave(sized, args.rounds, samples, " (again, small)")
 
             spaced = []
             for _ in range(args.spaced):
@@ -146,8 +150,10 @@ def main() -> None:
     )
     big = [name for name in samples if name.startswith("full + ")]
     if big:
+        small = (full + statistics.median(samples["full (again, small)"])) / 2
         print(
-            f"  with the ballast: full {statistics.median(samples[big[0]]):.2f} ms vs {full:.2f} ms without"
+            f"  with the ballast: full {statistics.median(samples[big[0]]):.2f} ms vs {small:.2f} ms without "
+            "(the mean of the runs before and after it)"
         )
 
 
