@@ -19,7 +19,7 @@ import pytest
 
 from pytest_sandbox.naming import PROJECT_CGROUP
 from pytest_sandbox.runtime import get_runtime
-from tests.e2e_support import descendants
+from tests.e2e_support import comm, descendants
 
 STRICT = os.environ.get("PYTEST_SANDBOX_STRICT") == "1"
 
@@ -33,15 +33,7 @@ def _is_spare_cgroup(path: str) -> bool:
             pids = [int(x) for x in f.read().split()]
     except OSError:
         return False
-    return bool(pids) and all(_comm(p) == "psbx-spare" for p in pids)
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
+    return bool(pids) and all(comm(p) == "psbx-spare" for p in pids)
 
 
 @dataclass(frozen=True)
@@ -61,7 +53,7 @@ class LeakSnapshot:
         if launcher:
             # The launcher's long-lived helpers are part of it: the cleaner, and the spare (a
             # container's first process forked ahead of time, waiting in its own cgroup).
-            procs = {f"{p} {_comm(p)}" for p, _ in descendants(launcher) if _comm(p) not in LAUNCHER_PARTS}
+            procs = {f"{p} {comm(p)}" for p, _ in descendants(launcher) if comm(p) not in LAUNCHER_PARTS}
         cgroups: set[str] = set()
         for root, dirs, _files in _walk_cgroups(rt.owner, rt.config.cgroup_root):
             cgroups.update(os.path.join(root, d) for d in dirs if not _is_spare_cgroup(os.path.join(root, d)))

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pytest_sandbox import Image
+from pytest_sandbox.cgroups.base import Cgroup
+from tests.e2e_support import Spawn
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
@@ -58,3 +62,36 @@ def busybox_layer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def busybox_image(busybox_layer: Path) -> Image:
     """An image made only of the busybox layer (no host base)."""
     return Image.from_layers(busybox_layer, base=None)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Start ``argv`` held at a gate; it runs once ``attach`` put it into the cgroup (if any).
+
+    For the cgroup backend tests, which drive cgroups with plain processes.  Only processes this
+    fixture started are killed at the end, by pid.
+    """
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(
+        argv: list[str], cg: Cgroup | None = None, *, stdout: int | None = None, stderr: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        gate = 'read _ && exec "$@"'
+        p = subprocess.Popen(
+            ["/bin/sh", "-c", gate, "sh", *argv], stdin=subprocess.PIPE, stdout=stdout, stderr=stderr
+        )
+        procs.append(p)
+        if cg is not None:
+            cg.attach(p.pid)
+        assert p.stdin is not None
+        p.stdin.write(b"go\n")
+        p.stdin.close()
+        return p
+
+    yield _spawn
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        if p.stdout is not None:
+            p.stdout.close()

@@ -25,7 +25,10 @@ from pytest_sandbox.naming import PREFIX, PROJECT_CGROUP, proc_stat, process_sta
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
-Proc = tuple[int, int]  # (pid, start time in clock ticks since boot)
+Proc = tuple[int, int]
+Spawn = Callable[
+    ..., subprocess.Popen[bytes]
+]  # the ``spawn`` fixture (tests/conftest.py)  # (pid, start time in clock ticks since boot)
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -35,6 +38,15 @@ def proc_state(pid: int) -> str | None:
     """The one-letter state of ``pid`` (``R``, ``S``, ``Z``...), None if it is gone."""
     fields = proc_stat(pid)
     return None if fields is None else fields[0]
+
+
+def comm(pid: int) -> str:
+    """The process's name (``psbx-spare``, ``psbx-init``...), "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def ident(pid: int) -> Proc | None:

@@ -36,6 +36,7 @@ from pytest_sandbox.cgroups._common import check_leaf, check_owner, requested
 from pytest_sandbox.errors import CgroupUnavailableError
 from pytest_sandbox.limits import Limits
 from pytest_sandbox.naming import PROJECT_CGROUP, cgroup_leaf_name, new_container_id, owner_tag
+from tests.e2e_support import Spawn, ident, survivors
 
 ROOT = "/sys/fs/cgroup"
 MiB = 1 << 20
@@ -288,54 +289,6 @@ def make(backend: V1Backend, owner: str) -> Iterator[Make]:
         assert not any(os.path.exists(p) for p in cg.paths)
 
 
-Spawn = Callable[..., subprocess.Popen[bytes]]
-
-
-@pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    """Start ``argv`` held at a gate; it runs once ``attach`` put it into the cgroup."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def _spawn(
-        argv: list[str], cg: V1Cgroup | None = None, *, stdout: int | None = None, stderr: int | None = None
-    ) -> subprocess.Popen[bytes]:
-        gate = 'read _ && exec "$@"'
-        p = subprocess.Popen(
-            ["/bin/sh", "-c", gate, "sh", *argv], stdin=subprocess.PIPE, stdout=stdout, stderr=stderr
-        )
-        procs.append(p)
-        if cg is not None:
-            cg.attach(p.pid)
-        assert p.stdin is not None
-        p.stdin.write(b"go\n")
-        p.stdin.close()
-        return p
-
-    yield _spawn
-    for p in procs:  # only processes this test started, by pid
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-        if p.stdout is not None:
-            p.stdout.close()
-
-
-def _running(pid: int, start: int | None) -> bool:
-    """True if ``pid`` is still the same, not-yet-dead process."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    rest = data[data.rindex(b")") + 2 :].split()
-    return rest[0] != b"Z" and int(rest[19]) == start
-
-
-def _snapshot(pids: set[int]) -> dict[int, int | None]:
-    from pytest_sandbox.naming import process_start_time
-
-    return {pid: process_start_time(pid) for pid in pids}
-
-
 def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -504,14 +457,14 @@ def test_fork_bomb_is_contained_and_killed_quickly(make: Make, spawn: Spawn) -> 
     p = spawn(["/bin/sh", "-c", FORK_BOMB], cg, stderr=subprocess.DEVNULL)
     _wait_for(lambda: cg.stats().pids_limit_hits > 0, 10, "the pids limit to be hit")
     assert len(cg.pids()) <= 32
-    victims = _snapshot(cg.pids())
+    victims = {p for p in map(ident, cg.pids()) if p is not None}
     t0 = time.monotonic()
     cg.kill()
     elapsed = time.monotonic() - t0
     assert elapsed < 2.0
     assert cg.pids() == set()
     assert p.wait(timeout=5) in (-signal.SIGKILL, 2)  # dash's top shell may exit on "Cannot fork"
-    assert not [pid for pid, start in victims.items() if _running(pid, start)]
+    assert not survivors(victims)
 
 
 DAEMONS = """
@@ -533,7 +486,7 @@ def test_kill_gets_daemons_and_frozen_chmodded_sub_cgroups(make: Make, spawn: Sp
     p = spawn(["/bin/sh", "-c", DAEMONS, "sh", *cg.paths], cg, stdout=subprocess.PIPE)
     assert p.stdout is not None
     assert p.stdout.readline() == b"ready\n"
-    victims = _snapshot(cg.pids())
+    victims = {p for p in map(ident, cg.pids()) if p is not None}
     assert len(victims) >= 9  # 5 sleeps + the daemon's 2 + the moved one + the main one
     sub = [f"{d}/sub" for d in cg.paths]
     assert all(os.stat(s).st_mode & 0o777 == 0 for s in sub)
@@ -542,7 +495,7 @@ def test_kill_gets_daemons_and_frozen_chmodded_sub_cgroups(make: Make, spawn: Sp
     cg.kill()
     assert time.monotonic() - t0 < 2.0
     assert cg.pids() == set()
-    assert not [pid for pid, start in victims.items() if _running(pid, start)]
+    assert not survivors(victims)
     cg.remove()
     assert not any(os.path.exists(d) for d in cg.paths)
     cg.remove()  # idempotent

@@ -64,7 +64,7 @@ from pytest_sandbox import (
     SetupError,
 )
 from pytest_sandbox.runtime import get_runtime
-from tests.e2e_support import Proc, alive, cgroup_paths_of, children, descendants, ident, proc_state
+from tests.e2e_support import Proc, alive, cgroup_paths_of, children, comm, descendants, ident, proc_state
 
 STRACE = shutil.which("strace")
 pytestmark = pytest.mark.skipif(STRACE is None, reason="strace is not installed (apt-get install strace)")
@@ -104,14 +104,6 @@ def _status(pid: int) -> dict[str, str]:
             return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
     except OSError:
         return {}
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def _wait(condition: Callable[[], object], timeout: float, what: str) -> None:
@@ -305,7 +297,7 @@ def idle_spare(launcher: int) -> int:
         spares = [
             p
             for p in children(launcher)
-            if _comm(p) == "psbx-spare" and proc_state(p) == "S" and cgroup_paths_of(p)
+            if comm(p) == "psbx-spare" and proc_state(p) == "S" and cgroup_paths_of(p)
         ]
         found[:] = spares
         return len(spares) == 1
@@ -316,7 +308,7 @@ def idle_spare(launcher: int) -> int:
 
 def helpers_of(launcher: int) -> set[Proc]:
     """Every process under the launcher except its long-lived cleaner and spare."""
-    return {p for p in descendants(launcher) if _comm(p[0]) not in ("psbx-cleaner", "psbx-spare")}
+    return {p for p in descendants(launcher) if comm(p[0]) not in ("psbx-cleaner", "psbx-spare")}
 
 
 def launcher_log_problems(since: int) -> str:
@@ -725,7 +717,7 @@ def test_spare_fork_failure_does_not_fail_the_start(busybox_image: Image, tmp_pa
         assert c.running
         r = c.exec(["echo", "alive"])
         assert (r.exit_code, r.stdout) == (0, b"alive\n"), r
-        assert not [p for p in children(launcher[0]) if _comm(p) == "psbx-spare"]
+        assert not [p for p in children(launcher[0]) if comm(p) == "psbx-spare"]
         with open(get_runtime().client.log_path, "rb") as f:
             f.seek(log_start)
             assert b"cannot fork a spare" in f.read()

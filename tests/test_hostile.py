@@ -33,7 +33,7 @@ import pytest
 
 from pytest_sandbox import Container, Image, InvalidSpecError, Sandbox, SetupError
 from pytest_sandbox.runtime import get_runtime
-from tests.e2e_support import children, descendants, proc_state, wait_until
+from tests.e2e_support import children, comm, descendants, proc_state, wait_until
 
 
 def _launcher() -> int:
@@ -224,20 +224,12 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
 def _settled(launcher: int) -> None:
     """Only the cleaner and one spare (forked, waiting in its cgroup) left under the launcher."""
 
     def quiet() -> bool:
-        comms = sorted(_comm(pid) for pid, _ in descendants(launcher))
-        spares = [p for p in children(launcher) if _comm(p) == "psbx-spare" and proc_state(p) == "S"]
+        comms = sorted(comm(pid) for pid, _ in descendants(launcher))
+        spares = [p for p in children(launcher) if comm(p) == "psbx-spare" and proc_state(p) == "S"]
         return comms == ["psbx-cleaner", "psbx-spare"] and len(spares) == 1
 
     assert wait_until(quiet, 10.0) is not None, f"launcher {launcher} did not settle: {descendants(launcher)}"

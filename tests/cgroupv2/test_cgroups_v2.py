@@ -20,6 +20,7 @@ from pytest_sandbox.cgroups import NoneBackend, V2Backend, V2Cgroup, _fs, detect
 from pytest_sandbox.errors import CgroupUnavailableError
 from pytest_sandbox.limits import Limits
 from pytest_sandbox.naming import PROJECT_CGROUP, cgroup_leaf_name, new_container_id, owner_tag
+from tests.e2e_support import Spawn, ident, survivors
 
 ROOT = "/sys/fs/cgroup"
 MiB = 1 << 20
@@ -72,57 +73,6 @@ def make(backend: V2Backend, owner: str) -> Iterator[Make]:
     for cg in made:
         cg.remove()
         assert not os.path.exists(cg.path)
-
-
-Spawn = Callable[..., subprocess.Popen[bytes]]
-
-
-@pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    """Start ``argv`` held at a gate; it runs once ``attach`` put it into the cgroup."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def _spawn(argv: list[str], cg: V2Cgroup, *, stdout: int | None = None) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(
-            ["/bin/sh", "-c", 'read _ && exec "$@"', "sh", *argv],
-            stdin=subprocess.PIPE,
-            stdout=stdout,
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(p)
-        cg.attach(p.pid)
-        assert p.stdin is not None
-        p.stdin.write(b"go\n")
-        p.stdin.close()
-        return p
-
-    yield _spawn
-    for p in procs:  # only processes this test started, by pid
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-        if p.stdout is not None:
-            p.stdout.close()
-
-
-def _running(pid: int, start: bytes | None) -> bool:
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    rest = data[data.rindex(b")") + 2 :].split()
-    return rest[0] != b"Z" and rest[19] == start
-
-
-def _snapshot(pids: set[int]) -> dict[int, bytes | None]:
-    out: dict[int, bytes | None] = {}
-    for pid in pids:
-        try:
-            data = Path(f"/proc/{pid}/stat").read_bytes()
-        except OSError:
-            continue
-        out[pid] = data[data.rindex(b")") + 2 :].split()[19]
-    return out
 
 
 def test_limits_read_back(make: Make) -> None:
@@ -199,13 +149,13 @@ def test_kill_gets_daemons_and_a_frozen_chmodded_sub_cgroup(make: Make, spawn: S
     p = spawn(["/bin/sh", "-c", DAEMONS, "sh", cg.path], cg, stdout=subprocess.PIPE)
     assert p.stdout is not None
     assert p.stdout.readline() == b"ready\n"
-    victims = _snapshot(cg.pids())
+    victims = {p for p in map(ident, cg.pids()) if p is not None}
     assert len(victims) >= 9
     assert os.stat(cg.path + "/sub").st_mode & 0o777 == 0
     t0 = time.monotonic()
     cg.kill()
     assert time.monotonic() - t0 < 2.0
-    assert not [pid for pid, start in victims.items() if _running(pid, start)]
+    assert not survivors(victims)
     cg.remove()
     assert not os.path.exists(cg.path)
 
