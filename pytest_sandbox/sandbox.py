@@ -215,8 +215,7 @@ class Sandbox:
             etc_files=(("hostname", hostname + "\n"), ("hosts", _hosts_file(hostname))),
             read_only=options.read_only,
         )
-        directory = rt.container_dir(cid)
-        os.makedirs(os.path.dirname(directory), mode=0o700, exist_ok=True)
+        directory = rt.container_dir(cid)  # inside the state directory rt.info() made private
         # 0711: the container's init (an unprivileged host uid) must traverse it to reach rootfs/
         # during setup; the state directory above stays 0700, so no host user can get here.
         os.mkdir(directory)

@@ -22,6 +22,7 @@ from typing import Any
 
 from pytest_sandbox.cgroups._fs import V1_CONTROLLERS
 from pytest_sandbox.naming import PREFIX, PROJECT_CGROUP, proc_stat, process_start_time
+from pytest_sandbox.runtime import get_runtime
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -38,6 +39,15 @@ def proc_state(pid: int) -> str | None:
     """The one-letter state of ``pid`` (``R``, ``S``, ``Z``...), None if it is gone."""
     fields = proc_stat(pid)
     return None if fields is None else fields[0]
+
+
+def launcher_pid() -> int:
+    """This process's launcher, started if need be."""
+    rt = get_runtime()
+    rt.info()
+    pid = rt.client.pid
+    assert pid is not None
+    return pid
 
 
 def comm(pid: int) -> str:

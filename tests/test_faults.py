@@ -64,7 +64,17 @@ from pytest_sandbox import (
     SetupError,
 )
 from pytest_sandbox.runtime import get_runtime
-from tests.e2e_support import Proc, alive, cgroup_paths_of, children, comm, descendants, ident, proc_state
+from tests.e2e_support import (
+    Proc,
+    alive,
+    cgroup_paths_of,
+    children,
+    comm,
+    descendants,
+    ident,
+    launcher_pid,
+    proc_state,
+)
 
 STRACE = shutil.which("strace")
 pytestmark = pytest.mark.skipif(STRACE is None, reason="strace is not installed (apt-get install strace)")
@@ -279,14 +289,6 @@ def ordinal(calls: list[Call], target: Call) -> int:
 
 
 # -- the launcher's processes ---------------------------------------------------------------------
-
-
-def launcher_pid() -> int:
-    rt = get_runtime()
-    rt.info()
-    pid = rt.client.pid
-    assert pid is not None
-    return pid
 
 
 def idle_spare(launcher: int) -> int:

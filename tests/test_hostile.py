@@ -33,15 +33,7 @@ import pytest
 
 from pytest_sandbox import Container, Image, InvalidSpecError, Sandbox, SetupError
 from pytest_sandbox.runtime import get_runtime
-from tests.e2e_support import children, comm, descendants, proc_state, wait_until
-
-
-def _launcher() -> int:
-    rt = get_runtime()
-    rt.info()
-    pid = rt.client.pid
-    assert pid is not None
-    return pid
+from tests.e2e_support import children, comm, descendants, launcher_pid, proc_state, wait_until
 
 
 def _launcher_log() -> bytes:
@@ -252,7 +244,7 @@ def test_300_cycles_leak_no_fds_threads_or_memory(busybox_image: Image) -> None:
     """300 create/destroy cycles (two run() for each start+exec+stop): the pytest process's fd
     and thread counts and the launcher's fd count end exactly where they started; the launcher's
     RSS grows by less than 512 KiB."""
-    launcher = _launcher()
+    launcher = launcher_pid()
     with Sandbox() as sb:
         for i in range(30):  # warm up: lazy imports, allocator pools, the gc threshold
             _cycle(sb, i, busybox_image)
@@ -428,7 +420,7 @@ print(json.dumps(report))
 def _host_binaries() -> dict[str, str]:
     """The host's Python interpreters a container could reach: the launcher's (PID 1 of every
     container is a fork of it) and the one the host base exposes as /usr/bin/python3."""
-    launcher_exe = os.path.realpath(f"/proc/{_launcher()}/exe")
+    launcher_exe = os.path.realpath(f"/proc/{launcher_pid()}/exe")
     paths = {os.path.realpath(sys.executable), launcher_exe, os.path.realpath("/usr/bin/python3")}
     return {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
 
