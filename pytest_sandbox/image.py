@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InvalidSpecError, LayerNotADirectoryError, LayerNotFoundError, LayerPermissionError
@@ -30,11 +30,26 @@ DEFAULT_BASE = _Default()
 
 
 @dataclass(frozen=True)
+class ImageConfig:
+    """What an image says about how to run it (OCI config's Env, WorkingDir, User, Cmd, Entrypoint).
+
+    The options of run()/start() override it: ``env`` key by key, ``workdir`` and ``user`` whole.
+    """
+
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str | None = None
+    user: str | None = None
+    cmd: tuple[str, ...] = ()
+    entrypoint: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Image:
     """A stack of read-only layer directories (lowest first), on the host base unless ``host=False``."""
 
     layers: tuple[str, ...] = ()
     host: bool = True
+    config: ImageConfig = field(default_factory=ImageConfig)
 
     @classmethod
     def host_base(cls) -> Image:

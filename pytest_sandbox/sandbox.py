@@ -27,11 +27,24 @@ from .errors import InvalidSpecError, LauncherError, SandboxError, SandboxTimeou
 from .image import Image
 from .launcher import trace
 from .runtime import Runtime, get_runtime
-from .spec import OPTION_NAMES, ContainerSpec, Options, ProcessSpec, parse_argv, parse_options
+from .spec import OPTION_NAMES, ContainerSpec, Options, ProcessSpec, parse_argv, parse_env, parse_options
 
 
 def _hosts_file(hostname: str) -> str:
     return f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+
+
+def _with_image_config(options: Options, given: Mapping[str, Any], image: Image) -> Options:
+    """The image's Env/WorkingDir/User under what the call (or marker) gave: env key by key."""
+    config = image.config
+    changes: dict[str, Any] = {}
+    if config.env:
+        changes["env"] = parse_env(given.get("env"), base=dict(config.env))
+    if config.workdir and "workdir" not in given:
+        changes["workdir"] = config.workdir
+    if config.user and "user" not in given:
+        changes["user"] = config.user
+    return dataclasses.replace(options, **changes) if changes else options
 
 
 @dataclass(frozen=True)
@@ -190,12 +203,12 @@ class Sandbox:
             raise InvalidSpecError(
                 f"unknown option {unknown[0]!r}; the options are: image, {', '.join(sorted(OPTION_NAMES))}"
             )
-        options = parse_options(**merged)
         image = image if image is not None else default_image
         if image is None:
             image = Image.host_base()
         elif not isinstance(image, Image):
             raise InvalidSpecError(f"image={image!r}: expected an Image, e.g. Image.from_layers(path)")
+        options = _with_image_config(parse_options(**merged), merged, image)
         image.check()
         if options.name is not None and any(c.name == options.name for c in self.containers):
             raise InvalidSpecError(f"name={options.name!r}: a container with this name already exists here")
