@@ -2,7 +2,8 @@
 
 ``leak_check`` (autouse) snapshots what pytest_sandbox may leave on the host -- processes under
 the launcher, cgroup directories of this process, container state directories, host mounts named
-psbx, this process's fds and threads -- before and after every test, and fails the test on any
+psbx, the interfaces in the session's hub network namespace and its subnet leases, this process's fds
+and threads -- before and after every test, and fails the test on any
 difference (reliability.md section 3.6).  With ``PYTEST_SANDBOX_STRICT=1`` (set by .ci/run), a
 skipped test is reported as a failure: in CI, as root, every kernel-level test must run.
 """
@@ -42,12 +43,19 @@ class LeakSnapshot:
     cgroups: frozenset[str]
     state: frozenset[str]
     mounts: frozenset[str]
+    networks: frozenset[str]
     fds: int
     threads: frozenset[str]
 
     @classmethod
     def take(cls) -> LeakSnapshot:
         rt = get_runtime()
+        # The hub namespace and the psbx-net thread live as long as the session: made before the
+        # first snapshot, so their fds and thread are part of every "before".
+        hub = rt.networks.hub
+        spares = rt.networks.spare_links()  # namespaces made ahead for a network's next start
+        networks = {f"link {n}" for n in hub.link_names() if n != "lo" and n not in spares}
+        networks |= {f"lease {s}" for s in rt.networks.leases.mine()}
         launcher = rt.client.pid
         procs: set[str] = set()
         if launcher:
@@ -70,13 +78,14 @@ class LeakSnapshot:
             frozenset(cgroups),
             frozenset(state),
             frozenset(mounts),
+            frozenset(networks),
             len(fds),
             frozenset(threads),
         )
 
     def diff(self, later: LeakSnapshot) -> list[str]:
         problems = []
-        for name in ("processes", "cgroups", "state", "mounts", "threads"):
+        for name in ("processes", "cgroups", "state", "mounts", "networks", "threads"):
             extra = getattr(later, name) - getattr(self, name)
             if extra:
                 problems.append(f"{name} left behind: {sorted(extra)}")

@@ -12,17 +12,21 @@ Outside pytest, ``with Sandbox() as sb: sb.run([...])`` does the same.
 from .cgroups.base import CgroupStats
 from .container import Container, Result
 from .errors import (
+    BuildError,
     CgroupUnavailableError,
     CommandNotExecutableError,
     CommandNotFoundError,
     ContainerNotRunningError,
     ContainerStateError,
+    ImageNotFoundError,
     InvalidSignalError,
     InvalidSpecError,
     LauncherError,
     LayerError,
     LayerNotADirectoryError,
     LayerNotFoundError,
+    LayerTarError,
+    NetworkError,
     ReadinessError,
     SandboxError,
     SandboxTimeoutError,
@@ -31,11 +35,13 @@ from .errors import (
 )
 from .image import Image
 from .limits import Limits
+from .networking import Network
 from .sandbox import Sandbox
 from .spec import BindMount
 
 __all__ = [
     "BindMount",
+    "BuildError",
     "CgroupStats",
     "CgroupUnavailableError",
     "CommandNotExecutableError",
@@ -44,13 +50,17 @@ __all__ = [
     "ContainerNotRunningError",
     "ContainerStateError",
     "Image",
+    "ImageNotFoundError",
     "InvalidSignalError",
     "InvalidSpecError",
     "LauncherError",
     "LayerError",
     "LayerNotADirectoryError",
     "LayerNotFoundError",
+    "LayerTarError",
     "Limits",
+    "Network",
+    "NetworkError",
     "ReadinessError",
     "Result",
     "Sandbox",

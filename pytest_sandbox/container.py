@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import re
+import select
 import signal as _signal
 import threading
 import time
@@ -15,15 +17,33 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .cgroups.base import CgroupStats
-from .errors import ContainerNotRunningError, LauncherError, ReadinessError, SandboxError, SandboxTimeoutError
+from .errors import (
+    ContainerNotRunningError,
+    ContainerStateError,
+    InvalidSpecError,
+    LauncherError,
+    ReadinessError,
+    SandboxError,
+    SandboxTimeoutError,
+)
+from .forward import Forwarder
+from .network import socket_in
 from .spec import ContainerSpec, ProcessSpec, container_path, parse_argv, parse_env, parse_timeout, parse_user
 from .units import parse_signal
 
 if TYPE_CHECKING:
     from .image import Image
+    from .networking import Attached, Network
     from .runtime import Runtime
+    from .store import Store
 
 LOG_TAIL_LINES = 20
+
+
+def _parse_port(port: object) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise InvalidSpecError(f"port={port!r}: expected a TCP port number from 1 to 65535")
+    return port
 
 
 @dataclass(frozen=True)
@@ -113,8 +133,12 @@ class Container:
         name: str | None,
         pid: int,
         init_pid: int,
+        attached: Attached | None = None,
     ) -> None:
         self._runtime = runtime
+        self._attached = attached  # its private networks (None: loopback only)
+        self._own_netns: int | None = None  # without networks: its namespace, opened by address()
+        self._forwarders: dict[int, Forwarder] = {}
         self._client = runtime.client
         self.spec = spec
         self.image = image
@@ -209,6 +233,18 @@ class Container:
                     self.kill(_signal.SIGKILL)
         return self.wait()
 
+    def commit(self, ref: str, *, store: Store | None = None) -> Image:
+        """``docker commit``: this container's writable layer on top of its image, tagged ``ref``.
+
+        Deletions are kept as whiteouts; files are owned by the container's ids (not the host's).
+        The image's config is kept.  Stop the container first for a consistent snapshot.
+        """
+        from .build import commit_container
+
+        if self._removed:
+            raise ContainerNotRunningError(f"container {self.name} was removed; commit before removing it")
+        return commit_container(self, ref, uid_base=self._runtime.config.uid_base, store=store)
+
     def remove(self) -> None:
         """Kill whatever runs, delete the container's layer, logs and cgroup.  Idempotent."""
         if self._removed:
@@ -216,8 +252,23 @@ class Container:
         with contextlib.suppress(OSError):
             self._logs = read_logs(self.dir)
         self._removed = True
-        with contextlib.suppress(LauncherError):
-            self._client.call("remove", id=self.id)
+        try:
+            with contextlib.suppress(LauncherError):
+                self._client.call("remove", id=self.id)
+        finally:
+            self._close_network()
+
+    def _close_network(self) -> None:
+        with self._lock:
+            forwarders, self._forwarders = list(self._forwarders.values()), {}
+            own, self._own_netns = self._own_netns, None
+        for forwarder in forwarders:
+            with contextlib.suppress(SandboxError):
+                forwarder.close()
+        if self._attached is not None:
+            self._attached.release()
+        if own is not None:
+            os.close(own)
 
     # -- exec ------------------------------------------------------------------------------
 
@@ -293,6 +344,125 @@ class Container:
     def cgroup_limits(self) -> dict[str, str]:
         """The limit files of the container's cgroup as the kernel reports them (while running)."""
         return dict(self._client.call("limits", id=self.id)["limits"])
+
+    # -- network ---------------------------------------------------------------------------
+
+    @property
+    def networks(self) -> tuple[Network, ...]:
+        """The networks this container is on (empty: loopback only)."""
+        return self._attached.networks if self._attached is not None else ()
+
+    def ip(self, network: Network | None = None) -> str:
+        """The container's address on ``network`` (default: its first network)."""
+        if self._attached is None:
+            raise ContainerStateError(
+                f"container {self.name} has no network (network=None: loopback only)",
+                hint="start it with network=sandbox.network(); from the test, address(port) reaches it "
+                "anyway",
+            )
+        return str(self._attached.ip(network))
+
+    def address(self, port: int) -> tuple[str, int]:
+        """``(host, port)`` on which the test process reaches the container's ``port``.
+
+        A listener on the host's 127.0.0.1 relays each connection into the container's network
+        namespace, to its first network's address (or its loopback without a network).  The same
+        forwarder serves every later call for that port, until the container is removed.
+        """
+        port = _parse_port(port)
+        with self._lock:
+            forwarder = self._forwarders.get(port)
+        if forwarder is None:
+            forwarder = Forwarder(self._runtime.networks.net, self._netns(), (self._target_host(), port))
+            with self._lock:
+                existing = self._forwarders.setdefault(port, forwarder)
+            if existing is not forwarder:
+                forwarder.close()
+                forwarder = existing
+        return forwarder.address
+
+    def wait_for_port(self, port: int, timeout: float = 30.0) -> None:
+        """Wait until ``port`` accepts TCP connections, probed from outside the image (no tool
+        needed in it): a connection made from the container's network namespace to its address."""
+        port = _parse_port(port)
+        target = (self._target_host(), port)
+        netns = self._netns()
+        net = self._runtime.networks.net
+
+        def accepts() -> bool:
+            s = socket_in(net, netns)
+            try:
+                s.settimeout(1.0)
+                s.connect(target)
+                return True
+            except OSError:
+                return False
+            finally:
+                s.close()
+
+        self.wait_for(accepts, timeout=timeout, what=f"port {port} ({target[0]}) to accept connections")
+
+    def wait_for_http(
+        self, port: int, path: str = "/", status: int | None = 200, timeout: float = 30.0
+    ) -> None:
+        """Wait until ``GET path`` on ``port`` answers ``status`` (None: any status)."""
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise InvalidSpecError(f"path={path!r}: expected an absolute URL path like '/health'")
+        host, local_port = self.address(port)
+        seen: list[str] = []
+
+        def answers() -> bool:
+            conn = http.client.HTTPConnection(host, local_port, timeout=2.0)
+            try:
+                conn.request("GET", path)
+                response = conn.getresponse()
+                response.read()
+                seen.append(f"last answer: {response.status}")
+                return status is None or response.status == status
+            except (OSError, http.client.HTTPException) as e:
+                seen.append(f"last attempt: {type(e).__name__}: {e}")
+                return False
+            finally:
+                conn.close()
+
+        want = "any status" if status is None else f"status {status}"
+        try:
+            self.wait_for(answers, timeout=timeout, what=f"GET {path} on port {port} to answer {want}")
+        except ReadinessError as e:
+            if seen:
+                e.message = f"{e.message}\n({seen[-1]})"
+            raise
+
+    def _target_host(self) -> str:
+        return str(self._attached.interfaces[0].ip) if self._attached is not None else "127.0.0.1"
+
+    def _netns(self) -> int:
+        """The container's network namespace (an fd this object keeps until remove())."""
+        if self._attached is not None:
+            if self._attached.released:
+                raise ContainerNotRunningError(f"container {self.name} was removed")
+            return self._attached.netns_fd
+        with self._lock:
+            if self._own_netns is not None:
+                return self._own_netns
+        if self._removed or not self.running:
+            raise ContainerNotRunningError(f"container {self.name} is not running; its network is gone")
+        # By pid: hold a pidfd across the open, so a pid reused after an exit cannot fool us.
+        pidfd = os.pidfd_open(self.init_pid)
+        try:
+            fd = os.open(f"/proc/{self.init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            if select.select([pidfd], [], [], 0)[0]:  # readable: init exited meanwhile
+                os.close(fd)
+                raise ContainerNotRunningError(f"container {self.name} exited; its network is gone")
+        finally:
+            os.close(pidfd)
+        with self._lock:
+            if self._own_netns is None:
+                self._own_netns = fd
+            kept = self._own_netns
+        if kept != fd:
+            os.close(fd)  # another thread got there first
+        return kept
 
     # -- readiness -------------------------------------------------------------------------
 

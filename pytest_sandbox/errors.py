@@ -35,6 +35,10 @@ class InvalidSignalError(InvalidSpecError):
     """A signal name or number that does not exist."""
 
 
+class LayerTarError(InvalidSpecError):
+    """A layer tar or image archive was refused: a hostile or malformed entry, or a digest mismatch."""
+
+
 class LayerError(SandboxError, OSError):
     """A layer directory cannot be used."""
 
@@ -54,6 +58,18 @@ class LayerNotADirectoryError(LayerError, NotADirectoryError):
 
 class LayerPermissionError(LayerError, PermissionError):
     """A layer directory cannot be read."""
+
+
+class ImageNotFoundError(SandboxError, LookupError):
+    """The local image store has no image (or layer) by that reference or digest."""
+
+
+class BuildError(SandboxError, RuntimeError):
+    """A build step failed (a ``run`` step's command exited non-zero).  ``result`` holds its Result."""
+
+    def __init__(self, message: str, *, result: Any = None, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.result = result
 
 
 class SetupError(SandboxError, OSError):
@@ -116,8 +132,36 @@ class SandboxTimeoutError(SandboxError, TimeoutError):
         self.result = result
 
 
+class NetworkError(SandboxError, OSError):
+    """A private network could not be made or joined (netlink, namespaces, address pool)."""
+
+
 class ReadinessError(SandboxTimeoutError):
     """A readiness wait failed: it timed out, or the container exited before it became ready."""
+
+
+class RegistryError(SandboxError, OSError):
+    """A registry (OCI distribution API) request failed.  ``status`` is the HTTP status, if any."""
+
+    def __init__(self, message: str, *, status: int = 0, hint: str = "") -> None:
+        SandboxError.__init__(self, message, hint=hint)
+        self.status = status
+
+
+class RegistryConnectionError(RegistryError, ConnectionError):
+    """The registry could not be reached, or spoke a different protocol (http vs https)."""
+
+
+class RegistryAuthError(RegistryError, PermissionError):
+    """The registry refused the credentials (or asked for some and none were configured)."""
+
+
+class RegistryNotFoundError(RegistryError, FileNotFoundError):
+    """The registry does not know the repository, tag, manifest or blob."""
+
+
+class RegistryDigestError(RegistryError):
+    """Content from a registry does not match its digest (or its size): it was rejected, not stored."""
 
 
 _WIRE_CLASSES: dict[str, type[SandboxError]] = {

@@ -76,3 +76,25 @@ def container_dir_name(container_id: str) -> str:
 
 def cgroup_leaf_name(container_id: str) -> str:
     return f"{PREFIX}-c-{container_id}"
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if not n:
+            return out
+
+
+def interface_name(kind: str, serial: int, pid: int | None = None) -> str:
+    """``psbx`` + kind (``b`` bridge, ``v`` veth) + base-36 pid + ``x`` + base-36 serial: <= 15 bytes.
+
+    Unique on the host, not only in the hub namespace where these live: pids are unique among
+    running processes, and the serial among one process's interfaces.
+    """
+    name = f"{PREFIX}{kind}{_base36(os.getpid() if pid is None else pid)}x{_base36(serial)}"
+    if len(name) > 15:  # IFNAMSIZ - 1; pid <= 2**22 takes 5 digits, so 4 are left for the serial
+        raise ValueError(f"interface name {name!r} is longer than 15 bytes (serial {serial} too large)")
+    return name

@@ -20,6 +20,7 @@ from . import hookspecs
 from .cgroups import detect
 from .container import Container
 from .errors import InvalidSpecError
+from .ipam import parse_address_pools
 from .runtime import (
     DEFAULT_UID_BASE,
     RuntimeConfig,
@@ -51,6 +52,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="",
     )
     parser.addini("sandbox_cgroup_root", "where the cgroup hierarchies are mounted", default="/sys/fs/cgroup")
+    parser.addini(
+        "sandbox_insecure_registries",
+        "registries reached over plain http: host[:port] or CIDR, comma-separated (as daemon.json's "
+        "insecure-registries; default $PYTEST_SANDBOX_INSECURE_REGISTRIES)",
+        default="",
+    )
+    parser.addini(
+        "sandbox_registry_mirrors",
+        "registry mirrors tried first, comma-separated: MIRROR (of Docker Hub) or ORIGIN=MIRROR "
+        "(default $PYTEST_SANDBOX_REGISTRY_MIRRORS)",
+        default="",
+    )
+    parser.addini(
+        "sandbox_address_pools",
+        "subnets for sandbox.network(), as Docker's default-address-pools: 'base=10.243.0.0/16,size=24' "
+        "(several separated by spaces or lines)",
+        type="linelist",
+        default=[],
+    )
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -78,7 +98,16 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         if uid_base:
             kwargs["uid_base"] = parse_uid_base(uid_base, what="sandbox_uid_base")
+        pools = config.getini("sandbox_address_pools")
+        if pools:
+            kwargs["address_pools"] = parse_address_pools(pools, what="sandbox_address_pools")
         configure(RuntimeConfig(**kwargs))
+        insecure = config.getini("sandbox_insecure_registries")
+        mirrors = config.getini("sandbox_registry_mirrors")
+        if insecure or mirrors:
+            from . import registry
+
+            registry.configure(insecure=str(insecure), mirrors=str(mirrors))
     except InvalidSpecError as e:
         raise pytest.UsageError(str(e)) from None
 

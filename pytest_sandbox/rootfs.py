@@ -292,6 +292,11 @@ def mount_proc(rootfs: str) -> None:
     libc.mount("proc", _plain_dir(rootfs, "proc"), "proc", _PROC_FLAGS)
 
 
+def mount_sysfs(rootfs: str) -> None:
+    """/sys, read-only, for the network namespace we are in (host root: see launcher.create)."""
+    libc.mount("sysfs", _plain_dir(rootfs, "sys"), "sysfs", _PROC_FLAGS | libc.MS_RDONLY)
+
+
 def mask_plan() -> list[tuple[str, bool]]:
     """(path, is_directory) of each masked path this kernel has; computed once per launcher."""
     plan = []
@@ -309,6 +314,7 @@ def finish_rootfs(
     masks: list[tuple[str, bool]],
     *,
     cgroup2: bool,
+    sysfs: bool = True,
 ) -> None:
     """Half 2 (PID 1, container namespaces): system mounts, masks, pivot_root, user mounts.
 
@@ -319,7 +325,8 @@ def finish_rootfs(
     with libc.named("chdir", "rootfs"):
         os.chdir("rootfs")
     _forbid_nested_user_namespaces()
-    libc.mount("sysfs", _plain_dir(".", "sys"), "sysfs", _PROC_FLAGS | libc.MS_RDONLY)
+    if sysfs:  # else mount_sysfs did, before the user namespace
+        libc.mount("sysfs", _plain_dir(".", "sys"), "sysfs", _PROC_FLAGS | libc.MS_RDONLY)
     if cgroup2:
         with contextlib.suppress(SetupError):
             libc.mount("cgroup2", "sys/fs/cgroup", "cgroup2", _PROC_FLAGS | libc.MS_RDONLY)

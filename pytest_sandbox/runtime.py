@@ -24,8 +24,10 @@ from .client import LauncherClient
 from .errors import InvalidSpecError, SetupError
 from .hostbase import HostLayout, ensure_skeleton
 from .image import Image
+from .ipam import DEFAULT_POOLS, AddressPool, parse_address_pools
 from .launcher import trace
 from .naming import ID_RANGE
+from .networking import Networks
 from .spec import OverlaySpec
 
 DEFAULT_UID_BASE = 1_000_000_000
@@ -83,12 +85,19 @@ def _is_tmpfs(path: str) -> bool:
     return False
 
 
+def default_address_pools() -> tuple[AddressPool, ...]:
+    """Subnets for ``sandbox.network()``: ``$PYTEST_SANDBOX_ADDRESS_POOLS`` or 10.243.0.0/16 in /24s."""
+    raw = os.environ.get("PYTEST_SANDBOX_ADDRESS_POOLS", "")
+    return parse_address_pools(raw, what="PYTEST_SANDBOX_ADDRESS_POOLS") if raw.strip() else DEFAULT_POOLS
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     data_root: str = field(default_factory=default_data_root)
     state_parent: str = field(default_factory=default_state_parent)
     uid_base: int = field(default_factory=default_uid_base)
     cgroup_root: str = "/sys/fs/cgroup"
+    address_pools: tuple[AddressPool, ...] = field(default_factory=default_address_pools)
 
 
 class Runtime:
@@ -106,6 +115,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._skeleton: tuple[str, HostLayout] | None = None
         self._swept = False
+        self._networks: Networks | None = None
         self.closed = False
         trace.enable()  # only if $PYTEST_SANDBOX_TRACE names a file
 
@@ -129,6 +139,17 @@ class Runtime:
                 self._skeleton = ensure_skeleton(self.config.data_root)
         return image.overlays(*self._skeleton)
 
+    @property
+    def networks(self) -> Networks:
+        """This process's private networks (the hub namespace is made on first use)."""
+        with self._lock:
+            if self._networks is None:
+                self._networks = Networks(self.config.address_pools, owner=self.owner)
+            return self._networks
+
+    def networks_if_made(self) -> Networks | None:
+        return self._networks
+
     def container_dir(self, container_id: str) -> str:
         return os.path.join(self.state_dir, naming.container_dir_name(container_id))
 
@@ -148,6 +169,8 @@ class Runtime:
         """Stop the launcher (which removes every container, cgroup and state directory)."""
         self.closed = True
         self.client.close()
+        if self._networks is not None:
+            self._networks.close()
         with contextlib.suppress(OSError):
             remove_tree(self.state_dir)
 
@@ -179,6 +202,16 @@ def configure(config: RuntimeConfig) -> None:
     """Set the configuration the next runtime is created with (the pytest plugin calls this)."""
     global _config
     _config = config
+
+
+def current_config() -> RuntimeConfig:
+    """The configuration in effect: what :func:`configure` set, else the runtime's, else defaults."""
+    with _runtime_lock:
+        if _config is not None:
+            return _config
+        if _runtime is not None and not _runtime.closed and _runtime.pid == os.getpid():
+            return _runtime.config
+    return RuntimeConfig()
 
 
 def get_runtime() -> Runtime:

@@ -26,12 +26,31 @@ from .container import Container, Result, read_logs, result_from_info
 from .errors import InvalidSpecError, LauncherError, SandboxError, SandboxTimeoutError
 from .image import Image
 from .launcher import trace
+from .networking import Attached, Network
 from .runtime import Runtime, get_runtime
-from .spec import OPTION_NAMES, ContainerSpec, Options, ProcessSpec, parse_argv, parse_env, parse_options
+from .spec import (
+    OPTION_NAMES,
+    BindMount,
+    ContainerSpec,
+    Options,
+    ProcessSpec,
+    parse_argv,
+    parse_env,
+    parse_options,
+)
 
 
 def _hosts_file(hostname: str) -> str:
     return f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+
+
+def _check_networks(networks: tuple[object, ...]) -> tuple[Network, ...]:
+    for n in networks:
+        if not isinstance(n, Network):
+            raise InvalidSpecError(f"network={n!r}: expected a Network from sandbox.network(), or None")
+        if n.closed:
+            raise InvalidSpecError(f"network={n!r}: this network is closed (its fixture scope has ended)")
+    return tuple(n for n in networks if isinstance(n, Network))
 
 
 def _with_image_config(options: Options, given: Mapping[str, Any], image: Image) -> Options:
@@ -53,6 +72,11 @@ class _Planned:
     options: Options
     image: Image
     directory: str
+    attached: Attached | None = None  # its networks, until it is removed
+
+    def release(self) -> None:
+        if self.attached is not None:
+            self.attached.release()
 
 
 class Sandbox:
@@ -68,6 +92,7 @@ class Sandbox:
         self.defaults = dict(defaults or {})
         self._runtime = runtime
         self._containers: list[Container] = []
+        self._networks: list[Network] = []
         self._removals: list[Future[dict[str, Any]]] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -85,6 +110,21 @@ class Sandbox:
             return list(self._containers)
 
     # -- public API ------------------------------------------------------------------------
+
+    def network(self, subnet: str | None = None, name: str | None = None) -> Network:
+        """A private network (a bridge with its own subnet), removed when this handle closes.
+
+        Containers started with ``network=net`` (or a list) get an address on it and reach each
+        other by address, name and ``aliases=``; nothing else reaches them but the test, through
+        ``container.address(port)``.  ``subnet`` (e.g. ``"10.50.0.0/24"``) defaults to the next
+        free one of the address pools (ini ``sandbox_address_pools``).
+        """
+        if self._closed:
+            raise SandboxError("this sandbox handle is closed (its fixture scope has ended)")
+        network = self.runtime.networks.create(subnet=subnet, name=name)
+        with self._lock:
+            self._networks.append(network)
+        return network
 
     def run(self, cmd: object, *, image: Image | None = None, **opts: Any) -> Result:
         """Run ``cmd`` to completion in a fresh container and return its :class:`Result`.
@@ -109,6 +149,7 @@ class Sandbox:
                 # Killed before the command even started: the launcher reports a setup that
                 # died, but what the caller asked for is a time limit, and it was reached.
                 self._remove_later(planned.spec.id)
+                planned.release()
                 raise SandboxTimeoutError(
                     f"{list(planned.spec.process.argv)} did not start within {timeout} s; killed",
                     result=None,
@@ -117,7 +158,9 @@ class Sandbox:
             timed_out = True
         except BaseException:
             self._remove_later(planned.spec.id)
+            planned.release()
             raise
+        planned.release()  # the command has exited; the namespace lives while processes are in it
         out, err = read_logs(planned.directory)
         result = result_from_info(info, out, err, planned.spec.process.argv)
         trace.event("client: result")
@@ -143,6 +186,7 @@ class Sandbox:
             reply = self._create(planned, until_exit=False).result()
         except BaseException:
             self._remove_later(planned.spec.id)
+            planned.release()
             raise
         container = Container(
             self.runtime,
@@ -152,6 +196,7 @@ class Sandbox:
             name=planned.options.name,
             pid=int(reply["pid"]),
             init_pid=int(reply["init_pid"]),
+            attached=planned.attached,
         )
         with self._lock:
             self._containers.append(container)
@@ -165,6 +210,7 @@ class Sandbox:
         with self._lock:
             containers, self._containers = self._containers, []
             removals, self._removals = self._removals, []
+            networks, self._networks = self._networks, []
         errors: list[BaseException] = []
         for c in reversed(containers):
             try:
@@ -176,6 +222,11 @@ class Sandbox:
                 future.result(timeout=60)
             except LauncherError:
                 pass  # the launcher is gone: it took everything with it
+            except Exception as e:
+                errors.append(e)
+        for network in networks:
+            try:
+                network.close()
             except Exception as e:
                 errors.append(e)
         if errors:
@@ -228,10 +279,12 @@ class Sandbox:
             etc_files=(("hostname", hostname + "\n"), ("hosts", _hosts_file(hostname))),
             read_only=options.read_only,
         )
+        networks = _check_networks(options.networks)
         directory = rt.container_dir(cid)  # inside the state directory rt.info() made private
         # 0711: the container's init (an unprivileged host uid) must traverse it to reach rootfs/
         # during setup; the state directory above stays 0700, so no host user can get here.
         os.mkdir(directory)
+        attached: Attached | None = None
         try:
             os.chmod(directory, 0o711)
             if options.input is not None:
@@ -239,10 +292,29 @@ class Sandbox:
                 with open(stdin, "wb") as f:
                     f.write(options.input)
                 spec = dataclasses.replace(spec, stdin=stdin)
+            if networks:
+                names = [options.name or cid, *options.aliases]
+                attached = rt.networks.attach(networks, names)
+                spec = self._networked(spec, attached, list(dict.fromkeys([*names, hostname])), directory)
         except BaseException:
+            if attached is not None:
+                attached.release()
             remove_tree(directory)
             raise
-        return _Planned(spec, options, image, directory)
+        return _Planned(spec, options, image, directory, attached)
+
+    def _networked(
+        self, spec: ContainerSpec, attached: Attached, names: list[str], directory: str
+    ) -> ContainerSpec:
+        """The spec of a container joining its prepared namespace, with a live /etc/hosts."""
+        hosts = os.path.join(directory, "hosts")
+        with open(hosts, "x") as f:
+            f.write(self.runtime.networks.hosts_file(attached, names))
+        mounts = spec.mounts
+        if not any(m.target == "/etc/hosts" for m in mounts):  # the user's own /etc/hosts wins
+            mounts = (*mounts, BindMount(hosts, "/etc/hosts", read_only=True))
+        self.runtime.networks.join(attached, spec.id, names, hosts)
+        return dataclasses.replace(spec, netns=attached.netns_path, mounts=mounts)
 
     def _create(self, planned: _Planned, *, until_exit: bool) -> Future[dict[str, Any]]:
         try:

@@ -92,6 +92,8 @@ class Options:
     read_only: bool = False
     input: bytes | None = None
     cgroup: bool = True
+    networks: tuple[object, ...] = ()  # pytest_sandbox.networking.Network objects (checked there)
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,9 @@ class ContainerSpec:
     etc_files: tuple[tuple[str, str], ...] = ()
     read_only: bool = False
     stdin: str | None = None
+    # A network namespace prepared for the container (pytest_sandbox.networking), as a path the
+    # first process opens while still host root; None: the container makes its own (loopback only).
+    netns: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -125,6 +130,7 @@ class ContainerSpec:
             "etc_files": [list(kv) for kv in self.etc_files],
             "read_only": self.read_only,
             "stdin": self.stdin,
+            "netns": self.netns,
         }
 
     @classmethod
@@ -139,6 +145,7 @@ class ContainerSpec:
             limits=Limits.from_wire(d["limits"]),
             cgroup=d["cgroup"],
             etc_files=tuple((k, v) for k, v in d["etc_files"]),
+            netns=d.get("netns"),
             read_only=d["read_only"],
             stdin=d["stdin"],
         )
@@ -340,15 +347,18 @@ def parse_options(
     tmpfs: object = None,
     timeout: object = None,
     network: object = None,
+    aliases: object = None,
     read_only: object = False,
     input: object = None,
     cgroup: object = True,
 ) -> Options:
     """Validate every keyword of run()/start(); raise InvalidSpecError before anything exists."""
-    if network is not None:
-        raise InvalidSpecError(
-            f"network={network!r}: only network=None (loopback only) is supported in this version"
-        )
+    networks = _as_tuple(network)
+    if len(set(map(id, networks))) != len(networks):
+        raise InvalidSpecError(f"network={network!r}: a network is listed twice")
+    alias_names = parse_aliases(aliases)
+    if alias_names and not networks:
+        raise InvalidSpecError(f"aliases={aliases!r}: aliases are names on a network; give network= too")
     if name is not None and (not isinstance(name, str) or not valid_name(name)):
         raise InvalidSpecError(
             f"name={name!r}: expected letters, digits, '_', '.', '-' (starting with a letter or digit), "
@@ -381,7 +391,33 @@ def parse_options(
         read_only=read_only,
         input=None if input is None else bytes(input),
         cgroup=cgroup,
+        networks=networks,
+        aliases=alias_names,
     )
+
+
+def _as_tuple(value: object) -> tuple[object, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,)
+
+
+def parse_aliases(aliases: object) -> tuple[str, ...]:
+    """More names for the container on its networks (Docker's ``--network-alias``)."""
+    if aliases is None:
+        return ()
+    items = [aliases] if isinstance(aliases, str) else aliases
+    if not isinstance(items, (list, tuple)):
+        raise InvalidSpecError(f"aliases={aliases!r}: expected a name or a list of names")
+    for a in items:
+        if not isinstance(a, str) or not valid_name(a):
+            raise InvalidSpecError(
+                f"aliases: {a!r}: expected letters, digits, '_', '.', '-' (starting with a letter or digit), "
+                "at most 63 characters"
+            )
+    return tuple(items)
 
 
 OPTION_NAMES = frozenset(inspect.signature(parse_options).parameters)

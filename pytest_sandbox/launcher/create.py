@@ -16,6 +16,10 @@ Order (each step needs the one before; see DESIGN.md "How a container is born"):
    CAP_SETUID in the *parent* namespace may write a multi-id map); become root in it.
 4. unshare mount, UTS, IPC, network and cgroup namespaces, all owned by the new user namespace,
    so the container's root has capabilities over them (it can bind port 80, set its hostname).
+   A container on a private network joins instead the network namespace pytest prepared for it
+   (owned by the host's user namespace: see :mod:`pytest_sandbox.network`), in step 2, while it
+   is still host root -- and mounts its /sys there, as a user namespace that does not own the
+   network namespace may not mount sysfs (``net_current_may_mount``).
 5. finish the rootfs, pivot, and become init (:func:`~pytest_sandbox.launcher.init.run_init`).
 """
 
@@ -41,6 +45,7 @@ from .protocol import write_event
 NAMESPACES = (
     libc.CLONE_NEWNS | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC | libc.CLONE_NEWNET | libc.CLONE_NEWCGROUP
 )
+NAMESPACES_BUT_NET = NAMESPACES & ~libc.CLONE_NEWNET
 
 
 def open_stdio(stdin: str | None, stdout: str, stderr: str) -> None:
@@ -93,6 +98,16 @@ def become_namespace_root() -> None:
     libc.prctl(libc.PR_SET_DUMPABLE, 0)
     libc.join_new_session_keyring()
     os.umask(0o022)
+
+
+def _join_prepared_netns(path: str) -> None:
+    """setns into the network namespace pytest made for this container (``/proc/<pid>/fd/<n>``)."""
+    with libc.named("open", path):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        libc.setns(fd, libc.CLONE_NEWNET)  # EINVAL unless the fd is a network namespace
+    finally:
+        os.close(fd)
 
 
 def launcher_gone(lifeline_fd: int) -> bool:
@@ -156,6 +171,9 @@ def _become_container(
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
     binds = rootfs.mount_image(spec, dirs, ctx.idmap_fd, ctx.root_uid)
     rootfs.mount_proc(dirs.rootfs)
+    if spec.netns is not None:
+        _join_prepared_netns(spec.netns)
+        rootfs.mount_sysfs(dirs.rootfs)  # tagged with the namespace just joined: its interfaces
     trace.event("first: image mounted")
     with libc.named("chdir", dirs.base):
         os.chdir(dirs.base)  # we continue from here by relative paths (see finish_rootfs)
@@ -168,10 +186,13 @@ def _become_container(
     os.close(pipes.go_fd)
     trace.event("first: id maps written")
     become_namespace_root()
-    libc.unshare(NAMESPACES)
+    if spec.netns is None:
+        libc.unshare(NAMESPACES)
+        libc.loopback_up()  # 127.0.0.1 works inside, as in Docker's network=none
+    else:
+        libc.unshare(NAMESPACES_BUT_NET)  # joined in step 2; pytest brought lo and eth* up
     libc.sethostname(spec.hostname)
-    libc.loopback_up()  # 127.0.0.1 works inside, as in Docker's network=none
     trace.event("first: namespaces unshared")
-    rootfs.finish_rootfs(spec, binds, ctx.masks, cgroup2=ctx.cgroup2)
+    rootfs.finish_rootfs(spec, binds, ctx.masks, cgroup2=ctx.cgroup2, sysfs=spec.netns is None)
     trace.event("init: rootfs ready")
     run_init(spec.process, spec.hostname, pipes.status_fd, ctx.lifeline_fd)

@@ -17,7 +17,7 @@ from .. import libc
 from ..cgroups.base import Cgroup
 from ..spec import ProcessSpec
 from . import trace
-from .create import NAMESPACES, become_namespace_root, open_stdio
+from .create import NAMESPACES_BUT_NET, become_namespace_root, open_stdio
 from .init import report_setup_failure
 from .process import launch, prepare
 from .protocol import write_event
@@ -47,7 +47,12 @@ def exec_main(
         libc.prctl(libc.PR_SET_DUMPABLE, 0)
         if cgroup is not None:
             cgroup.attach(0)
-        libc.setns(init_pidfd, libc.CLONE_NEWUSER | libc.CLONE_NEWPID | NAMESPACES)
+        # The network namespace first, while host root: one prepared by pytest is owned by the
+        # host's user namespace, and once in the container's user namespace we would have no
+        # capability over it (setns(2) checks each namespace with the credentials of the user
+        # namespace joined in the same call).
+        libc.setns(init_pidfd, libc.CLONE_NEWNET)
+        libc.setns(init_pidfd, libc.CLONE_NEWUSER | libc.CLONE_NEWPID | NAMESPACES_BUT_NET)
         os.close(init_pidfd)
         become_namespace_root()
         pid = launch(prepare(proc, hostname))
