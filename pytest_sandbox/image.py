@@ -4,19 +4,30 @@ An :class:`Image` is a tuple of host directories, lowest first, optionally on to
 (:mod:`pytest_sandbox.hostbase`).  Layer directories are never modified: each container gets its
 own writable upper layer.  Layers are checked when the image is made *and* when a container
 starts (a directory may vanish in between), always before anything is created.
+
+Images also live in the local store (:mod:`pytest_sandbox.store`): ``Image.load("app:1")``,
+``image.tag("app:1")``, ``Image.pull(ref)``.  A stored image's layers are the store's layer
+directories, so an image stays "a stack of dirs".  ``from_layers`` never copies anything;
+storing happens when an image is tagged, built upon (build steps: :mod:`pytest_sandbox.build`),
+committed or exported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidSpecError, LayerNotADirectoryError, LayerNotFoundError, LayerPermissionError
 from .hostbase import HostLayout
 from .spec import OverlaySpec
+
+if TYPE_CHECKING:
+    from .store import ImageRecord, Store
 
 PathLike = str | os.PathLike[str]
 
@@ -44,12 +55,42 @@ class ImageConfig:
 
 
 @dataclass(frozen=True)
+class History:
+    """One build step of an image (OCI config ``history``); ``empty_layer`` for config-only steps."""
+
+    created: str = ""
+    created_by: str = ""
+    empty_layer: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"created": self.created, "created_by": self.created_by}
+        if self.empty_layer:
+            data["empty_layer"] = True
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> History:
+        if not isinstance(data, dict):
+            raise InvalidSpecError(f"history entry {data!r}: expected a mapping")
+        return cls(
+            str(data.get("created") or ""), str(data.get("created_by") or ""), bool(data.get("empty_layer"))
+        )
+
+
+@dataclass(frozen=True)
 class Image:
-    """A stack of read-only layer directories (lowest first), on the host base unless ``host=False``."""
+    """A stack of read-only layer directories (lowest first), on the host base unless ``host=False``.
+
+    ``history`` describes the lowest layers (and config steps) when the image came from the store
+    or a build; ``store`` and ``image_id`` are set on images loaded, built or tagged there.
+    """
 
     layers: tuple[str, ...] = ()
     host: bool = True
     config: ImageConfig = field(default_factory=ImageConfig)
+    history: tuple[History, ...] = ()
+    store: Store | None = field(default=None, compare=False, repr=False)
+    image_id: str | None = field(default=None, compare=False)
 
     @classmethod
     def host_base(cls) -> Image:
@@ -57,10 +98,15 @@ class Image:
         return cls((), True)
 
     @classmethod
-    def from_layers(cls, *dirs: PathLike, base: Image | _Default | None = DEFAULT_BASE) -> Image:
+    def from_layers(
+        cls, *dirs: PathLike, base: Image | _Default | None = DEFAULT_BASE, store: Store | None = None
+    ) -> Image:
         """Stack ``dirs`` (lowest first) on ``base``: the host base by default, None for nothing.
 
-        ``Image.from_layers(busybox_dir, base=None)`` is an image made only of that layer.
+        ``Image.from_layers(busybox_dir, base=None)`` is an image made only of that layer;
+        ``base`` may be any image (loaded, pulled, imported, built): its config comes along.
+        Nothing is copied.  ``store`` is where tag() and build steps keep it (default: the
+        store under the data root, or the base's).
         """
         if isinstance(base, _Default):
             base = cls.host_base()
@@ -69,16 +115,102 @@ class Image:
                 f"base={base!r}: expected an Image, or None for an image of only these layers"
             )
         layers = tuple(check_layer(d, i) for i, d in enumerate(dirs))
+        added = tuple(History(created_by="from_layers") for _ in layers)
         if base is None:
             if not layers:
                 raise InvalidSpecError(
                     "an image needs at least one layer: pass a directory, or keep the host base"
                 )
-            image = cls(layers, False)
+            image = cls(layers, False, history=added, store=store)
+        elif not layers:
+            return base if store is None or store == base.store else dataclasses.replace(base, store=store)
         else:
-            image = cls(base.layers + layers, base.host)
+            image = cls(
+                base.layers + layers, base.host, base.config, base.history + added, store=store or base.store
+            )
         _check_not_nested(image.layers)
         return image
+
+    # -- the store -------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, ref: str, *, store: Store | None = None) -> Image:
+        """The image ``ref`` (``name[:tag]``, ``name@sha256:..`` or ``sha256:<id>``) from the store."""
+        from .store import Store
+
+        st = store or Store.default()
+        image_id = st.resolve_id(ref)
+        return cls.from_record(st.get_image(image_id), st, image_id)
+
+    @classmethod
+    def pull(cls, ref: str) -> Image:
+        """Pull ``ref`` from its registry into the default store (skipping layers already there)."""
+        from .registry import pull_image
+
+        return pull_image(ref)
+
+    @classmethod
+    def from_record(cls, record: ImageRecord, store: Store, image_id: str | None = None) -> Image:
+        """The image a store record describes (its layers are the store's layer directories)."""
+        return cls(
+            tuple(store.layer_path(d) for d in record.layers),
+            record.host_base,
+            record.config,
+            record.history,
+            store=store,
+            image_id=image_id or record.id,
+        )
+
+    def save(self, *, store: Store | None = None) -> Image:
+        """This image, stored (layers copied in unless they are already there): it has an image_id."""
+        from .build import save_image
+
+        return save_image(self, store)
+
+    def tag(self, ref: str, *, store: Store | None = None) -> Image:
+        """Store this image and name it ``ref`` (``name[:tag]``); the stored image."""
+        from .build import tag_image
+
+        return tag_image(self, ref, store)
+
+    # -- build steps (each returns a new image; cached on parent, step and inputs) ---------
+
+    def copy(self, src: PathLike, dst: str) -> Image:
+        """A layer with ``src`` (a host file or directory) at ``dst`` in the image, owned by root.
+
+        As Dockerfile's COPY: a directory's *contents* go into ``dst``; a file goes to ``dst``,
+        or into it when ``dst`` ends with ``/``.
+        """
+        from .build import copy_step
+
+        return copy_step(self, src, dst)
+
+    def env(self, env: Mapping[str, str] | None = None, /, **kwargs: str) -> Image:
+        """The image with environment variables set (``.env(K="v")`` or ``.env({"K": "v"})``)."""
+        from .build import env_step
+
+        return env_step(self, {**(env or {}), **kwargs})
+
+    def workdir(self, path: str) -> Image:
+        """The image with its working directory set (absolute, inside the container)."""
+        from .build import workdir_step
+
+        return workdir_step(self, path)
+
+    def user(self, user: str | int) -> Image:
+        """The image with its default user set (``"1000"``, ``"1000:1000"``, ``"app"``...)."""
+        from .build import user_step
+
+        return user_step(self, user)
+
+    def run(self, cmd: Sequence[str], *, timeout: float | None = None) -> Image:
+        """Run ``cmd`` in a container of this image; what it wrote becomes a new layer.
+
+        Deletions become whiteouts.  A command that fails raises BuildError with its output.
+        """
+        from .build import run_step
+
+        return run_step(self, cmd, timeout=timeout)
 
     def check(self) -> None:
         """Raise a typed error if any layer is gone or unreadable (before a container starts)."""

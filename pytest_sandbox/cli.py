@@ -1,0 +1,268 @@
+"""The command-line tool: ``python -m pytest_sandbox`` / ``pytest-sandbox``, to prepare images.
+
+    pytest-sandbox images                 list stored images
+    pytest-sandbox pull REF               from a registry (REF: [host[:port]/]name[:tag][@digest])
+    pytest-sandbox push REF               to the registry REF names
+    pytest-sandbox import SRC REF         SRC: oci:DIR[:TAG] or docker-archive:FILE (skopeo's names)
+    pytest-sandbox export REF DST         DST: oci:DIR[:TAG] or docker-archive:FILE
+    pytest-sandbox tag REF NEWREF         another name for an image
+    pytest-sandbox rmi REF...             remove tags (an image goes with its last tag)
+    pytest-sandbox prune                  remove untagged images and unreferenced layers
+    pytest-sandbox inspect REF...         an image's record as JSON
+
+The store is ``<data root>/store``: ``--data-root``, else ``$PYTEST_SANDBOX_DATA_ROOT``, else
+``~/.cache/pytest-sandbox`` -- the same one the pytest plugin uses.  Registries reached over plain
+http and mirrors come from ``--insecure-registry``/``--registry-mirror``, else
+``$PYTEST_SANDBOX_INSECURE_REGISTRIES``/``$PYTEST_SANDBOX_REGISTRY_MIRRORS``.  An error prints its
+message and hint on stderr and exits 1 (2 for a usage error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from . import registry
+from .errors import SandboxError
+from .reference import parse_reference
+from .store import Store
+
+
+def _store(args: argparse.Namespace) -> Store:
+    from .runtime import default_data_root
+
+    root = os.path.abspath(os.path.expanduser(args.data_root)) if args.data_root else default_data_root()
+    return Store(os.path.join(root, "store"))
+
+
+def _client(args: argparse.Namespace, ref: str) -> registry.RegistryClient:
+    env = registry.RegistrySettings.from_env()
+    settings = registry.RegistrySettings.parse(
+        ",".join(args.insecure_registry) if args.insecure_registry else ",".join(env.insecure),
+        ",".join(args.registry_mirror)
+        if args.registry_mirror
+        else ",".join(f"{origin}={mirror}" for origin, mirror in env.mirrors),
+        source="--insecure-registry/--registry-mirror",
+    )
+    host, _ = registry.registry_repository(parse_reference(ref))
+    return registry.RegistryClient(host, settings=settings)
+
+
+def _short(image_id: str) -> str:
+    return image_id.removeprefix("sha256:")[:12]
+
+
+def _ago(created: str) -> str:
+    try:
+        then = datetime.datetime.fromisoformat(created.replace("Z", "+00:00"))
+    except ValueError:
+        return created or "-"
+    seconds = (datetime.datetime.now(datetime.timezone.utc) - then).total_seconds()
+    for unit, length in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= length:
+            n = int(seconds // length)
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return "just now"
+
+
+def cmd_images(args: argparse.Namespace, out: TextIO) -> int:
+    store = _store(args)
+    rows: list[tuple[str, ...]] = []
+    for image in store.images():
+        size = sum(store.layer_info(d).size for d in image.record.layers if store.has_layer(d))
+        base = "host+" if image.record.host_base else ""
+        for name in image.refs or ("<none>",):
+            if args.quiet:
+                rows.append((_short(image.id),))
+                continue
+            repo, _, tag = name.rpartition(":") if name != "<none>" else ("<none>", "", "<none>")
+            rows.append(
+                (
+                    repo,
+                    tag,
+                    _short(image.id),
+                    _ago(image.record.created),
+                    f"{base}{len(image.record.layers)}",
+                    registry.human_size(size, sep=""),
+                )
+            )
+    if args.quiet:
+        seen = dict.fromkeys(r[0] for r in rows)
+        out.writelines(f"{i}\n" for i in seen)
+        return 0
+    header = ("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "LAYERS", "SIZE")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        out.write("   ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace, out: TextIO) -> int:
+    result = registry.pull(
+        args.ref, _store(args), client=_client(args, args.ref), quiet=args.quiet, progress=sys.stderr
+    )
+    out.write(f"{result.ref or result.image_id}\n")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
+    result = registry.push(
+        args.ref, _store(args), client=_client(args, args.ref), quiet=args.quiet, progress=sys.stderr
+    )
+    out.write(f"{args.ref}@{result.manifest_digest}\n")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
+    from . import oci
+
+    image_id = oci.import_image(args.src, args.ref, store=_store(args))
+    out.write(f"{args.ref or image_id}\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
+    from . import oci
+
+    oci.export_image(args.ref, args.dst, store=_store(args))
+    out.write(f"{args.dst}\n")
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace, out: TextIO) -> int:
+    store = _store(args)
+    name = store.tag(args.new_ref, store.resolve_id(args.ref))
+    out.write(f"{name}\n")
+    return 0
+
+
+def cmd_rmi(args: argparse.Namespace, out: TextIO) -> int:
+    store = _store(args)
+    for ref in args.refs:
+        for name in store.remove(ref):
+            out.write(f"Untagged: {name}\n")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
+    removed = _store(args).prune()
+    for digest in removed:
+        out.write(f"deleted layer {digest}\n")
+    out.write(f"{len(removed)} layer(s) removed\n")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
+    store = _store(args)
+    docs = []
+    for ref in args.refs:
+        image_id = store.resolve_id(ref)
+        record = store.get_image(image_id)
+        doc = {
+            "Id": image_id,
+            "RepoTags": sorted(n for n, i in store.refs().items() if i == image_id),
+            **record.to_json(),
+            "Layers": [
+                {"digest": d, "path": store.layer_path(d), "size": store.layer_info(d).size}
+                for d in record.layers
+            ],
+        }
+        doc.pop("layers", None)
+        docs.append(doc)
+    json.dump(docs, out, indent=2)
+    out.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pytest-sandbox",
+        description="Manage the images pytest_sandbox runs: the store, registries, OCI layouts, archives.",
+    )
+    parser.add_argument(
+        "--data-root",
+        help="where images are stored (default: $PYTEST_SANDBOX_DATA_ROOT or ~/.cache/pytest-sandbox)",
+    )
+    parser.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]|CIDR",
+        help="a registry reached over plain http (repeatable; default $PYTEST_SANDBOX_INSECURE_REGISTRIES)",
+    )
+    parser.add_argument(
+        "--registry-mirror",
+        action="append",
+        default=[],
+        metavar="[ORIGIN=]MIRROR",
+        help="a mirror tried before the registry (repeatable; default $PYTEST_SANDBOX_REGISTRY_MIRRORS)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("images", help="list stored images")
+    p.add_argument("-q", "--quiet", action="store_true", help="image ids only")
+    p.set_defaults(func=cmd_images)
+
+    p = sub.add_parser("pull", help="pull an image from a registry")
+    p.add_argument("ref", metavar="REF", help="[registry-host[:port]/]name[:tag][@sha256:...]")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("push", help="push a stored image to the registry its name says")
+    p.add_argument("ref", metavar="REF", help="registry-host[:port]/name[:tag]")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("import", help="import an OCI layout or a docker-archive")
+    p.add_argument("src", metavar="SRC", help="oci:DIR[:TAG] or docker-archive:FILE")
+    p.add_argument("ref", metavar="REF", nargs="?", help="the name to give it (default: the archive's own)")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="export an image as an OCI layout or a docker-archive")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("dst", metavar="DST", help="oci:DIR[:TAG] or docker-archive:FILE")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("tag", help="give an image another name")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("new_ref", metavar="NEWREF")
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("rmi", help="remove tags (an image goes with its last tag; layers at prune)")
+    p.add_argument("refs", metavar="REF", nargs="+")
+    p.set_defaults(func=cmd_rmi)
+
+    p = sub.add_parser("prune", help="remove untagged images and the layers nothing uses")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("inspect", help="show images' records as JSON")
+    p.add_argument("refs", metavar="REF", nargs="+")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args, sys.stdout)
+    except SandboxError as e:
+        sys.stderr.write(f"pytest-sandbox {args.command}: error: {e.message}\n")
+        if e.hint:
+            sys.stderr.write(f"  hint: {e.hint}\n")
+        return 1
+    except OSError as e:
+        sys.stderr.write(f"pytest-sandbox {args.command}: error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"pytest-sandbox {args.command}: interrupted\n")
+        return 130
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

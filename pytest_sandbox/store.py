@@ -1,0 +1,908 @@
+"""The local image store: content-addressed layers, image records, tags, a build cache.
+
+Layout under ``root`` (``<data_root>/store``; the data root is ini ``sandbox_data_root``, env
+``PYTEST_SANDBOX_DATA_ROOT``, default ``~/.cache/pytest-sandbox``)::
+
+    layers/sha256/<hex>/diff/        the layer, an overlay-format directory (an overlay lower)
+    layers/sha256/<hex>/meta.json    {digest, parent, created, created_by, size}
+    images/sha256/<hex>.json         an image record; the image id is sha256 of this file
+    refs.json                        {"name:tag": "sha256:<image id>"}, many tags per image
+    cache/dirs/<key>.json            stat snapshot of a directory -> its layer / content digest
+    cache/build/<key>                build cache: (parent image, step, inputs) -> image id
+    locks/<key>.lock                 per-key locks (a layer being imported, a step being built)
+    lock                             the store-wide lock (refs.json, prune)
+    tmp/psbx-<pid>-<start>/...       work in progress, swept once its owner process is dead
+
+A layer's digest is its ``diff_id``: sha256 of the deterministic uncompressed tar
+(:mod:`pytest_sandbox.layertar`) of the directory.  Ownership in layers is numeric and relative
+to the container (uid 0 = container root; lower layers are idmapped when mounted).
+
+Every write is made in ``tmp/`` and renamed into place, so a reader never sees half a layer or
+half a record; a lock file per key (package ``filelock``) makes two xdist workers that ask for
+the same layer or build step do the work once -- the second waits, then finds it done.
+
+Reusing an unchanged directory reads no file contents: its digest is cached against a *stat
+snapshot* (every entry's name, inode, mode, owner, size, mtime and ctime; any write, chmod,
+chown, xattr change, rename or link changes a ctime or a directory's mtime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import hashlib
+import json
+import os
+import stat
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, BinaryIO
+
+from filelock import FileLock
+
+from . import naming
+from .cleanup import remove_tree
+from .errors import (
+    ImageNotFoundError,
+    InvalidSpecError,
+    LayerNotADirectoryError,
+    LayerNotFoundError,
+    LayerTarError,
+)
+from .image import History, ImageConfig
+from .reference import Reference, is_digest, parse_digest, parse_reference
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_KEEP_OVERLAY_XATTRS = frozenset({"trusted.overlay.opaque"})
+RECORD_SCHEMA = 1
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+# -- records -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One stored layer: its digest (diff_id), where its directory is, and its metadata."""
+
+    digest: str
+    path: str
+    parent: str | None = None
+    created: str = ""
+    created_by: str = ""
+    size: int = 0
+
+
+def config_to_json(config: ImageConfig) -> dict[str, Any]:
+    return {
+        "env": [[k, v] for k, v in config.env],
+        "workdir": config.workdir,
+        "user": config.user,
+        "cmd": list(config.cmd),
+        "entrypoint": list(config.entrypoint),
+    }
+
+
+def config_from_json(data: Mapping[str, Any]) -> ImageConfig:
+    return ImageConfig(
+        env=tuple((str(k), str(v)) for k, v in data.get("env") or ()),
+        workdir=data.get("workdir") or None,
+        user=data.get("user") or None,
+        cmd=tuple(str(x) for x in data.get("cmd") or ()),
+        entrypoint=tuple(str(x) for x in data.get("entrypoint") or ()),
+    )
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """An image as the store keeps it: layer digests (bottom first), config, base, history.
+
+    ``history`` may be given as dicts ``{created, created_by[, empty_layer]}``; entries that are
+    not ``empty_layer`` match the layers one to one, bottom first.  ``parent`` is the image a
+    build step or commit started from (kept so ``prune`` keeps the ancestors of tagged images).
+    """
+
+    layers: tuple[str, ...] = ()
+    config: ImageConfig = field(default_factory=ImageConfig)
+    host_base: bool = False
+    created: str = ""
+    history: tuple[History, ...] = ()
+    parent: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(parse_digest(d, what="layer") for d in self.layers))
+        object.__setattr__(
+            self,
+            "history",
+            tuple(h if isinstance(h, History) else History.from_json(h) for h in self.history),
+        )
+        if self.parent is not None:
+            parse_digest(self.parent, what="parent image")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": RECORD_SCHEMA,
+            "layers": list(self.layers),
+            "config": config_to_json(self.config),
+            "host_base": self.host_base,
+            "created": self.created,
+            "history": [h.to_json() for h in self.history],
+            "parent": self.parent,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ImageRecord:
+        return cls(
+            layers=tuple(data.get("layers") or ()),
+            config=config_from_json(data.get("config") or {}),
+            host_base=bool(data.get("host_base")),
+            created=str(data.get("created") or ""),
+            history=tuple(History.from_json(h) for h in data.get("history") or ()),
+            parent=data.get("parent") or None,
+        )
+
+    def encode(self) -> bytes:
+        return _canonical(self.to_json())
+
+    @property
+    def id(self) -> str:
+        """The image id: ``sha256:`` of the record's canonical JSON."""
+        return "sha256:" + _sha256_hex(self.encode())
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An entry of :meth:`Store.images`: the image id, its record and the tags naming it."""
+
+    id: str
+    record: ImageRecord
+    refs: tuple[str, ...]
+
+
+# -- stat snapshots ------------------------------------------------------------------------
+
+
+def stat_snapshot(path: str) -> str:
+    """A digest of every entry's stat below ``path`` (lstat, never following a symlink).
+
+    Unchanged tree -> same value, without reading any file's contents.  The ctime catches every
+    change to an inode (a content write, chmod, chown, xattr, utime -- and cannot be set back),
+    the inode number a replacement, the entry list a create, delete or rename.  One fstatat per
+    entry is the whole cost (~1.5 us each on a VM with retpolines).
+    """
+    root = os.open(path, _DIR_FLAGS)
+    h = hashlib.sha256()
+    lstat = os.stat
+    stack: list[tuple[int, str]] = []
+    try:
+        st = os.fstat(root)
+        h.update(repr((st.st_dev, st.st_ino, st.st_mode, st.st_ctime_ns, st.st_mtime_ns)).encode())
+        stack.append((root, ""))
+        root = -1
+        while stack:
+            fd, rel = stack.pop()
+            try:
+                rows = []
+                for name in os.listdir(fd):
+                    s = lstat(name, dir_fd=fd, follow_symlinks=False)
+                    rows.append((name, s.st_ino, s.st_ctime_ns, s.st_mtime_ns, s.st_size, s.st_mode))
+                    if stat.S_ISDIR(s.st_mode):
+                        stack.append((os.open(name, _DIR_FLAGS, dir_fd=fd), f"{rel}/{name}"))
+                rows.sort()
+                h.update(repr((rel, rows)).encode("utf-8", "surrogateescape"))
+            finally:
+                os.close(fd)
+    finally:
+        if root >= 0:
+            os.close(root)
+        for fd, _ in stack:
+            os.close(fd)
+    return h.hexdigest()
+
+
+def file_snapshot(path: str) -> str:
+    s = os.lstat(path)
+    return repr((s.st_dev, s.st_ino, s.st_mode, s.st_uid, s.st_gid, s.st_size, s.st_mtime_ns, s.st_ctime_ns))
+
+
+# -- copying trees -------------------------------------------------------------------------
+
+IdMap = Callable[[int], int]
+
+
+def shift_ids(base: int, size: int = naming.ID_RANGE) -> IdMap:
+    """Host ids ``base..base+size-1`` back to container ids ``0..size-1``; others unchanged."""
+
+    def shift(x: int) -> int:
+        return x - base if base <= x < base + size else x
+
+    return shift
+
+
+def _copy_xattrs(src_fd: int, dst_fd: int) -> None:
+    try:
+        names = os.listxattr(src_fd)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return
+        raise
+    for name in names:
+        if name.startswith("trusted.overlay.") and name not in _KEEP_OVERLAY_XATTRS:
+            continue  # origin, impure, redirect...: handles into the container's lower layers
+        os.setxattr(dst_fd, name, os.getxattr(src_fd, name))
+
+
+def _copy_data(src_fd: int, dst_fd: int, size: int) -> None:
+    offset = 0
+    while True:
+        try:
+            n = os.sendfile(dst_fd, src_fd, offset, max(size - offset, 1 << 20))
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+            os.lseek(src_fd, offset, os.SEEK_SET)
+            while chunk := os.read(src_fd, 1 << 20):
+                os.write(dst_fd, chunk)
+            return
+        if n == 0:
+            return
+        offset += n
+
+
+def copy_tree(
+    src: str,
+    dest: str,
+    *,
+    ids: IdMap | None = None,
+    owner: tuple[int, int] | None = None,
+    skip: Callable[[str], bool] | None = None,
+) -> None:
+    """Copy the tree at ``src`` to ``dest`` (created; must not exist), as an overlay layer holds it.
+
+    fd-based and iterative: no symlink is ever followed on the source side (a running container
+    cannot redirect the copy), depth costs no recursion.  Kept: modes (setuid too), numeric owners
+    (through ``ids``, or all ``owner``), mtimes, hardlinks, xattrs (of ``trusted.overlay.*`` only
+    the opaque mark), whiteouts (character devices 0:0), fifos.  Sockets are skipped; any other
+    device node is refused.  ``skip(rel)`` leaves out an entry (``rel`` is ``a/b``, no leading /).
+    """
+    idmap = ids or (lambda x: x)
+
+    def own(s: os.stat_result) -> tuple[int, int]:
+        return owner if owner is not None else (idmap(s.st_uid), idmap(s.st_gid))
+
+    src_root = os.open(src, _DIR_FLAGS)
+    os.mkdir(dest, 0o700)
+    dst_root = os.open(dest, _DIR_FLAGS)
+    links: dict[tuple[int, int], str] = {}
+    # frames: (src fd, dst fd, rel, remaining names, the directory's stat)
+    stack: list[tuple[int, int, str, list[str], os.stat_result]] = []
+    try:
+        stack.append((src_root, dst_root, "", sorted(os.listdir(src_root), reverse=True), os.fstat(src_root)))
+        while stack:
+            sfd, dfd, rel, names, dst = stack[-1]
+            if not names:
+                stack.pop()
+                try:
+                    os.fchown(dfd, *own(dst))
+                    os.fchmod(dfd, stat.S_IMODE(dst.st_mode))
+                    _copy_xattrs(sfd, dfd)
+                    os.utime(dfd, ns=(dst.st_atime_ns, dst.st_mtime_ns))
+                finally:
+                    os.close(sfd)
+                    os.close(dfd)
+                continue
+            name = names.pop()
+            path = f"{rel}/{name}" if rel else name
+            if skip is not None and skip(path):
+                continue
+            try:
+                s = os.stat(name, dir_fd=sfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # deleted meanwhile (a running container)
+            mode = s.st_mode
+            if stat.S_ISDIR(mode):
+                sub = os.open(name, _DIR_FLAGS, dir_fd=sfd)
+                try:
+                    os.mkdir(name, 0o700, dir_fd=dfd)
+                    dsub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                except BaseException:
+                    os.close(sub)
+                    raise
+                stack.append((sub, dsub, path, sorted(os.listdir(sub), reverse=True), os.fstat(sub)))
+            elif stat.S_ISREG(mode):
+                key = (s.st_dev, s.st_ino)
+                if s.st_nlink > 1 and key in links:
+                    os.link(links[key], path, src_dir_fd=dst_root, dst_dir_fd=dst_root, follow_symlinks=False)
+                    continue
+                copy_file_at(sfd, name, dfd, name, owner=own(s))
+                if s.st_nlink > 1:
+                    links[key] = path
+            elif stat.S_ISLNK(mode):
+                os.symlink(os.readlink(name, dir_fd=sfd), name, dir_fd=dfd)
+                os.chown(name, *own(s), dir_fd=dfd, follow_symlinks=False)
+                os.utime(name, ns=(s.st_atime_ns, s.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)
+            elif (stat.S_ISCHR(mode) and s.st_rdev == 0) or stat.S_ISFIFO(mode):
+                if stat.S_ISFIFO(mode):
+                    os.mkfifo(name, 0o600, dir_fd=dfd)
+                else:
+                    os.mknod(name, stat.S_IFCHR | 0o600, 0, dir_fd=dfd)
+                os.chown(name, *own(s), dir_fd=dfd, follow_symlinks=False)
+                os.chmod(name, stat.S_IMODE(mode), dir_fd=dfd)  # a device or fifo we made: no symlink
+                os.utime(name, ns=(s.st_atime_ns, s.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)
+            elif stat.S_ISSOCK(mode):
+                continue  # a socket is a live endpoint, not content (docker commit drops them too)
+            else:
+                raise InvalidSpecError(
+                    f"{src}/{path}: a device node ({os.major(s.st_rdev)}:{os.minor(s.st_rdev)}); "
+                    "a layer may hold only whiteouts (character devices 0:0)"
+                )
+    finally:
+        for sfd, dfd, *_ in stack:
+            os.close(sfd)
+            os.close(dfd)
+
+
+def copy_file_at(
+    sfd: int,
+    name: str,
+    dfd: int,
+    dest_name: str,
+    *,
+    owner: tuple[int, int] | None = None,
+    ids: IdMap | None = None,
+) -> None:
+    """Copy regular file ``name`` (in directory ``sfd``, not followed if a symlink) to ``dest_name``."""
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=sfd)
+    try:
+        s = os.fstat(src)
+        if not stat.S_ISREG(s.st_mode):
+            raise InvalidSpecError(f"{name!r} is not a regular file (it changed while being copied?)")
+        if owner is None:
+            idmap = ids or (lambda x: x)
+            owner = (idmap(s.st_uid), idmap(s.st_gid))
+        dst = os.open(
+            dest_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd
+        )
+        try:
+            _copy_data(src, dst, s.st_size)
+            os.fchown(dst, *owner)
+            os.fchmod(dst, stat.S_IMODE(s.st_mode))  # after chown, which clears setuid/setgid
+            _copy_xattrs(src, dst)  # after chown, which drops security.capability
+            os.utime(dst, ns=(s.st_atime_ns, s.st_mtime_ns))
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def write_atomic(path: str, data: bytes, *, tmp_dir: str | None = None) -> None:
+    """Write ``data`` to ``path`` (0644) via a temporary file in ``tmp_dir`` and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or os.path.dirname(path), prefix=naming.PREFIX + "-w-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _check_dir(path: object, what: str) -> str:
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise InvalidSpecError(f"{what}={path!r}: expected a directory path")
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise LayerNotFoundError(f"{what}: {path!r} does not exist", path=path, errno=errno.ENOENT) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise LayerNotADirectoryError(f"{what}: {path!r} is not a directory", path=path, errno=errno.ENOTDIR)
+    if real == "/":
+        raise InvalidSpecError(f"{what}: {path!r} is the host's root")
+    return real
+
+
+# -- the store -----------------------------------------------------------------------------
+
+
+class Store:
+    """A local image store at ``root`` (see the module docstring for the layout)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        raw = os.fspath(root)
+        if not isinstance(raw, str) or not raw or "\0" in raw:
+            raise InvalidSpecError(f"store root {root!r}: expected a directory path")
+        self.root = os.path.realpath(os.path.abspath(raw))
+        self._ready = False
+
+    @classmethod
+    def default(cls) -> Store:
+        """The store under the configured data root (``sandbox_data_root`` / env / ~/.cache)."""
+        from .runtime import current_config
+
+        return cls(os.path.join(current_config().data_root, "store"))
+
+    def __repr__(self) -> str:
+        return f"Store({self.root!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Store) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    # -- paths and locks ---------------------------------------------------------------------
+
+    def _p(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    def _ensure(self) -> None:
+        if self._ready:
+            return
+        for sub in ("layers/sha256", "images/sha256", "cache/dirs", "cache/build", "locks"):
+            os.makedirs(self._p(sub), exist_ok=True)
+        os.makedirs(self._p("tmp"), mode=0o700, exist_ok=True)
+        self._sweep_tmp()
+        self._ready = True
+
+    def _sweep_tmp(self) -> None:
+        for name in os.listdir(self._p("tmp")):
+            if naming.parse_owner_tag(name) and not naming.owner_alive(name):
+                with contextlib.suppress(OSError):
+                    remove_tree(self._p("tmp", name))
+
+    def _lock(self, key: str | None = None) -> FileLock:
+        self._ensure()
+        path = self._p("lock") if key is None else self._p("locks", _sha256_hex(key.encode())[:32] + ".lock")
+        return FileLock(path)
+
+    @contextlib.contextmanager
+    def tempdir(self) -> Iterator[str]:
+        """A fresh directory in the store's tmp/ (same filesystem as the store); removed on exit."""
+        self._ensure()
+        owner_dir = self._p("tmp", naming.owner_tag())
+        os.makedirs(owner_dir, mode=0o700, exist_ok=True)
+        path = tempfile.mkdtemp(dir=owner_dir)
+        try:
+            yield path
+        finally:
+            remove_tree(path)
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        self._ensure()
+        write_atomic(path, data, tmp_dir=self._p("tmp"))
+
+    # -- layers ------------------------------------------------------------------------------
+
+    def _layer_dir(self, digest: str) -> str:
+        return self._p("layers", "sha256", parse_digest(digest, what="layer")[7:])
+
+    def layer_path(self, digest: str) -> str:
+        """The layer's diff directory (an overlay lower)."""
+        return os.path.join(self._layer_dir(digest), "diff")
+
+    def has_layer(self, digest: str) -> bool:
+        return os.path.isfile(os.path.join(self._layer_dir(digest), "meta.json"))
+
+    def layer_info(self, digest: str) -> LayerInfo:
+        try:
+            with open(os.path.join(self._layer_dir(digest), "meta.json"), "rb") as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            raise ImageNotFoundError(f"layer {digest} is not in the store at {self.root}") from None
+        return LayerInfo(
+            digest=digest,
+            path=self.layer_path(digest),
+            parent=meta.get("parent") or None,
+            created=str(meta.get("created") or ""),
+            created_by=str(meta.get("created_by") or ""),
+            size=int(meta.get("size") or 0),
+        )
+
+    def layer_digest_of(self, path: str) -> str | None:
+        """The digest if ``path`` is one of this store's layer directories (checked by path)."""
+        real = os.path.realpath(path)
+        parent, diff = os.path.split(real)
+        hexpart = os.path.basename(parent)
+        digest = "sha256:" + hexpart
+        if (
+            diff == "diff"
+            and os.path.dirname(parent) == os.path.realpath(self._p("layers", "sha256"))
+            and is_digest(digest)
+        ):
+            return digest if self.has_layer(digest) else None
+        return None
+
+    def add_prepared_layer(self, tmp: str, *, created_by: str = "", parent: str | None = None) -> LayerInfo:
+        """Move ``tmp/diff`` (an overlay-format tree made in :meth:`tempdir`) into the store."""
+        from .layertar import digest_dir
+
+        ld = digest_dir(os.path.join(tmp, "diff"))
+        return self._install_layer(tmp, ld.diff_id, ld.size, created_by=created_by, parent=parent)
+
+    def _install_layer(
+        self, tmp: str, digest: str, size: int, *, created_by: str, parent: str | None
+    ) -> LayerInfo:
+        if parent is not None:
+            parse_digest(parent, what="parent layer")
+        final = self._layer_dir(digest)
+        if not self.has_layer(digest):
+            meta = {
+                "digest": digest,
+                "parent": parent,
+                "created": now_rfc3339(),
+                "created_by": created_by,
+                "size": size,
+            }
+            with open(os.path.join(tmp, "meta.json"), "wb") as f:
+                f.write(_canonical(meta))
+            os.chmod(tmp, 0o755)
+            try:
+                os.rename(tmp, final)  # tempdir()'s cleanup then finds nothing to remove
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                # another worker installed the same content first: ours is removed with tmp
+        return self.layer_info(digest)
+
+    def add_layer_dir(
+        self, src_dir: str | os.PathLike[str], *, created_by: str = "", parent: str | None = None
+    ) -> LayerInfo:
+        """Store a copy of ``src_dir`` as a layer; an unchanged directory is a hit reading no contents."""
+        src = _check_dir(src_dir, "layer")
+        own = self.layer_digest_of(src)
+        if own is not None:
+            return self.layer_info(own)
+        self._ensure()
+        key = "dir\0" + src
+        snap = stat_snapshot(src)
+        hit = self._dir_cache_get(key, snap)
+        if hit is not None and self.has_layer(hit):
+            return self.layer_info(hit)
+        with self._lock(key):
+            hit = self._dir_cache_get(key, snap)
+            if hit is not None and self.has_layer(hit):
+                return self.layer_info(hit)
+            with self.tempdir() as tmp:
+                copy_tree(src, os.path.join(tmp, "diff"))
+                after = stat_snapshot(src)
+                info = self.add_prepared_layer(
+                    tmp, created_by=created_by or f"layer from {src}", parent=parent
+                )
+            if after == snap:  # unchanged while we copied: the snapshot names this content
+                self._dir_cache_put(key, snap, info.digest)
+            return info
+
+    def content_digest(self, path: str | os.PathLike[str]) -> str:
+        """A digest of a file's or directory's content (what a COPY step's cache key holds).
+
+        Cached on a stat snapshot like :meth:`add_layer_dir`: an unchanged source is not re-read.
+        """
+        from .layertar import digest_dir
+
+        raw = os.fspath(path)
+        real = os.path.realpath(raw)
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            raise LayerNotFoundError(f"{raw!r} does not exist", path=raw, errno=errno.ENOENT) from None
+        self._ensure()
+        key = "content\0" + real
+        snap = stat_snapshot(real) if stat.S_ISDIR(st.st_mode) else file_snapshot(real)
+        hit = self._dir_cache_get(key, snap)
+        if hit is not None:
+            return hit
+        if stat.S_ISDIR(st.st_mode):
+            digest = digest_dir(real).diff_id
+        elif stat.S_ISREG(st.st_mode):
+            h = hashlib.sha256(f"{stat.S_IMODE(st.st_mode):o}\0".encode())
+            with open(real, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            digest = "sha256:" + h.hexdigest()
+        else:
+            raise InvalidSpecError(f"{raw!r}: only files and directories can be copied into an image")
+        after = stat_snapshot(real) if stat.S_ISDIR(st.st_mode) else file_snapshot(real)
+        if after == snap:
+            self._dir_cache_put(key, snap, digest)
+        return digest
+
+    def _dir_cache_path(self, key: str) -> str:
+        return self._p("cache", "dirs", _sha256_hex(key.encode("utf-8", "surrogateescape")) + ".json")
+
+    def _dir_cache_get(self, key: str, snap: str) -> str | None:
+        try:
+            with open(self._dir_cache_path(key), "rb") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return None
+        digest = data.get("digest")
+        if data.get("snapshot") != snap or not isinstance(digest, str) or not is_digest(digest):
+            return None
+        return digest
+
+    def _dir_cache_put(self, key: str, snap: str, digest: str) -> None:
+        self._write_atomic(
+            self._dir_cache_path(key), _canonical({"key": key, "snapshot": snap, "digest": digest})
+        )
+
+    def add_layer_tar(
+        self,
+        stream: BinaryIO | IO[bytes],
+        *,
+        expected_diff_id: str | None = None,
+        created_by: str = "",
+        parent: str | None = None,
+    ) -> LayerInfo:
+        """Extract a layer tar (gzip or plain; hostile entries refused) and store it, verified."""
+        from .layertar import extract_layer_tar
+
+        if expected_diff_id is not None:
+            parse_digest(expected_diff_id, what="expected_diff_id")
+            if self.has_layer(expected_diff_id):
+                return self.layer_info(expected_diff_id)
+        with self.tempdir() as tmp:
+            diff = os.path.join(tmp, "diff")
+            os.mkdir(diff, 0o755)
+            got = extract_layer_tar(stream, diff)  # type: ignore[arg-type]
+            if expected_diff_id is not None and got.diff_id != expected_diff_id:
+                raise LayerTarError(
+                    f"layer digest mismatch: expected {expected_diff_id}, the content is {got.diff_id}; "
+                    "not stored"
+                )
+            return self._install_layer(tmp, got.diff_id, got.size, created_by=created_by, parent=parent)
+
+    def open_layer_tar(self, digest: str) -> BinaryIO:
+        """The layer as its deterministic uncompressed tar (whose sha256 is ``digest``), rewound."""
+        from .layertar import write_layer_tar
+
+        if not self.has_layer(digest):
+            raise ImageNotFoundError(f"layer {digest} is not in the store at {self.root}")
+        self._ensure()
+        out = tempfile.TemporaryFile(dir=self._p("tmp"))  # noqa: SIM115 -- returned open
+        try:
+            got = write_layer_tar(self.layer_path(digest), out)
+            if got.diff_id != digest:
+                raise LayerTarError(
+                    f"stored layer {digest} now hashes to {got.diff_id}: the store was modified",
+                    hint=f"remove {self._layer_dir(digest)} and import or build the image again",
+                )
+            out.seek(0)
+        except BaseException:
+            out.close()
+            raise
+        return out
+
+    # -- images ------------------------------------------------------------------------------
+
+    def _image_path(self, image_id: str) -> str:
+        return self._p("images", "sha256", parse_digest(image_id, what="image id")[7:] + ".json")
+
+    def put_image(self, record: ImageRecord) -> str:
+        """Store ``record`` (its layers must be in the store); its image id."""
+        missing = [d for d in record.layers if not self.has_layer(d)]
+        if missing:
+            raise ImageNotFoundError(
+                f"image record names layers that are not in the store: {', '.join(missing)}"
+            )
+        image_id = record.id
+        path = self._image_path(image_id)
+        if not os.path.exists(path):
+            self._write_atomic(path, record.encode())
+        return image_id
+
+    def get_image(self, image_id: str) -> ImageRecord:
+        path = self._image_path(image_id)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise ImageNotFoundError(f"image {image_id} is not in the store at {self.root}") from None
+        if "sha256:" + _sha256_hex(data) != image_id:
+            raise ImageNotFoundError(
+                f"image record {image_id} is corrupt (its content does not match its id)",
+                hint=f"remove {path} and tag, build or pull the image again",
+            )
+        return ImageRecord.from_json(json.loads(data))
+
+    def has_image(self, image_id: str) -> bool:
+        return os.path.isfile(self._image_path(image_id))
+
+    def _read_refs(self) -> dict[str, str]:
+        try:
+            with open(self._p("refs.json"), "rb") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        return {str(k): str(v) for k, v in data.items()}
+
+    def _write_refs(self, refs: Mapping[str, str]) -> None:
+        self._write_atomic(self._p("refs.json"), json.dumps(dict(sorted(refs.items())), indent=1).encode())
+
+    @staticmethod
+    def check_tag(ref: str | Reference) -> str:
+        """``ref`` normalised (``name`` -> ``name:latest``) if it can be a tag; InvalidSpecError if not."""
+        return Store._tag_ref(ref)
+
+    @staticmethod
+    def _tag_ref(ref: str | Reference) -> str:
+        parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
+        if parsed.digest:
+            raise InvalidSpecError(f"{ref!s}: a tag cannot carry a digest; give name[:tag]")
+        return str(parsed)
+
+    def tag(self, ref: str | Reference, image_id: str) -> str:
+        """Point ``ref`` (``name[:tag]``) at the image; the normalised reference."""
+        name = self._tag_ref(ref)
+        parse_digest(image_id, what="image id")
+        if not self.has_image(image_id):
+            raise ImageNotFoundError(f"image {image_id} is not in the store at {self.root}")
+        with self._lock():
+            refs = self._read_refs()
+            if refs.get(name) != image_id:
+                refs[name] = image_id
+                self._write_refs(refs)
+        return name
+
+    def resolve_id(self, ref: str | Reference) -> str:
+        """The image id ``ref`` names: a tag, ``name@sha256:<id>`` or ``sha256:<id>``."""
+        if isinstance(ref, str) and ref.startswith("sha256:"):
+            image_id = parse_digest(ref, what="image id")
+        else:
+            parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
+            if parsed.digest:
+                image_id = parsed.digest
+            else:
+                found = self._read_refs().get(str(parsed))
+                if found is None:
+                    raise ImageNotFoundError(
+                        f"no image {str(parsed)!r} in the store at {self.root}",
+                        hint="pull it (pytest-sandbox pull REF), import it, or build and tag it",
+                    )
+                image_id = found
+        if not self.has_image(image_id):
+            raise ImageNotFoundError(f"image {image_id} is not in the store at {self.root}")
+        return image_id
+
+    def resolve(self, ref: str | Reference) -> ImageRecord:
+        return self.get_image(self.resolve_id(ref))
+
+    def refs(self) -> dict[str, str]:
+        """Every tag and the image id it names."""
+        return self._read_refs()
+
+    def images(self) -> list[StoredImage]:
+        """Every image record in the store (tagged ones with their tags), newest first."""
+        if not os.path.isdir(self._p("images", "sha256")):
+            return []
+        by_id: dict[str, list[str]] = {}
+        for name, image_id in self._read_refs().items():
+            by_id.setdefault(image_id, []).append(name)
+        out = []
+        for fname in os.listdir(self._p("images", "sha256")):
+            image_id = "sha256:" + fname.removesuffix(".json")
+            if not fname.endswith(".json") or not is_digest(image_id):
+                continue
+            with contextlib.suppress(ImageNotFoundError):
+                out.append(
+                    StoredImage(image_id, self.get_image(image_id), tuple(sorted(by_id.get(image_id, ()))))
+                )
+        out.sort(key=lambda s: (s.record.created, s.id), reverse=True)
+        return out
+
+    def untag(self, ref: str | Reference) -> str:
+        """Remove the tag ``ref``; the image id it named."""
+        name = self._tag_ref(ref)
+        with self._lock():
+            refs = self._read_refs()
+            if name not in refs:
+                raise ImageNotFoundError(f"no image {name!r} in the store at {self.root}")
+            image_id = refs.pop(name)
+            self._write_refs(refs)
+        return image_id
+
+    def remove(self, ref: str | Reference) -> list[str]:
+        """``rmi``: untag ``ref``; the image record goes with its last tag (layers go at prune).
+
+        ``sha256:<id>`` removes every tag of that image and the record.  The removed tags.
+        """
+        with self._lock():
+            refs = self._read_refs()
+            if isinstance(ref, str) and ref.startswith("sha256:"):
+                image_id = parse_digest(ref, what="image id")
+                if not self.has_image(image_id):
+                    raise ImageNotFoundError(f"image {image_id} is not in the store at {self.root}")
+                removed = [n for n, i in refs.items() if i == image_id]
+            else:
+                name = self._tag_ref(ref)
+                if name not in refs:
+                    raise ImageNotFoundError(f"no image {name!r} in the store at {self.root}")
+                image_id, removed = refs[name], [name]
+            for n in removed:
+                del refs[n]
+            self._write_refs(refs)
+            if image_id not in refs.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._image_path(image_id))
+        return removed
+
+    def prune(self) -> list[str]:
+        """Remove untagged images (but not ancestors of tagged ones), then unreferenced layers.
+
+        Returns the digests of the removed layers.  Layers in use by a running container of an
+        untagged image are removed too: prune between test runs, not during one.
+        """
+        self._ensure()
+        removed: list[str] = []
+        with self._lock():
+            refs = self._read_refs()
+            records = {s.id: s.record for s in self.images()}
+            keep: set[str] = set()
+            todo = [i for i in refs.values() if i in records]
+            while todo:
+                image_id = todo.pop()
+                if image_id in keep:
+                    continue
+                keep.add(image_id)
+                parent = records[image_id].parent
+                if parent is not None and parent in records:
+                    todo.append(parent)
+            for image_id in set(records) - keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._image_path(image_id))
+            build = self._p("cache", "build")
+            for fname in os.listdir(build):
+                with contextlib.suppress(OSError), open(os.path.join(build, fname)) as f:
+                    target = f.read().strip()
+                if target not in keep:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(build, fname))
+            used = {d for i in keep for d in records[i].layers}
+            for hexname in os.listdir(self._p("layers", "sha256")):
+                digest = "sha256:" + hexname
+                if not is_digest(digest) or digest in used:
+                    continue
+                with self.tempdir() as tmp:
+                    os.rename(self._layer_dir(digest), os.path.join(tmp, "gone"))
+                removed.append(digest)
+        return sorted(removed)
+
+    # -- build cache -------------------------------------------------------------------------
+
+    @staticmethod
+    def build_key(parent: str, step: str, inputs: Sequence[Any]) -> str:
+        return _sha256_hex(_canonical([parent, step, list(inputs)]))
+
+    def _build_path(self, key: str) -> str:
+        return self._p("cache", "build", key)
+
+    def build_cache_get(self, key: str) -> str | None:
+        try:
+            with open(self._build_path(key)) as f:
+                image_id = f.read().strip()
+        except FileNotFoundError:
+            return None
+        return image_id if is_digest(image_id) and self.has_image(image_id) else None
+
+    def build_cache_put(self, key: str, image_id: str) -> None:
+        self._write_atomic(self._build_path(key), image_id.encode())
+
+    def build_lock(self, key: str) -> FileLock:
+        return self._lock("build\0" + key)
