@@ -45,7 +45,7 @@ class LeakSnapshot:
     mounts: frozenset[str]
     networks: frozenset[str]
     fds: int
-    threads: frozenset[str]
+    threads: frozenset[str]  # "name #n": a second psbx-net (a leaked Networks) counts too
 
     @classmethod
     def take(cls) -> LeakSnapshot:
@@ -56,6 +56,8 @@ class LeakSnapshot:
         spares = rt.networks.spare_links()  # namespaces made ahead for a network's next start
         networks = {f"link {n}" for n in hub.link_names() if n != "lo" and n not in spares}
         networks |= {f"lease {s}" for s in rt.networks.leases.mine()}
+        # Nothing of ours belongs in the host's own namespace at all (not only the hub's).
+        networks |= {f"host link {n}" for n in os.listdir("/sys/class/net") if n.startswith("psbx")}
         launcher = rt.client.pid
         procs: set[str] = set()
         if launcher:
@@ -71,7 +73,8 @@ class LeakSnapshot:
             state = set()
         with open("/proc/self/mountinfo") as f:
             mounts = {line.split()[4] for line in f if "psbx" in line}
-        threads = {t.name for t in threading.enumerate() if t.name != "psbx-launcher-reader"}
+        names = sorted(t.name for t in threading.enumerate() if t.name != "psbx-launcher-reader")
+        threads = {f"{name} #{names[:i].count(name) + 1}" for i, name in enumerate(names)}
         fds = set(os.listdir("/proc/self/fd")) - {str(rt.client.fileno())}
         return cls(
             frozenset(procs),

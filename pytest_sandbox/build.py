@@ -265,12 +265,7 @@ def capture_upper(container: Container, dest: str, *, uid_base: int) -> None:
     On the host base, /usr (and the like) are overlays of their own with their own upper
     directory: those go under ``usr/`` (...) in the layer.  Host ids ``uid_base + N`` become N.
     """
-    if not os.path.isdir(container.dir):
-        raise LayerNotFoundError(
-            f"container {container.name}: its state directory {container.dir!r} is gone",
-            path=container.dir,
-            errno=2,
-        )
+    _check_state_dir(container)
     dirs = ContainerDirs(container.dir)
     ids = shift_ids(uid_base)
     etc_files = {"etc/" + name for name, _ in container.spec.etc_files}
@@ -296,6 +291,15 @@ def capture_upper(container: Container, dest: str, *, uid_base: int) -> None:
         copy_tree(upper, where, ids=ids)
 
 
+def _check_state_dir(container: Container) -> None:
+    if not os.path.isdir(container.dir):
+        raise LayerNotFoundError(
+            f"container {container.name}: its state directory {container.dir!r} is gone",
+            path=container.dir,
+            errno=2,
+        )
+
+
 def _xattr(path: str, name: str) -> bytes | None:
     try:
         return os.getxattr(path, name, follow_symlinks=False)
@@ -306,6 +310,7 @@ def _xattr(path: str, name: str) -> bytes | None:
 def commit_container(container: Container, ref: str, *, uid_base: int, store: Store | None = None) -> Image:
     """``docker commit``: the container's writable layer on top of its image, tagged ``ref``."""
     Store.check_tag(ref)
+    _check_state_dir(container)  # before the parent image is stored
     st = store_of(container.image, store)
     parent = image_record(container.image, st)
     parent_id = st.put_image(parent)

@@ -34,7 +34,20 @@ def remove_tree(path: str) -> None:
             raise
         os.unlink(path)
         return
-    names: list[str] = []  # the directories we are inside, below ``path``
+    _empty_dir(fd)
+    os.rmdir(path)
+
+
+def remove_tree_at(dir_fd: int, name: str | bytes) -> None:
+    """Delete the directory ``name`` of ``dir_fd`` and everything below it (it must exist and
+    be a directory, not a symlink to one)."""
+    _empty_dir(os.open(name, _DIR_FLAGS, dir_fd=dir_fd))
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def _empty_dir(fd: int) -> None:
+    """Delete everything in the directory open as ``fd``, then close it."""
+    names: list[str] = []  # the directories we are inside, below the one we started in
     try:
         while True:
             child = _empty_or_first_subdir(fd)
@@ -52,7 +65,6 @@ def remove_tree(path: str) -> None:
             os.rmdir(names.pop(), dir_fd=fd)
     finally:
         os.close(fd)
-    os.rmdir(path)
 
 
 def _empty_or_first_subdir(fd: int) -> str | None:

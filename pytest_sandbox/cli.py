@@ -13,8 +13,9 @@
 The store is ``<data root>/store``: ``--data-root``, else ``$PYTEST_SANDBOX_DATA_ROOT``, else
 ``~/.cache/pytest-sandbox`` -- the same one the pytest plugin uses.  Registries reached over plain
 http and mirrors come from ``--insecure-registry``/``--registry-mirror``, else
-``$PYTEST_SANDBOX_INSECURE_REGISTRIES``/``$PYTEST_SANDBOX_REGISTRY_MIRRORS``.  An error prints its
-message and hint on stderr and exits 1 (2 for a usage error).
+``$PYTEST_SANDBOX_INSECURE_REGISTRIES``/``$PYTEST_SANDBOX_REGISTRY_MIRRORS``.  ``pull``, ``push``
+and ``import`` show progress on stderr (a live line on a terminal, a line per layer otherwise;
+``-q`` for none).  An error prints its message and hint on stderr and exits 1 (2 for a usage error).
 """
 
 from __future__ import annotations
@@ -121,7 +122,10 @@ def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     from . import oci
 
-    image_id = oci.import_image(args.src, args.ref, store=_store(args))
+    show = None if args.quiet else registry.Progress(sys.stderr, what=args.ref or "")
+    image_id = oci.import_image(
+        args.src, args.ref, store=_store(args), progress=show.callback("import") if show else None
+    )
     out.write(f"{args.ref or image_id}\n")
     return 0
 
@@ -221,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="import an OCI layout or a docker-archive")
     p.add_argument("src", metavar="SRC", help="oci:DIR[:TAG] or docker-archive:FILE")
     p.add_argument("ref", metavar="REF", nargs="?", help="the name to give it (default: the archive's own)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="export an image as an OCI layout or a docker-archive")

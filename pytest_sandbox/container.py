@@ -139,6 +139,7 @@ class Container:
         self._attached = attached  # its private networks (None: loopback only)
         self._own_netns: int | None = None  # without networks: its namespace, opened by address()
         self._forwarders: dict[int, Forwarder] = {}
+        self._network_closed = False  # set (under _lock) before remove() closes the fds above
         self._client = runtime.client
         self.spec = spec
         self.image = image
@@ -166,6 +167,11 @@ class Container:
     def result(self) -> Result | None:
         """The result once the command has exited (after wait/stop), else None."""
         return self._result
+
+    @property
+    def removed(self) -> bool:
+        """True once :meth:`remove` (or the sandbox's close) has removed the container."""
+        return self._removed
 
     @property
     def running(self) -> bool:
@@ -260,6 +266,8 @@ class Container:
 
     def _close_network(self) -> None:
         with self._lock:
+            # From here on _netns() refuses: no new reference, no new forwarder (see address()).
+            self._network_closed = True
             forwarders, self._forwarders = list(self._forwarders.values()), {}
             own, self._own_netns = self._own_netns, None
         for forwarder in forwarders:
@@ -372,13 +380,18 @@ class Container:
         port = _parse_port(port)
         with self._lock:
             forwarder = self._forwarders.get(port)
-        if forwarder is None:
-            forwarder = Forwarder(self._runtime.networks.net, self._netns(), (self._target_host(), port))
-            with self._lock:
-                existing = self._forwarders.setdefault(port, forwarder)
-            if existing is not forwarder:
-                forwarder.close()
-                forwarder = existing
+        if forwarder is not None:
+            return forwarder.address
+        net, target = self._runtime.networks.net, (self._target_host(), port)
+        forwarder = Forwarder(net, self._netns(), target)  # it owns the namespace reference
+        with self._lock:
+            # remove() may have run meanwhile (another thread): then nobody would close this one.
+            existing = None if self._network_closed else self._forwarders.setdefault(port, forwarder)
+        if existing is not forwarder:
+            forwarder.close()
+            if existing is None:
+                raise ContainerNotRunningError(f"container {self.name} was removed")
+            forwarder = existing
         return forwarder.address
 
     def wait_for_port(self, port: int, timeout: float = 30.0) -> None:
@@ -386,13 +399,15 @@ class Container:
         needed in it): a connection made from the container's network namespace to its address."""
         port = _parse_port(port)
         target = (self._target_host(), port)
-        netns = self._netns()
+        what = f"port {port} ({target[0]}) to accept connections"
+        deadline = time.monotonic() + timeout
         net = self._runtime.networks.net
+        netns = self._readiness_netns(what)
 
         def accepts() -> bool:
             s = socket_in(net, netns)
             try:
-                s.settimeout(1.0)
+                s.settimeout(_attempt_timeout(deadline, 1.0))  # one probe never outlasts the wait
                 s.connect(target)
                 return True
             except OSError:
@@ -400,7 +415,10 @@ class Container:
             finally:
                 s.close()
 
-        self.wait_for(accepts, timeout=timeout, what=f"port {port} ({target[0]}) to accept connections")
+        try:
+            self.wait_for(accepts, timeout=timeout, what=what)
+        finally:
+            os.close(netns)
 
     def wait_for_http(
         self, port: int, path: str = "/", status: int | None = 200, timeout: float = 30.0
@@ -408,11 +426,20 @@ class Container:
         """Wait until ``GET path`` on ``port`` answers ``status`` (None: any status)."""
         if not isinstance(path, str) or not path.startswith("/"):
             raise InvalidSpecError(f"path={path!r}: expected an absolute URL path like '/health'")
-        host, local_port = self.address(port)
+        want = "any status" if status is None else f"status {status}"
+        what = f"GET {path} on port {port} to answer {want}"
+        deadline = time.monotonic() + timeout
+        try:
+            host, local_port = self.address(port)
+        except ContainerNotRunningError:
+            if self._removed:
+                raise
+            raise self._exited_error(what) from None
         seen: list[str] = []
 
         def answers() -> bool:
-            conn = http.client.HTTPConnection(host, local_port, timeout=2.0)
+            # A server that accepts and never answers must not hold one attempt past the deadline.
+            conn = http.client.HTTPConnection(host, local_port, timeout=_attempt_timeout(deadline, 2.0))
             try:
                 conn.request("GET", path)
                 response = conn.getresponse()
@@ -425,9 +452,8 @@ class Container:
             finally:
                 conn.close()
 
-        want = "any status" if status is None else f"status {status}"
         try:
-            self.wait_for(answers, timeout=timeout, what=f"GET {path} on port {port} to answer {want}")
+            self.wait_for(answers, timeout=timeout, what=what)
         except ReadinessError as e:
             if seen:
                 e.message = f"{e.message}\n({seen[-1]})"
@@ -437,32 +463,61 @@ class Container:
         return str(self._attached.interfaces[0].ip) if self._attached is not None else "127.0.0.1"
 
     def _netns(self) -> int:
-        """The container's network namespace (an fd this object keeps until remove())."""
-        if self._attached is not None:
-            if self._attached.released:
-                raise ContainerNotRunningError(f"container {self.name} was removed")
-            return self._attached.netns_fd
+        """A new reference to the container's network namespace: an fd the *caller* closes.
+
+        The container keeps its own reference until remove(); callers get a dup of it, made under
+        the lock remove() takes before closing it, so a dup never names a closed fd's number --
+        which the next open() anywhere in this process may have reused, e.g. for another
+        container's namespace.
+        """
         with self._lock:
+            if self._removed or self._network_closed:
+                raise ContainerNotRunningError(f"container {self.name} was removed")
+            if self._attached is not None:
+                return os.dup(self._attached.netns_fd)
             if self._own_netns is not None:
-                return self._own_netns
-        if self._removed or not self.running:
+                return os.dup(self._own_netns)
+        if not self.running:
             raise ContainerNotRunningError(f"container {self.name} is not running; its network is gone")
         # By pid: hold a pidfd across the open, so a pid reused after an exit cannot fool us.
-        pidfd = os.pidfd_open(self.init_pid)
+        gone = ContainerNotRunningError(f"container {self.name} exited; its network is gone")
         try:
-            fd = os.open(f"/proc/{self.init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            pidfd = os.pidfd_open(self.init_pid)
+        except ProcessLookupError:
+            raise gone from None  # exited (and reaped) since running was read
+        try:
+            try:
+                fd = os.open(f"/proc/{self.init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                raise gone from None  # a zombie has no namespaces left to open
             if select.select([pidfd], [], [], 0)[0]:  # readable: init exited meanwhile
                 os.close(fd)
-                raise ContainerNotRunningError(f"container {self.name} exited; its network is gone")
+                raise gone
         finally:
             os.close(pidfd)
+        return self._keep_own_netns(fd)
+
+    def _keep_own_netns(self, fd: int) -> int:
+        """Keep ``fd`` as the container's reference (unless another thread was first); a dup."""
         with self._lock:
+            if self._network_closed:  # removed meanwhile: its reference would never be closed
+                os.close(fd)
+                raise ContainerNotRunningError(f"container {self.name} was removed")
             if self._own_netns is None:
                 self._own_netns = fd
-            kept = self._own_netns
-        if kept != fd:
-            os.close(fd)  # another thread got there first
-        return kept
+            else:
+                os.close(fd)  # another thread got there first
+            return os.dup(self._own_netns)
+
+    def _readiness_netns(self, what: str) -> int:
+        """:meth:`_netns` for a readiness wait: a container that exited is that wait's failure
+        (exit code and log tail), not a bare "not running"."""
+        try:
+            return self._netns()
+        except ContainerNotRunningError:
+            if self._removed:
+                raise
+            raise self._exited_error(what) from None
 
     # -- readiness -------------------------------------------------------------------------
 
@@ -501,16 +556,7 @@ class Container:
             if exited and condition():
                 return
             if exited:
-                res = self._result
-                if res is None and not self._removed:
-                    # Exited but nobody waited yet: the exit is known, collect it for the message.
-                    with contextlib.suppress(SandboxError):
-                        res = self.wait(0)
-                raise ReadinessError(
-                    f"container {self.name} exited (code {res.exit_code if res else '?'}) before {what}; "
-                    f"last output:\n{self.log_tail()}",
-                    result=res,
-                )
+                raise self._exited_error(what)
             if time.monotonic() >= deadline:
                 raise ReadinessError(
                     f"timed out after {timeout} s waiting for {what} in container {self.name}; last output:\n"
@@ -518,3 +564,20 @@ class Container:
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+    def _exited_error(self, what: str) -> ReadinessError:
+        res = self._result
+        if res is None and not self._removed:
+            # Exited but nobody waited yet: the exit is known, collect it for the message.
+            with contextlib.suppress(SandboxError):
+                res = self.wait(0)
+        return ReadinessError(
+            f"container {self.name} exited (code {res.exit_code if res else '?'}) before {what}; "
+            f"last output:\n{self.log_tail()}",
+            result=res,
+        )
+
+
+def _attempt_timeout(deadline: float, longest: float) -> float:
+    """How long one readiness attempt may block: at most ``longest``, and not past ``deadline``."""
+    return max(0.01, min(longest, deadline - time.monotonic()))

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import selectors
 import socket
 
+from .errors import NetworkError
 from .netthread import NetThread
 
 BUFFER_LIMIT = 1 << 18  # per direction: stop reading from a side while the other is this far behind
@@ -23,7 +25,13 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 class Forwarder:
-    """Relays ``127.0.0.1:<port>`` (host) to ``target`` inside ``netns_fd``'s namespace."""
+    """Relays ``127.0.0.1:<port>`` (host) to ``target`` inside ``netns_fd``'s namespace.
+
+    The forwarder *owns* ``netns_fd`` (a reference of its own, closed by :meth:`close`, also if
+    the constructor fails): every accepted connection setns()es through it, so it must name the
+    same namespace for the forwarder's whole life -- a borrowed fd closed by its owner could be
+    reused by the next open(), e.g. another container's namespace.
+    """
 
     def __init__(self, net: NetThread, netns_fd: int, target: tuple[str, int]) -> None:
         self.net = net
@@ -31,7 +39,11 @@ class Forwarder:
         self.target = target
         self._relays: set[_Relay] = set()
         self._closed = False
-        self.listener = net.call(self._listen)
+        try:
+            self.listener = net.call(self._listen)
+        except BaseException:
+            os.close(netns_fd)
+            raise
         self.address: tuple[str, int] = self.listener.getsockname()
 
     def _listen(self) -> socket.socket:
@@ -66,14 +78,26 @@ class Forwarder:
                 self._relays.add(relay)
 
     def close(self) -> None:
+        """Stop listening, drop every relayed connection, release the namespace.  Idempotent."""
+
         def close() -> None:
+            if self._closed:
+                return
             self._closed = True
             self.net.unregister(self.listener.fileno())
             self.listener.close()
             for relay in list(self._relays):
                 relay.close()
+            os.close(self.netns_fd)
 
-        self.net.call(close)
+        if self.net.usable:
+            with contextlib.suppress(NetworkError):  # closed meanwhile: then it is ours, below
+                self.net.call(close)
+                return
+        # No psbx-net to run it (the session's networks are closed, or this is a fork's copy):
+        # once it has ended, nothing else touches these sockets, so close them here.
+        self.net.join()
+        close()
 
 
 class _Relay:

@@ -218,8 +218,13 @@ class Image:
             check_layer(layer, i)
 
     def overlays(self, skeleton: str | None, layout: HostLayout | None) -> tuple[OverlaySpec, ...]:
-        """The overlay mounts that build this image's rootfs; lowers are listed topmost first."""
-        top_first = tuple(reversed(self.layers))
+        """The overlay mounts that build this image's rootfs; lowers are listed topmost first.
+
+        A layer that appears twice (stored images repeat the empty layer of metadata-only steps)
+        is mounted once, at its topmost place: overlayfs refuses the same lower twice (ELOOP),
+        and the lower copy adds nothing -- every entry and whiteout it has, the upper copy has.
+        """
+        top_first = tuple(dict.fromkeys(reversed(self.layers)))
         if not self.host:
             return (OverlaySpec("", top_first),)
         if skeleton is None or layout is None:

@@ -123,7 +123,9 @@ class SubnetLeases:
             busy = host_networks()
             for pool in pools:
                 for subnet in pool.subnets():
-                    if subnet in taken or any(subnet.overlaps(b) for b in busy):
+                    # Overlap, not equality: another session's pools may cut the same range into
+                    # subnets of another size (its /20 holds our /24s).
+                    if any(subnet.overlaps(t) for t in taken) or any(subnet.overlaps(b) for b in busy):
                         continue
                     path = os.path.join(self.directory, _lease_name(subnet))
                     with open(path, "x") as f:
@@ -142,8 +144,17 @@ class SubnetLeases:
             if _read_owner(path) == self.owner:
                 os.unlink(path)
 
+    def sweep(self) -> set[ipaddress.IPv4Network]:
+        """Remove the leases of dead owners (under the lock); the subnets leased by live ones."""
+        with contextlib.suppress(FileNotFoundError), _lock(self.directory):
+            return self._live_leases()
+        return set()
+
     def _live_leases(self) -> set[ipaddress.IPv4Network]:
-        """Subnets leased by live owners; the leases of dead ones are removed on the way."""
+        """Subnets leased by live owners; the leases of dead ones are removed on the way.
+
+        Only with the lock held: an empty lease is one whose writer died between create and
+        write, which is true only if every writer holds the lock across both."""
         live = set()
         for name in os.listdir(self.directory):
             subnet = _lease_subnet(name)

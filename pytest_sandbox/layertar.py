@@ -8,8 +8,9 @@ contents of ``DIR``.  This module maps one onto the other, both ways.
 
 * :func:`write_layer_tar` writes a directory as a tar that depends only on the tree: entries
   sorted by name (parents first), PAX format, numeric ids with empty user and group names, whole
-  second mtimes, xattrs (not ``trusted.overlay.*``) as ``SCHILY.xattr.*`` records, no padding to
-  a record size.  Its sha256 is the layer's OCI ``diff_id``; :func:`digest_dir` computes just that.
+  second mtimes, xattrs (not ``trusted.*`` nor ``user.overlay.*``: what the extractor would
+  drop) as ``SCHILY.xattr.*`` records, no padding to a record size.  Its sha256 is the layer's
+  OCI ``diff_id``; :func:`digest_dir` computes just that.
 * :func:`extract_layer_tar` unpacks a plain or gzip tar into an empty directory and returns the
   ``diff_id`` of the uncompressed bytes.  The tar is parsed here, not by :mod:`tarfile`, so that
   every header is bounded (1 MiB for PAX and GNU long-name data, as Go's archive/tar) and every
@@ -21,8 +22,21 @@ contents of ``DIR``.  This module maps one onto the other, both ways.
   newline in a name, writes through a symlink (or a non-directory), hardlinks to anything but
   an earlier entry of the same tar, device nodes other than whiteouts, bare or
   malformed whiteouts (``.wh.``, ``.wh..``, a ``.wh.`` directory), AUFS metadata, sparse files,
-  oversized headers, bad checksums and truncated archives.  On error the destination holds a
-  partial tree: the caller removes it (it made the directory).
+  oversized headers, bad checksums, truncated archives, mtimes no ``time_t`` holds and malformed
+  xattr names.  On error the destination holds a partial tree: the caller removes it (it made
+  the directory).
+* Kept as the tar says, as docker and containerd keep them: ownership, setuid/setgid/sticky bits
+  and ``security.*`` xattrs (file capabilities) -- an image's ``su`` or ``ping`` needs them.  A
+  layer is therefore as dangerous as any setuid program: the store keeps its root 0700 so that
+  no other host user can reach one (moby's CVE-2021-41091).  Never taken from a tar: ``trusted.*``
+  xattrs, among them overlayfs' own (``trusted.overlay.*``, and ``user.overlay.*``, which
+  overlayfs reads instead when mounted with ``userxattr``): a layer cannot forge an opaque
+  directory, a redirect or a metacopy.
+* Depth costs neither fds nor recursion: at most :data:`MAX_OPEN_DIRS` directories are held open
+  (deeper ones are reached again by name, or by ``..`` with an identity check), and trees are
+  removed iteratively, so a 2,047-level layer (all PATH_MAX allows) extracts and writes under a
+  256-fd limit.  Memory is bounded too (1 MiB reads); the uncompressed size is not: like docker,
+  a layer may fill the disk, which is reported as the host's ENOSPC.
 
 Whiteouts follow the image spec: they hide entries of *lower* layers only.  A whiteout for a name
 this layer also creates (before or after it) therefore makes that directory opaque, and a file or
@@ -42,6 +56,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
+from .cleanup import remove_tree_at
 from .errors import InvalidSpecError, LayerTarError
 
 WHITEOUT_PREFIX = b".wh."
@@ -54,6 +69,10 @@ BLOCK = 512
 MAX_SPECIAL = 1 << 20  # PAX / GNU long-name data, as Go's archive/tar (maxSpecialFileSize)
 MAX_PATH = 4095
 MAX_COMPONENT = 255
+MAX_MTIME_NS = 2**63 * 10**9  # a 64-bit time_t, in ns (exclusive); filesystems clamp within it
+# Directories held open at once while extracting or writing a layer: a deeper tree (up to 2047
+# levels fit in PATH_MAX) is walked by reopening, so no layer can exhaust RLIMIT_NOFILE.
+MAX_OPEN_DIRS = 32
 _CHUNK = 1 << 20
 
 _REGULAR = (b"0", b"\0", b"7")
@@ -233,6 +252,14 @@ def _emit(
     )
 
 
+def _carried_xattr(name: str) -> bool:
+    """Whether a tar carries xattr ``name`` (both ways).  Not ``trusted.*``: overlayfs reads its
+    whiteouts, opaque dirs, redirects and metacopy from ``trusted.overlay.*`` (and from
+    ``user.overlay.*`` when mounted with ``userxattr``, so not those either) -- a layer must not
+    forge them, and the rest of ``trusted.*`` means nothing to an image."""
+    return not name.startswith(("trusted.", "user.overlay."))
+
+
 def _xattrs(target: int | str) -> dict[str, bytes]:
     """The xattrs to carry in a tar (never overlayfs' own); ``target`` is an fd or a /proc path."""
     follow = isinstance(target, int)
@@ -242,11 +269,7 @@ def _xattrs(target: int | str) -> dict[str, bytes]:
         if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
             return {}
         raise
-    return {
-        n: os.getxattr(target, n, follow_symlinks=follow)
-        for n in names
-        if not n.startswith(OVERLAY_XATTR_PREFIX)
-    }
+    return {n: os.getxattr(target, n, follow_symlinks=follow) for n in names if _carried_xattr(n)}
 
 
 def _is_whiteout(st: os.stat_result) -> bool:
@@ -265,15 +288,21 @@ def _write_tree(src_dir: str, sink: HashingWriter) -> None:
             f"layer directory {src_dir!r}: {e.strerror}", hint="pass an existing, readable directory"
         ) from None
     links: dict[tuple[int, int], bytes] = {}
-    stack: list[tuple[int, bytes, Iterator[bytes]]] = []
+    stack: list[_Frame] = []
     try:
-        stack.append((root, b"", iter(_sorted_names(root))))
+        rst = os.fstat(root)
+        stack.append(_Frame(root, b"", iter(_sorted_names(root)), (rst.st_dev, rst.st_ino)))
         while stack:
-            fd, prefix, names = stack[-1]
-            name = next(names, None)
+            top = stack[-1]
+            fd, prefix = top.fd, top.prefix
+            name = next(top.names, None)
             if name is None:
                 stack.pop()
-                os.close(fd)
+                try:
+                    if stack and stack[-1].fd < 0:  # climb back to the parent we let go of
+                        stack[-1].fd = _reopen_parent(stack[-1], fd, src_dir)
+                finally:
+                    os.close(fd)
                 continue
             path = prefix + name
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -293,7 +322,10 @@ def _write_tree(src_dir: str, sink: HashingWriter) -> None:
                 except BaseException:
                     os.close(sub)
                     raise
-                stack.append((sub, path + b"/", iter(children)))
+                if len(stack) >= max(MAX_OPEN_DIRS, 2):  # hold the first levels (and root) and the deepest
+                    os.close(top.fd)
+                    top.fd = -1
+                stack.append(_Frame(sub, path + b"/", iter(children), (st.st_dev, st.st_ino)))
                 _emit(sink, path + b"/", st, _DIR, xattrs=xattrs)
                 if opaque:
                     _emit(sink, path + b"/" + OPAQUE_MARKER, st, _REGULAR[0], mode=mode & 0o777)
@@ -318,8 +350,34 @@ def _write_tree(src_dir: str, sink: HashingWriter) -> None:
             # sockets are not content (as docker save): skipped
         sink.write(b"\0" * (2 * BLOCK))
     finally:
-        for fd, _, _ in stack:
-            os.close(fd)
+        for frame in stack:
+            if frame.fd >= 0:
+                os.close(frame.fd)
+
+
+@dataclass
+class _Frame:
+    """A directory being written: its fd (-1 while a subdirectory deep down is written), path
+    prefix, the names still to write, and its identity (to notice a swap when reopened)."""
+
+    fd: int
+    prefix: bytes
+    names: Iterator[bytes]
+    ident: tuple[int, int]
+
+
+def _reopen_parent(frame: _Frame, child_fd: int, src_dir: str) -> int:
+    """Open ``frame``'s directory again as the parent (``..``) of the child just written: the
+    identity check notices a directory that was moved meanwhile."""
+    fd = os.open(b"..", _DIR_FLAGS, dir_fd=child_fd)
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != frame.ident:
+        os.close(fd)
+        raise LayerTarError(
+            f"layer directory {src_dir!r}: {os.fsdecode(frame.prefix)!r} changed while the layer was written",
+            hint="do not modify a layer directory while it is stored or exported",
+        )
+    return fd
 
 
 def _opaque(fd: int) -> bool:
@@ -581,10 +639,20 @@ def _entries(reader: _Reader) -> Iterator[_Entry]:
             raise LayerTarError(f"layer tar entry {shown!r}: malformed PAX number", hint=_HINT) from None
         if not (0 <= uid < 2**32 - 1 and 0 <= gid < 2**32 - 1 and size >= 0):
             raise LayerTarError(f"layer tar entry {shown!r}: uid, gid or size out of range", hint=_HINT)
+        if not -MAX_MTIME_NS <= mtime_ns < MAX_MTIME_NS:
+            # a time_t cannot hold it: utimensat would fail with an OverflowError, not an OSError
+            raise LayerTarError(f"layer tar entry {shown!r}: mtime out of range", hint=_HINT)
+        if typeflag == b"\0" and name.endswith(b"/"):
+            typeflag = _DIR  # a pre-POSIX directory (as tarfile and Go's archive/tar read it)
         xattrs: dict[str, bytes] = {}
         for key, value in pax.items():
             if key.startswith(b"SCHILY.xattr."):
-                xattrs[key[len(b"SCHILY.xattr.") :].decode("utf-8", "surrogateescape")] = value
+                xname = key[len(b"SCHILY.xattr.") :]
+                if not xname or b"\0" in xname or len(xname) > 255:
+                    raise LayerTarError(
+                        f"layer tar entry {shown!r}: malformed xattr name {xname[:300]!r}", hint=_HINT
+                    )
+                xattrs[xname.decode("utf-8", "surrogateescape")] = value
         yield _Entry(
             name=name,
             typeflag=typeflag,
@@ -636,32 +704,21 @@ def _components(raw: bytes, entry: str, what: str = "name") -> list[bytes]:
     return parts
 
 
-def _rmtree_at(dir_fd: int, name: bytes) -> None:
-    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    try:
-        for child in _sorted_names(fd):
-            if stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode):
-                _rmtree_at(fd, child)
-            else:
-                os.unlink(child, dir_fd=fd)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
-
-
 class _Extractor:
     """Applies entries to the destination, resolving every path from its descriptor."""
 
     def __init__(self, root: int, reader: _Reader) -> None:
         self.root = root
         self.reader = reader
-        self.stack: list[tuple[bytes, int]] = []  # the open directory chain of the last entry
+        # the directory chain of the last entry: (name, fd), fd -1 where not held open
+        self.stack: list[tuple[bytes, int]] = []
         self.dir_times: dict[tuple[bytes, ...], int] = {}
         self.linkable: set[tuple[bytes, ...]] = set()
 
     def close(self) -> None:
         for _, fd in self.stack:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self.stack = []
 
     # -- resolution ---------------------------------------------------------------------------
@@ -699,13 +756,21 @@ class _Extractor:
         keep = 0
         while keep < len(self.stack) and keep < len(parts) and self.stack[keep][0] == parts[keep]:
             keep += 1
+        while keep and self.stack[keep - 1][1] < 0:  # not held open: walk again from one that is
+            keep -= 1
         for _, fd in self.stack[keep:]:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         del self.stack[keep:]
         current = self.stack[-1][1] if self.stack else self.root
         for part in parts[keep:]:
-            current = self._open_child_dir(current, part, entry)
-            self.stack.append((part, current))
+            fd = self._open_child_dir(current, part, entry)
+            if len(self.stack) > MAX_OPEN_DIRS:  # hold the first levels and the last one only
+                name, held = self.stack[-1]
+                os.close(held)
+                self.stack[-1] = (name, -1)
+            self.stack.append((part, fd))
+            current = fd
         return current
 
     def _lstat(self, parent: int, name: bytes) -> os.stat_result | None:
@@ -718,7 +783,7 @@ class _Extractor:
         if st is None:
             return
         if stat.S_ISDIR(st.st_mode):
-            _rmtree_at(parent, name)
+            remove_tree_at(parent, name)  # iterative: a layer may nest 2,000 levels
         else:
             os.unlink(name, dir_fd=parent)
 
@@ -736,6 +801,10 @@ class _Extractor:
                     raise
                 raise LayerTarError(
                     f"layer tar entry {entry.shown!r} cannot be extracted: {e.strerror or e}", hint=_HINT
+                ) from None
+            except (ValueError, OverflowError) as e:  # a value the OS interface cannot take
+                raise LayerTarError(
+                    f"layer tar entry {entry.shown!r} cannot be extracted: {e}", hint=_HINT
                 ) from None
             if data_left:
                 self._skip(data_left)
@@ -797,9 +866,11 @@ class _Extractor:
                 os.close(fd)
             return data_left
         if existing is not None and stat.S_ISDIR(existing.st_mode):
+            # the directory and all it held are gone: forget their times and link targets
             self.dir_times.pop(key, None)
             for sub in [k for k in self.dir_times if k[: len(key)] == key]:
                 del self.dir_times[sub]
+            self.linkable -= {k for k in self.linkable if k[: len(key)] == key}
         self._clear(parent, base, existing)
         if typeflag in _REGULAR:
             fd = os.open(
@@ -866,7 +937,7 @@ class _Extractor:
 
     def _set_xattrs(self, fd: int, entry: _Entry) -> None:
         for name, value in entry.xattrs.items():
-            if name.startswith("trusted."):
+            if not _carried_xattr(name):
                 continue  # never take overlayfs' (or any trusted) metadata from a tar
             try:
                 os.setxattr(fd, name, value)

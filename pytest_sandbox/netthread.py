@@ -42,6 +42,9 @@ class NetThread:
         self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._lock = threading.Lock()
         self._closing = False
+        # fork(2) copies only the calling thread: in a child this object has no thread behind it,
+        # and a job submitted there would wait forever (see submit).
+        self._pid = os.getpid()
         self._thread = threading.Thread(target=self._loop, name="psbx-net", daemon=True)
         self._thread.start()
 
@@ -53,7 +56,25 @@ class NetThread:
             return fn()
         return self.submit(fn).result()
 
+    @property
+    def usable(self) -> bool:
+        """True if psbx-net runs jobs for this process (not closed, and not a fork's copy)."""
+        return os.getpid() == self._pid and not self._closing and self._thread.is_alive()
+
+    def join(self, timeout: float = 10.0) -> None:
+        """Wait for psbx-net to end (after :meth:`close`); nothing to wait for in a fork's copy."""
+        if os.getpid() == self._pid and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
     def submit(self, fn: Callable[[], T]) -> Future[T]:
+        if os.getpid() != self._pid:
+            # Checked before taking the lock: a fork may have copied it held by psbx-net.
+            raise NetworkError(
+                f"the network thread belongs to process {self._pid}; this is a child made by "
+                "os.fork(), which has no such thread (fork(2) copies only the calling thread)",
+                hint="use networks and containers from the process that made them; in a forked "
+                "child, make a new Sandbox (it gets the child's own runtime)",
+            )
         future: Future[T] = Future()
         with self._lock:
             if self._closing:
@@ -140,6 +161,8 @@ class NetThread:
 
     def close(self) -> None:
         """Run what is queued, then stop the thread (jobs submitted later are refused)."""
+        if os.getpid() != self._pid:
+            return  # a fork's copy: the thread and its fds are the parent's to close
         with self._lock:
             if self._closing:
                 return

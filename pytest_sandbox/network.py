@@ -9,11 +9,15 @@ Layout (DESIGN.md "Networks"): no object of ours is in the host's namespace.
 
 * The **hub** is a network namespace this process creates and holds by fd only (never a bind
   mount under /run/netns): when the process dies, even by SIGKILL, the kernel frees it and every
-  bridge and veth end in it.  It holds one bridge per network and no address: bridges switch
-  frames within a network, and the hub routes nothing (ip_forward is 0 in a new namespace), so
-  networks cannot reach one another.
+  bridge and veth end in it.  It holds one bridge per network and no IPv4 address: bridges switch
+  frames within a network, and the hub routes nothing -- forwarding is switched off explicitly
+  (:data:`ISOLATING_SYSCTLS`), because a new namespace *copies* the host's IPv4 ``conf/all`` and
+  ``conf/default``, ``ip_forward`` included (``net.core.devconf_inherit_init_net`` = 0, the
+  default; Documentation/admin-guide/sysctl/net.rst), and a Docker or Kubernetes host has
+  ip_forward = 1 -- so networks cannot reach one another.
 * A networked container's namespace is made here too, *before* the container: lo up, the
-  sysctls Docker sets (unprivileged ports from 0, ping for every group), one veth per network --
+  sysctls Docker sets (unprivileged ports from 0, ping for every group) and the isolating ones
+  (no forwarding, no ``route_localnet``: CVE-2020-8558), one veth per network --
   the peer created directly inside (IFLA_NET_NS_FD), its address set, the hub end enslaved to the
   network's bridge.  The container joins it (setns) instead of making its own.  The namespace is
   owned by the host's user namespace, so the container's root cannot change addresses or routes
@@ -38,11 +42,41 @@ from .netthread import NetThread
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
 
+# Set in the hub and in every container namespace, whatever the host has: a new namespace copies
+# the host's IPv4 conf/all and conf/default (ip_forward is conf/all/forwarding), so a host with
+# forwarding or route_localnet on would hand them to ours.  "default" before any interface is
+# made, so bridges and veths are created with them off too.  IPv6 conf is reset to the kernel's
+# defaults in a new namespace (forwarding 0) but is set anyway: devconf_inherit_init_net may be 1.
+ISOLATING_SYSCTLS = (
+    ("net/ipv4/ip_forward", "0"),
+    ("net/ipv4/conf/all/route_localnet", "0"),
+    ("net/ipv4/conf/default/route_localnet", "0"),
+    ("net/ipv6/conf/all/forwarding", "0"),
+    ("net/ipv6/conf/default/forwarding", "0"),
+)
+
 # What Docker sets in every container's namespace (moby daemon/oci_linux.go, since 20.10).
 CONTAINER_SYSCTLS = (
+    *ISOLATING_SYSCTLS,
     ("net/ipv4/ip_unprivileged_port_start", "0"),
     ("net/ipv4/ping_group_range", "0 2147483647"),
 )
+
+
+def _write_sysctls(pairs: Sequence[tuple[str, str]]) -> None:
+    """Write sysctls of the calling thread's network namespace (on psbx-net, inside it).
+
+    /proc/sys/net resolves to the namespace of the thread that opens the file (proc_sys_net's
+    net_ctl_header_lookup uses current->nsproxy).  An ipv6 key is missing when IPv6 is disabled
+    (ipv6.disable=1): nothing to switch off then.
+    """
+    for key, value in pairs:
+        try:
+            with open(f"/proc/sys/{key}", "w") as f:
+                f.write(value)
+        except FileNotFoundError:
+            if not key.startswith("net/ipv6/"):
+                raise
 
 
 def _ipr() -> IPRoute:
@@ -83,6 +117,7 @@ class Hub:
     def _make(self) -> tuple[int, IPRoute]:
         fd = self.net.new_netns()
         try:
+            _write_sysctls(ISOLATING_SYSCTLS)
             with _netlink("hub: netlink socket"):
                 ipr = _ipr()  # made inside the hub: its socket stays there
         except BaseException:
@@ -124,9 +159,7 @@ class Hub:
             try:
                 with _netlink("bring up lo"):
                     inside.link("set", index=1, state="up")
-                for key, value in CONTAINER_SYSCTLS:
-                    with open(f"/proc/sys/{key}", "w") as f:  # this thread's namespace's sysctl
-                        f.write(value)
+                _write_sysctls(CONTAINER_SYSCTLS)  # before the veth: it takes "default"
                 for a in attachments:
                     with _netlink(f"create veth {a.host_ifname} to {a.ifname}"):
                         self._ipr.link(
@@ -163,6 +196,19 @@ class Hub:
                 return [str(m.get("ifname")) for m in self._ipr.get_links()]
 
         return self.net.call(names)
+
+    def sysctls(self, *keys: str) -> list[str]:
+        """The hub's values of ``keys`` (e.g. ``"net/ipv4/ip_forward"``), for checks and tests."""
+
+        def read() -> list[str]:
+            with self.net.inside(self.fd):
+                out = []
+                for key in keys:
+                    with open(f"/proc/sys/{key}") as f:
+                        out.append(f.read().strip())
+                return out
+
+        return self.net.call(read)
 
     def close(self) -> None:
         """Close the hub: the kernel frees it with every bridge and veth end in it."""

@@ -11,7 +11,12 @@ Composition over :mod:`~pytest_sandbox.network` (netlink), :mod:`~pytest_sandbox
 * Names: every member of a network is written to the ``/etc/hosts`` of every other member --
   ``<address> <name> <aliases...> <hostname>`` -- a file of the container's state directory
   bind-mounted read-only; containers joining later are *appended* (O_APPEND, one write per
-  line), so a running service learns new peers without a DNS server.
+  line), so a running service learns new peers without a DNS server.  A member that leaves has
+  its line turned into a comment in place (one byte, ``#``): resolvers take the first matching
+  line, so a stale line would shadow a later container of the same name.  The file is edited in
+  place, never replaced, because a bind mount pins the inode it was made on.  Joins and leaves of
+  all networks are serialized (one lock per process), so a member's own file and its peers' are
+  always written from the same membership.
 """
 
 from __future__ import annotations
@@ -114,7 +119,8 @@ class Network:
         return next((n for n in names if n in used), None)
 
     def _join(self, member: Member) -> list[Member]:
-        """Add ``member``; the members already there (whose hosts files learn the new one)."""
+        """Add ``member``; the members already there (whose hosts files learn the new one).
+        Called with the manager's membership lock held."""
         with self._lock:
             others = list(self._members.values())
             self._members[member.container_id] = member
@@ -123,10 +129,15 @@ class Network:
         return others
 
     def _leave(self, container_id: str) -> None:
-        with self._lock:
-            member = self._members.pop(container_id, None)
+        with self._manager._membership:
+            with self._lock:
+                member = self._members.pop(container_id, None)
+                if member is not None:
+                    self._freed.append(member.interface.ip)
+                others = list(self._members.values())
             if member is not None:
-                self._freed.append(member.interface.ip)
+                for other in others:
+                    _comment_out(other.hosts_file, member.hosts_line())
 
     def close(self) -> None:
         """Remove the bridge and give the subnet back.  Containers still on it keep running
@@ -136,6 +147,25 @@ class Network:
                 return
             self.closed = True
         self._manager._closed_network(self)
+
+
+def _comment_out(path: str, line: str) -> None:
+    """Turn every live copy of ``line`` in a running container's /etc/hosts into a comment.
+
+    In place (the bind mount pins the inode), one byte per line: a concurrent reader sees the line
+    whole, live or commented, never torn.
+    """
+    with contextlib.suppress(FileNotFoundError):  # removed meanwhile: nobody reads it any more
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            data = os.pread(fd, os.fstat(fd).st_size, 0)
+            target, offset = line.encode(), 0
+            for raw in data.splitlines(keepends=True):
+                if raw == target:
+                    os.pwrite(fd, b"#", offset)
+                offset += len(raw)
+        finally:
+            os.close(fd)
 
 
 def _append(path: str, line: str) -> None:
@@ -213,6 +243,10 @@ class Networks:
         self.pools = tuple(pools)
         self.leases = SubnetLeases(lease_dir, owner)
         self._lock = threading.Lock()
+        # Held across "write a new member's hosts file from the members now" and "add it, append
+        # it to theirs" (and across a leave): two containers starting at once from two threads
+        # would otherwise each miss the other.  Reentrant: a leave may run inside a failed join.
+        self._membership = threading.RLock()
         self._net: NetThread | None = None
         self._hub: Hub | None = None
         self._serial = itertools.count()
@@ -359,11 +393,19 @@ class Networks:
         return "".join(lines)
 
     def join(self, attached: Attached, container_id: str, names: Sequence[str], hosts_file: str) -> None:
-        """The container runs: make it known to the other members of its networks."""
-        for net, interface in zip(attached.networks, attached.interfaces, strict=False):
-            member = Member(container_id, interface, tuple(names), hosts_file)
-            net._join(member)
-            attached.members.append((net, member))
+        """Write the container's /etc/hosts (``hosts_file``, created here) and make it known to
+        the other members of its networks -- one step under the membership lock."""
+        with self._membership:
+            for net in attached.networks:  # checked in attach() too, but another start may have won
+                taken = net._names_taken(names)
+                if taken is not None:
+                    raise InvalidSpecError(f"name {taken!r} is already used on network {net.name}")
+            with open(hosts_file, "x") as f:
+                f.write(self.hosts_file(attached, names))
+            for net, interface in zip(attached.networks, attached.interfaces, strict=False):
+                member = Member(container_id, interface, tuple(names), hosts_file)
+                net._join(member)
+                attached.members.append((net, member))
 
     def _closed_network(self, network: Network) -> None:
         with network._lock:

@@ -10,17 +10,24 @@ Sources and destinations are named as skopeo names them, so nothing new is to be
   archive holds several; on export it is the tag written into ``RepoTags``.
 
 Everything read is checked before it is used: digests must be ``sha256:<64 hex>`` (never a path),
-blobs are regular files read up to their declared size and verified against their digest, JSON
-documents are size-limited, and each layer is unpacked by
+blobs are regular files read up to their declared size and verified against their digest, no
+symlink below a layout's root is followed (``blobs``, ``blobs/sha256`` and the files are opened
+``O_NOFOLLOW`` from a descriptor of the layout), JSON documents are size- and depth-limited,
+and each layer is unpacked by
 :func:`pytest_sandbox.layertar.extract_layer_tar` (hostile entries refused) and stored only if
 its content matches the config's ``diff_id``.  An image on the host base cannot be exported: its
 lowest layer is this host.  Layers are written as gzip (deterministic: no name, mtime 0) into
 OCI layouts and uncompressed into docker archives, as ``docker save`` does.
+
+Imports take an optional ``progress(layer, bytes_done, bytes_total)`` callback (:data:`Progress`)
+for the command line's progress display.  The media types and :class:`HashingWriter` are public
+for :mod:`pytest_sandbox.registry`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -32,16 +39,18 @@ import stat
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, Protocol
 
 from .errors import InvalidSpecError, LayerTarError
 from .image import History, ImageConfig
-from .layertar import HashingWriter, tar_files
+from .layertar import HashingWriter as _HashingWriter
+from .layertar import tar_files
 from .reference import Reference, is_digest, parse_reference
 from .store import ImageRecord, Store
 
+# Media types (OCI image-spec and Docker's image manifest v2 schema 2), public for registry.py.
 MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -49,15 +58,20 @@ MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar"
 MEDIA_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-_INDEX_TYPES = (MEDIA_INDEX, DOCKER_MANIFEST_LIST)
-_MANIFEST_TYPES = (MEDIA_MANIFEST, DOCKER_MANIFEST)
-_LAYER_TYPES = (
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+INDEX_TYPES = (MEDIA_INDEX, DOCKER_MANIFEST_LIST)
+MANIFEST_TYPES = (MEDIA_MANIFEST, DOCKER_MANIFEST)
+CONFIG_TYPES = (MEDIA_CONFIG, DOCKER_CONFIG)
+# the layer media types imported: plain and gzip tars (zstd and others are refused)
+LAYER_TYPES = (
     MEDIA_LAYER,
     MEDIA_LAYER_GZIP,
     "application/vnd.oci.image.layer.nondistributable.v1.tar",
     "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.docker.image.rootfs.diff.tar",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    DOCKER_LAYER,
+    DOCKER_LAYER_GZIP,
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
 )
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -67,6 +81,14 @@ _CHUNK = 1 << 20
 _TAG_RE = re.compile(
     r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*(?:/[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*)*"
 )
+HashingWriter = _HashingWriter
+"""A sink that sha256-hashes and counts what is written (``.digest()``), passing it on to ``out``."""
+PROGRESS_STEP = 1 << 20  # a progress callback hears of every MiB read, and of the end
+Progress = Callable[[str, int, int], None]
+"""``progress(layer, bytes_done, bytes_total)``: ``layer`` is the layer's blob digest (OCI layout),
+its diff_id (docker archive) or the archive's name while a gzip archive is decompressed; called
+with ``bytes_done == 0`` first, then at least every :data:`PROGRESS_STEP` bytes, and with
+``bytes_done == bytes_total`` once it is done (at once for a layer already in the store)."""
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le"}
 
 
@@ -113,13 +135,23 @@ def parse_transport(value: object) -> Transport:
     return Transport(kind, path, tag or None)
 
 
-def import_image(src: str | Transport, ref: str | None = None, *, store: Store | None = None) -> str:
-    """Import ``src`` (``oci:DIR[:TAG]`` or ``docker-archive:FILE[:REF]``); tag it ``ref``; the image id."""
+def import_image(
+    src: str | Transport,
+    ref: str | None = None,
+    *,
+    store: Store | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> str:
+    """Import ``src`` (``oci:DIR[:TAG]`` or ``docker-archive:FILE[:REF]``); tag it ``ref``; the image id.
+
+    ``progress``, if given, is called as ``progress(layer, bytes_done, bytes_total)`` while
+    layers are read (see :data:`Progress`).
+    """
     t = src if isinstance(src, Transport) else parse_transport(src)
     store = store if store is not None else Store.default()
     if t.kind == "oci":
-        return import_oci_layout(store, t.path, t.tag, ref)
-    return import_docker_archive(store, t.path, ref, select=t.tag)
+        return import_oci_layout(store, t.path, t.tag, ref, progress=progress)
+    return import_docker_archive(store, t.path, ref, select=t.tag, progress=progress)
 
 
 def export_image(ref: str, dst: str | Transport, *, store: Store | None = None) -> None:
@@ -135,8 +167,12 @@ def export_image(ref: str, dst: str | Transport, *, store: Store | None = None) 
 # -- config <-> record -----------------------------------------------------------------------
 
 
-def config_from_record(record: ImageRecord) -> dict[str, Any]:
-    """The OCI image config JSON of a stored image (refused for images on the host base)."""
+def config_from_record(record: ImageRecord, diff_ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """The OCI image config JSON of a stored image (refused for images on the host base).
+
+    ``diff_ids``: the digests of the layer tars that go with it, when they are not the record's
+    own -- an export or push writes :meth:`Store.tar_digest`'s tars.
+    """
     if record.host_base:
         raise InvalidSpecError(
             "this image is on the host base: its lowest layer is this host's /usr, which cannot be "
@@ -164,7 +200,7 @@ def config_from_record(record: ImageRecord) -> dict[str, Any]:
             "architecture": host_arch(),
             "os": "linux",
             "config": run,
-            "rootfs": {"type": "layers", "diff_ids": list(record.layers)},
+            "rootfs": {"type": "layers", "diff_ids": list(record.layers if diff_ids is None else diff_ids)},
         }
     )
     if record.history:
@@ -294,6 +330,43 @@ class _VerifyingReader:
             pass
 
 
+class _Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class _ProgressReader:
+    """Passes reads through, telling ``progress`` how far it got (every PROGRESS_STEP bytes)."""
+
+    def __init__(self, f: _Readable, name: str, total: int, progress: Progress) -> None:
+        self.f = f
+        self.name = name
+        self.total = total
+        self.progress = progress
+        self.done = self.reported = 0
+        self.ended = False
+        progress(name, 0, total)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.done += len(data)
+        if not data:
+            self.end()
+        elif self.done - self.reported >= PROGRESS_STEP:
+            self.reported = self.done
+            self.progress(self.name, self.done, self.total)
+        return data
+
+    def end(self) -> None:
+        """The last call: all of it was read (or it was not needed after all)."""
+        if not self.ended:
+            self.ended = True
+            self.progress(self.name, max(self.done, self.total), self.total)
+
+
+def _with_progress(f: Any, name: str, total: int, progress: Progress | None) -> Any:
+    return f if progress is None else _ProgressReader(f, name, total, progress)
+
+
 def _descriptor(value: Any, what: str) -> tuple[str, str, int]:
     """(mediaType, digest, size) of a descriptor, checked (a digest is never a path)."""
     if not isinstance(value, Mapping):
@@ -312,29 +385,68 @@ def _descriptor(value: Any, what: str) -> tuple[str, str, int]:
 
 
 class _Layout:
-    """An OCI image layout directory being read."""
+    """An OCI image layout directory being read.
+
+    The layout's own path may be a symlink (the user named it); below it nothing is followed:
+    ``blobs``, ``blobs/sha256`` and every file are opened ``O_NOFOLLOW`` from a descriptor of the
+    layout, so a layout cannot make us read a file outside it.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            st = os.stat(path)
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise InvalidSpecError(f"oci:{path}: no such directory") from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise InvalidSpecError(f"oci:{path}: not a directory (an OCI image layout is a directory)")
-        layout = self._json_file("oci-layout")
-        if not isinstance(layout, Mapping) or layout.get("imageLayoutVersion") != "1.0.0":
-            raise LayerTarError(f"oci:{path}: oci-layout does not say imageLayoutVersion 1.0.0")
+        except NotADirectoryError:
+            raise InvalidSpecError(
+                f"oci:{path}: not a directory (an OCI image layout is a directory)"
+            ) from None
+        except OSError as e:
+            raise InvalidSpecError(f"oci:{path}: {e.strerror}") from None
+        try:
+            layout = self._json_file("oci-layout")
+            if not isinstance(layout, Mapping) or layout.get("imageLayoutVersion") != "1.0.0":
+                raise LayerTarError(f"oci:{path}: oci-layout does not say imageLayoutVersion 1.0.0")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> _Layout:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _open(self, rel: str, what: str) -> IO[bytes]:
+        *dirs, name = rel.split("/")
+        parent = self.fd
         try:
-            fd = os.open(
-                os.path.join(self.path, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-            )
+            for part in dirs:
+                sub = os.open(
+                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent
+                )
+                if parent != self.fd:
+                    os.close(parent)
+                parent = sub
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=parent)
         except FileNotFoundError:
             raise LayerTarError(f"oci:{self.path}: {what} ({rel}) is missing") from None
         except OSError as e:
-            raise LayerTarError(f"oci:{self.path}: {what} ({rel}): {e.strerror}") from None
+            reason = (
+                "it or a directory above it is a symlink"
+                if e.errno in (errno.ELOOP, errno.ENOTDIR)
+                else e.strerror
+            )
+            raise LayerTarError(f"oci:{self.path}: {what} ({rel}): {reason}") from None
+        finally:
+            if parent != self.fd:
+                os.close(parent)
         f = os.fdopen(fd, "rb")
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             f.close()
@@ -350,7 +462,7 @@ class _Layout:
 
     @contextlib.contextmanager
     def blob(self, digest: str, size: int | None, what: str) -> Iterator[_VerifyingReader]:
-        with self._open(os.path.join("blobs", "sha256", digest[7:]), what) as f:
+        with self._open("blobs/sha256/" + digest[7:], what) as f:
             yield _VerifyingReader(f, digest, size, f"oci:{self.path}: {what} {digest[:19]}")
 
     def json_blob(self, digest: str, size: int, what: str) -> Any:
@@ -370,6 +482,15 @@ def _loads(data: bytes, what: str) -> Any:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise LayerTarError(f"{what}: not valid JSON ({e})") from None
+    except RecursionError:  # a few MiB of "[[[[..." nest deeper than the parser recurses
+        raise LayerTarError(f"{what}: JSON nested too deeply") from None
+
+
+def _ref_name(desc: object) -> str | None:
+    """The ``org.opencontainers.image.ref.name`` annotation of an index entry, if it has one."""
+    annotations = desc.get("annotations") if isinstance(desc, Mapping) else None
+    name = annotations.get(REF_NAME) if isinstance(annotations, Mapping) else None
+    return name if isinstance(name, str) else None
 
 
 def _manifests(index: Any, what: str) -> list[Mapping[str, Any]]:
@@ -393,7 +514,7 @@ def _resolve_manifest(layout: _Layout, desc: Mapping[str, Any], what: str, depth
     media, digest, size = _descriptor(desc, what)
     doc = layout.json_blob(digest, size, "manifest")
     kind = doc.get("mediaType", media) if isinstance(doc, Mapping) else media
-    if kind in _INDEX_TYPES or (isinstance(doc, Mapping) and "manifests" in doc and "layers" not in doc):
+    if kind in INDEX_TYPES or (isinstance(doc, Mapping) and "manifests" in doc and "layers" not in doc):
         if depth > 4:
             raise LayerTarError(f"{what}: image indexes nested too deeply")
         child = _pick_platform(layout, _manifests(doc, what), what)
@@ -401,40 +522,56 @@ def _resolve_manifest(layout: _Layout, desc: Mapping[str, Any], what: str, depth
     return doc
 
 
-def import_oci_layout(store: Store, path: str, tag: str | None = None, ref: str | None = None) -> str:
+def import_oci_layout(
+    store: Store,
+    path: str,
+    tag: str | None = None,
+    ref: str | None = None,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> str:
     """Import the image ``tag`` (or the only one) of the OCI layout at ``path``; tag it ``ref``.
 
-    Returns the image id.  Blobs and layers are verified; nothing is stored on any error.
+    Returns the image id.  Every document and blob is verified (digest and size); before any
+    layer is extracted every layer descriptor is checked and every needed blob is found with its
+    declared size, so a malformed image or a missing, truncated or grown blob stores nothing.  A
+    layer refused later (its digest, its diff_id or a hostile entry) is not stored; the layers
+    before it were verified and stay in the store unreferenced, until :meth:`Store.prune`.
+    ``progress(blob_digest, bytes_done, bytes_total)`` hears how far each layer blob was read.
     """
     if ref is not None:
         parse_reference(ref)
     where = f"oci:{path}" + (f":{tag}" if tag else "")
-    layout = _Layout(path)
+    with _Layout(path) as layout:
+        return _import_layout(store, layout, where=where, path=path, tag=tag, ref=ref, progress=progress)
+
+
+def _import_layout(
+    store: Store,
+    layout: _Layout,
+    *,
+    where: str,
+    path: str,
+    tag: str | None,
+    ref: str | None,
+    progress: Progress | None,
+) -> str:
     descs = _manifests(layout.index(), f"{where}: index.json")
+    names = ", ".join(sorted({str(_ref_name(d)) for d in descs}))
     if tag is not None:
-        chosen = [
-            d for d in descs if isinstance(d, Mapping) and (d.get("annotations") or {}).get(REF_NAME) == tag
-        ]
+        chosen = [d for d in descs if _ref_name(d) == tag]
         if not chosen:
-            names = sorted(
-                {str((d.get("annotations") or {}).get(REF_NAME)) for d in descs if isinstance(d, Mapping)}
-            )
-            raise InvalidSpecError(
-                f"{where}: no image tagged {tag!r} in the layout (it has: {', '.join(names)})"
-            )
+            raise InvalidSpecError(f"{where}: no image tagged {tag!r} in the layout (it has: {names})")
         desc = chosen[0]
     elif len(descs) == 1:
         desc = descs[0]
     else:
-        names = sorted(
-            {str((d.get("annotations") or {}).get(REF_NAME)) for d in descs if isinstance(d, Mapping)}
-        )
         raise InvalidSpecError(
             f"{where}: the layout holds {len(descs)} images; say which one",
-            hint=f"use oci:{path}:TAG with one of: {', '.join(names)}",
+            hint=f"use oci:{path}:TAG with one of: {names}",
         )
     manifest = _resolve_manifest(layout, desc, where)
-    if not isinstance(manifest, Mapping) or manifest.get("mediaType", MEDIA_MANIFEST) not in _MANIFEST_TYPES:
+    if not isinstance(manifest, Mapping) or manifest.get("mediaType", MEDIA_MANIFEST) not in MANIFEST_TYPES:
         raise LayerTarError(f"{where}: the manifest is not an OCI or Docker v2 image manifest")
     _, config_digest, config_size = _descriptor(manifest.get("config"), f"{where}: config")
     config = layout.json_blob(config_digest, config_size, "config")
@@ -445,18 +582,35 @@ def import_oci_layout(store: Store, path: str, tag: str | None = None, ref: str 
             f"{where}: the manifest lists {len(layers) if isinstance(layers, list) else 'no'} layers, "
             f"the config {len(record.layers)} diff_ids"
         )
-    created_by = _layer_created_by(record)
-    parent: str | None = None
+    blobs: list[tuple[str, int]] = []
     for i, (desc_i, diff_id) in enumerate(zip(layers, record.layers, strict=True)):
         media, digest, size = _descriptor(desc_i, f"{where}: layer {i}")
-        if media not in _LAYER_TYPES:
+        if media not in LAYER_TYPES:
             raise LayerTarError(
                 f"{where}: layer {i} has media type {media!r}; plain and gzip tar layers are supported",
                 hint="convert it, e.g. skopeo copy --dest-compress-format gzip",
             )
         if not store.has_layer(diff_id):
             with layout.blob(digest, size, f"layer {i}") as blob:
-                store.add_layer_tar(blob, expected_diff_id=diff_id, created_by=created_by[i], parent=parent)  # type: ignore[arg-type]
+                found = os.fstat(blob.f.fileno()).st_size
+            if found != size:
+                raise LayerTarError(
+                    f"{blob.what}: {found} bytes, but its descriptor declares {size}",
+                    hint="the image is truncated or corrupt; copy it again",
+                )
+        blobs.append((digest, size))
+    created_by = _layer_created_by(record)
+    parent: str | None = None
+    for i, ((digest, size), diff_id) in enumerate(zip(blobs, record.layers, strict=True)):
+        if store.has_layer(diff_id):
+            if progress is not None:
+                progress(digest, size, size)
+        else:
+            with layout.blob(digest, size, f"layer {i}") as blob:
+                reader = _with_progress(blob, digest, size, progress)
+                store.add_layer_tar(reader, expected_diff_id=diff_id, created_by=created_by[i], parent=parent)
+                if progress is not None:
+                    reader.end()
         parent = diff_id
     image_id = store.put_image(record)
     if ref is not None:
@@ -567,7 +721,7 @@ def export_oci_layout(store: Store, ref: str, path: str, tag: str | None = None)
     if tag is not None and not _TAG_RE.fullmatch(tag):
         raise InvalidSpecError(f"oci:{path}:{tag}: {tag!r} is not a valid OCI ref name")
     record = store.resolve(ref)
-    config = config_from_record(record)
+    config = config_from_record(record, [store.tar_digest(d) for d in record.layers])
     writer = _LayoutWriter(path)
     writer.prepare()
     layers = []
@@ -619,7 +773,7 @@ class _Member:
 
 
 @contextlib.contextmanager
-def _plain_archive(store: Store, file: str, where: str) -> Iterator[BinaryIO]:
+def _plain_archive(store: Store, file: str, where: str, progress: Progress | None) -> Iterator[BinaryIO]:
     """The archive, seekable and uncompressed (``docker save | gzip`` is unpacked to a temp file)."""
     try:
         f = open(file, "rb")  # noqa: SIM115 -- closed below
@@ -635,8 +789,12 @@ def _plain_archive(store: Store, file: str, where: str) -> Iterator[BinaryIO]:
         f.seek(0)
         with store.tempdir() as tmp, open(os.path.join(tmp, "archive.tar"), "w+b") as plain:
             try:
-                with gzip.GzipFile(fileobj=f, mode="rb") as gz:
+                total = os.fstat(f.fileno()).st_size
+                raw = _with_progress(f, where, total, progress)
+                with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
                     _copy(gz, plain)
+                if progress is not None:
+                    raw.end()
             except (OSError, EOFError, zlib.error) as e:
                 raise LayerTarError(f"{where}: the gzip stream is corrupt ({e})") from None
             plain.seek(0)
@@ -644,18 +802,30 @@ def _plain_archive(store: Store, file: str, where: str) -> Iterator[BinaryIO]:
 
 
 def import_docker_archive(
-    store: Store, file: str, ref: str | None = None, *, select: str | None = None
+    store: Store,
+    file: str,
+    ref: str | None = None,
+    *,
+    select: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> str:
     """Import the image of a ``docker save`` tarball; tag it ``ref`` (default: its RepoTags).
 
     ``select`` picks the image by one of its RepoTags when the archive holds several.  Returns
-    the image id.  Layers (plain or gzip) are verified against the config's diff_ids.
+    the image id.  Layers (plain or gzip) are verified against the config's diff_ids; a layer
+    refused after earlier ones were stored leaves those, verified, in the store unreferenced
+    (until :meth:`Store.prune`).  ``progress(diff_id, bytes_done, bytes_total)`` hears how far
+    each layer was read (and ``progress("docker-archive:FILE", ...)`` how far a gzip archive
+    was decompressed first).
     """
     if ref is not None:
         parse_reference(ref)
     where = f"docker-archive:{file}"
-    with _plain_archive(store, file, where) as f:
-        files = tar_files(f)
+    with _plain_archive(store, file, where, progress) as f:
+        try:
+            files = tar_files(f)
+        except LayerTarError as e:  # say which file: "layer tar entry '../x'" alone misleads here
+            raise LayerTarError(f"{where}: {e.message}", hint=e.hint) from None
 
         def member(name: str, what: str) -> _Member:
             if not isinstance(name, str) or name not in files:
@@ -677,7 +847,9 @@ def import_docker_archive(
             raise LayerTarError(f"{where}: manifest.json is not a list of images")
         if select is not None:
             wanted = str(parse_reference(select))
-            chosen = [m for m in manifest if wanted in _repo_tags(m) or select in (m.get("RepoTags") or [])]
+            chosen = [
+                m for m in manifest if wanted in _repo_tags(m) or select in _strings_in(m.get("RepoTags"))
+            ]
             if not chosen:
                 raise InvalidSpecError(f"{where}: no image tagged {select!r} in the archive")
             entry = chosen[0]
@@ -702,14 +874,16 @@ def import_docker_archive(
             raise LayerTarError(f"{where}: manifest.json's Layers do not match the config's diff_ids")
         created_by = _layer_created_by(record)
         parent: str | None = None
-        for i, (name, diff_id) in enumerate(zip(layers, record.layers, strict=True)):
-            if not store.has_layer(diff_id):
-                store.add_layer_tar(
-                    member(name, f"layer {i}"),  # type: ignore[arg-type]
-                    expected_diff_id=diff_id,
-                    created_by=created_by[i],
-                    parent=parent,
-                )
+        members = [member(name, f"layer {i}") for i, name in enumerate(layers)]  # all there, first
+        for i, (layer, diff_id) in enumerate(zip(members, record.layers, strict=True)):
+            if store.has_layer(diff_id):
+                if progress is not None:
+                    progress(diff_id, layer.size, layer.size)
+            else:
+                reader = _with_progress(layer, diff_id, layer.size, progress)
+                store.add_layer_tar(reader, expected_diff_id=diff_id, created_by=created_by[i], parent=parent)
+                if progress is not None:
+                    reader.end()
             parent = diff_id
     image_id = store.put_image(record)
     tags = [ref] if ref is not None else _repo_tags(entry)
@@ -718,16 +892,20 @@ def import_docker_archive(
     return image_id
 
 
+def _strings_in(value: object) -> list[str]:
+    """The strings of a JSON list (nothing for anything else: a string is not a list of tags)."""
+    return [x for x in value if isinstance(x, str)] if isinstance(value, list) else []
+
+
 def _repo_tags(entry: Mapping[str, Any]) -> list[str]:
     """An archive's RepoTags, in docker's familiar form (skopeo writes ``docker.io/library/x``)."""
     out = []
-    for t in entry.get("RepoTags") or []:
-        if isinstance(t, str):
-            with contextlib.suppress(InvalidSpecError):
-                ref = parse_reference(t)
-                if ref.registry in ("docker.io", "index.docker.io"):
-                    ref = Reference(None, ref.repository.removeprefix("library/"), ref.tag, ref.digest)
-                out.append(str(ref))
+    for t in _strings_in(entry.get("RepoTags")):
+        with contextlib.suppress(InvalidSpecError):
+            ref = parse_reference(t)
+            if ref.registry in ("docker.io", "index.docker.io"):
+                ref = Reference(None, ref.repository.removeprefix("library/"), ref.tag, ref.digest)
+            out.append(str(ref))
     return out
 
 
@@ -745,7 +923,8 @@ def export_docker_archive(store: Store, ref: str, file: str, *, repo_tag: str | 
     ``RepoTags`` is ``repo_tag`` or ``ref``.  Written to a temp file beside ``file``, then renamed.
     """
     record = store.resolve(ref)
-    config_bytes = _canonical(config_from_record(record))
+    tar_digests = [store.tar_digest(d) for d in record.layers]
+    config_bytes = _canonical(config_from_record(record, tar_digests))
     config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
     tag = str(parse_reference(repo_tag or ref)) if not (repo_tag or ref).startswith("sha256:") else None
     directory = os.path.dirname(os.path.abspath(file))
@@ -756,8 +935,8 @@ def export_docker_archive(store: Store, ref: str, file: str, *, repo_tag: str | 
         tarfile.open(fileobj=out.file, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
         names: list[str] = []
-        for diff_id in record.layers:
-            name = diff_id[7:] + ".tar"
+        for diff_id, tar_digest in zip(record.layers, tar_digests, strict=True):
+            name = tar_digest[7:] + ".tar"
             if name not in names:
                 with store.open_layer_tar(diff_id) as layer:
                     size = layer.seek(0, io.SEEK_END)

@@ -9,7 +9,16 @@ Protocol (the OCI distribution spec, as Docker's registry speaks it):
   Basic credentials from ``~/.docker/config.json`` (or ``$DOCKER_CONFIG``) when it has some for
   the registry; a ``Basic`` challenge is answered with those credentials directly.  Tokens are
   cached per scope until they expire.  Credentials are never sent to a plain-http realm unless the
-  registry itself is reached over plain http (listed as insecure).
+  registry itself is reached over plain http (listed as insecure), never over TLS whose
+  certificate is unchecked to a host nobody listed as insecure (an insecure registry's token
+  server is checked unless it is listed too), and ``Authorization`` goes to the registry's own
+  host and scheme only: not on with a redirect (blob downloads are redirected to storage), not
+  to an ``http://`` Location of an https registry.  A redirect from https to http is refused.
+- Every request has a timeout (``timeout``, default 60 s, per connect and per read): a registry
+  that accepts and then goes silent, or closes a body early, is a RegistryConnectionError (and
+  the next mirror or the registry is tried).  Answers are capped: manifests 4 MiB, configs
+  16 MiB, token answers 1 MiB, blobs their descriptor's size.  Messages never carry a URL's
+  query (a storage backend's signed URL is a credential) nor a token.
 - Manifests: OCI image manifests and Docker v2 schema 2 manifests; an OCI image index or a Docker
   manifest list is resolved to the entry for this host's platform (``linux/amd64`` on x86-64).
   A manifest's sha256 is checked against the digest it was asked for, and against
@@ -43,7 +52,6 @@ import io
 import ipaddress
 import json
 import os
-import platform
 import re
 import ssl
 import sys
@@ -63,37 +71,32 @@ from .errors import (
     RegistryError,
     RegistryNotFoundError,
 )
+from .layertar import HashingWriter
+from .oci import (
+    INDEX_TYPES,
+    LAYER_TYPES,
+    MANIFEST_TYPES,
+    MEDIA_CONFIG,
+    MEDIA_INDEX,
+    MEDIA_LAYER_GZIP,
+    MEDIA_MANIFEST,
+    config_from_record,
+    host_arch,
+    record_from_config,
+)
+from .reference import Reference, parse_reference
+from .store import Store
 
 if TYPE_CHECKING:
     from .image import Image
-    from .store import Store
-
-from .reference import Reference, parse_reference
-
-MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-MEDIA_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-MEDIA_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-MEDIA_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-MEDIA_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
-INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
-#: Layer media types we can extract (layertar detects gzip or plain tar by magic).
-LAYER_TYPES = (
-    MEDIA_OCI_LAYER,
-    MEDIA_OCI_LAYER_GZIP,
-    MEDIA_DOCKER_LAYER_GZIP,
-    "application/vnd.docker.image.rootfs.diff.tar",
-)
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 DOCKER_HUB_ALIASES = frozenset({DOCKER_HUB, "index.docker.io", DOCKER_HUB_API})
 MAX_MANIFEST_BYTES = 4 << 20  # containerd's limit
 MAX_CONFIG_BYTES = 16 << 20
+MAX_TOKEN_BYTES = 1 << 20
+MAX_ERROR_BYTES = 4096
 CHUNK = 1 << 20
 DEFAULT_TIMEOUT = 60.0
 INSECURE_ENV = "PYTEST_SANDBOX_INSECURE_REGISTRIES"
@@ -108,7 +111,6 @@ _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.
 _REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
-_GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le"}
 
 T = TypeVar("T")
 
@@ -317,9 +319,9 @@ class Manifest:
             raise RegistryError(f"{what}: the manifest is not a JSON object")
         media_type = data.get("mediaType") or content_type.split(";", maxsplit=1)[0].strip()
         if not media_type and isinstance(data.get("manifests"), list):
-            media_type = MEDIA_OCI_INDEX
+            media_type = MEDIA_INDEX
         if not media_type and "config" in data:
-            media_type = MEDIA_OCI_MANIFEST
+            media_type = MEDIA_MANIFEST
         if media_type not in MANIFEST_TYPES + INDEX_TYPES:
             hint = ""
             if data.get("schemaVersion") == 1:
@@ -356,8 +358,7 @@ class Manifest:
 
 def host_platform() -> tuple[str, str]:
     """(os, architecture) in the OCI/Go spelling: ("linux", "amd64") on x86-64."""
-    machine = platform.machine()
-    return "linux", _GO_ARCH.get(machine, machine)
+    return "linux", host_arch()
 
 
 def select_platform(index: Manifest, want: tuple[str, str] | None = None) -> Descriptor:
@@ -447,22 +448,78 @@ def _error_detail(body: bytes) -> str:
         return body[:200].decode("utf-8", "replace").strip()
 
 
-class _Endpoint:
-    """One registry host: its scheme (https, or http when insecure), its auth state, its opener."""
+def _redact(url: str) -> str:
+    """A URL for a message: no query or fragment (a storage backend's signed URL is a credential)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
-    def __init__(self, host: str, *, insecure: bool, timeout: float, credentials: tuple[str, str] | None):
+
+def _safe_read(resp: IO[bytes], n: int) -> bytes:
+    """Up to ``n`` bytes of an error response's body; b"" if even that fails (it is only a detail)."""
+    try:
+        return resp.read(n)
+    except (OSError, http.client.HTTPException):
+        return b""
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects (blob downloads go to a storage backend), but never from https to http.
+
+    Credentials are added as unredirected headers, so they are not sent on with any redirect.
+    """
+
+    def redirect_request(  # noqa: PLR0917 -- urllib's signature
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        old, new = urllib.parse.urlsplit(req.full_url).scheme, urllib.parse.urlsplit(newurl).scheme
+        if new not in ("http", "https") or (old == "https" and new != "https"):
+            fp.close()
+            raise RegistryConnectionError(
+                f"{req.get_method()} {_redact(req.full_url)}: redirected to {_redact(newurl)}; "
+                f"refusing to leave https for {new}",
+                hint="the registry (or its storage backend) must redirect to https URLs",
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _Endpoint:
+    """One registry host: its scheme (https, or http when insecure), its auth state, its opener.
+
+    Certificates are checked for every host but the insecure ones (``insecure`` for this host,
+    ``insecure_host`` for others, e.g. a token server): credentials never go over unverified TLS
+    to a host nobody listed.  Authorization is sent only to this host, over its own scheme.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        insecure: bool,
+        timeout: float,
+        credentials: tuple[str, str] | None,
+        insecure_host: Callable[[str], bool] | None = None,
+    ):
         self.host = host
         self.insecure = insecure
         self.timeout = timeout
         self.credentials = credentials
+        self._insecure_host = insecure_host
         self.scheme: str | None = None if insecure else "https"
         self._tokens: dict[str, tuple[str, float]] = {}
         self._basic = False
-        self._verified = urllib.request.build_opener()
+        self._verified = urllib.request.build_opener(_RedirectHandler)
         unverified = ssl.create_default_context()
         unverified.check_hostname = False
         unverified.verify_mode = ssl.CERT_NONE
-        self._unverified = urllib.request.build_opener(urllib.request.HTTPSHandler(context=unverified))
+        self._unverified = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=unverified), _RedirectHandler
+        )
 
     def __repr__(self) -> str:
         return f"<registry endpoint {self.scheme or '?'}://{self.host}>"
@@ -476,7 +533,7 @@ class _Endpoint:
     def _detect_scheme(self) -> None:
         """An insecure registry: https (certificate unchecked) if it speaks it, else http (as Docker)."""
         try:
-            self._open_raw(urllib.request.Request(f"https://{self.host}/v2/", method="GET"), "https").close()
+            self._open_raw(urllib.request.Request(f"https://{self.host}/v2/", method="GET")).close()
             self.scheme = "https"
         except urllib.error.HTTPError as e:
             e.close()
@@ -484,10 +541,43 @@ class _Endpoint:
         except (urllib.error.URLError, OSError, http.client.HTTPException):
             self.scheme = "http"
 
-    def _open_raw(self, req: urllib.request.Request, scheme: str) -> http.client.HTTPResponse:
-        opener = self._unverified if (scheme == "https" and self.insecure) else self._verified
+    def _skips_verification(self, url: str) -> bool:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "https":
+            return False
+        if parts.netloc == self.host:
+            return self.insecure
+        return self._insecure_host is not None and self._insecure_host(parts.netloc)
+
+    def _open_raw(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        opener = self._unverified if self._skips_verification(req.full_url) else self._verified
         resp: http.client.HTTPResponse = opener.open(req, timeout=self.timeout)
         return resp
+
+    def read(self, resp: IO[bytes], n: int, url: str) -> bytes:
+        """``resp.read(n)``; a body cut short or a registry gone silent is a RegistryConnectionError."""
+        try:
+            data = resp.read(n)
+        except (OSError, http.client.HTTPException) as e:
+            raise self._connection_error("reading", url, e) from None
+        missing = getattr(resp, "length", None)  # http.client returns short reads at an early EOF
+        if len(data) < n and missing:
+            raise RegistryConnectionError(
+                f"reading {_redact(url)}: the connection closed with {missing} bytes of the body to come"
+            )
+        return data
+
+    def _connection_error(self, what: str, url: str, e: BaseException) -> RegistryConnectionError:
+        if isinstance(e, TimeoutError):
+            return RegistryConnectionError(
+                f"{what} {_redact(url)}: no answer within {self.timeout:g}s",
+                hint=f"{self.host} (or a proxy on the way) accepted the connection, then went silent",
+            )
+        if isinstance(e, http.client.IncompleteRead):
+            detail = f"the connection closed with {e.expected} bytes of the body to come"
+        else:
+            detail = str(e) or type(e).__name__
+        return RegistryConnectionError(f"{what} {_redact(url)}: {detail}")
 
     # -- auth
 
@@ -532,10 +622,10 @@ class _Endpoint:
             basic = base64.b64encode(":".join(self.credentials).encode()).decode()
             req.add_unredirected_header("Authorization", "Basic " + basic)
         try:
-            with self._open_raw(req, parts.scheme) as resp:
-                body = resp.read(1 << 20)
+            with self._open_raw(req) as resp:
+                body = self.read(resp, MAX_TOKEN_BYTES + 1, realm)
         except urllib.error.HTTPError as e:
-            detail = _error_detail(e.read(4096))
+            detail = _error_detail(_safe_read(e, MAX_ERROR_BYTES))
             e.close()
             raise RegistryAuthError(
                 f"{self.host}: token server {parts.netloc} refused {scope}: HTTP {e.code} {detail}".rstrip(),
@@ -544,8 +634,25 @@ class _Endpoint:
                 if self.credentials
                 else f"this registry needs credentials: add them to {docker_config_path()} (docker login)",
             ) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise RegistryConnectionError(f"{self.host}: token server {realm} unreachable: {e}") from None
+        except RegistryError:
+            raise
+        except urllib.error.URLError as e:
+            reason = e.reason
+            hint = ""
+            if isinstance(reason, ssl.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(reason):
+                hint = (
+                    f"the certificate of the token server {parts.netloc} is not trusted: add its CA to the "
+                    f"system's trust store, or {INSECURE_HINT.format(host=parts.netloc)}"
+                )
+            raise RegistryConnectionError(
+                f"{self.host}: token server {_redact(realm)} unreachable: {reason}", hint=hint
+            ) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise self._connection_error(f"{self.host}: token server", realm, e) from None
+        if len(body) > MAX_TOKEN_BYTES:
+            raise RegistryAuthError(
+                f"{self.host}: the token server's answer is larger than {MAX_TOKEN_BYTES} bytes"
+            )
         try:
             data = json.loads(body)
             token = data.get("token") or data.get("access_token")
@@ -573,8 +680,18 @@ class _Endpoint:
         A 401 is answered once with the challenge's credentials.  Other statuses not in ``ok``
         raise the matching RegistryError; the response returned must be closed by the caller.
         """
-        url = path if "://" in path else self.base + path
-        same_host = urllib.parse.urlsplit(url).netloc == self.host
+        base = self.base
+        url = path if "://" in path else base + path
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise RegistryError(f"{method} {_redact(url)}: {self.host} gave a URL that is not http(s)")
+        if self.scheme == "https" and parts.scheme != "https":
+            raise RegistryConnectionError(
+                f"{method} {_redact(url)}: {self.host} is reached over https; refusing to go on over http",
+                hint="the registry's Location header is not https: fix its configuration (its http.host)",
+            )
+        # Credentials go to this host over its own scheme only (never to a storage backend).
+        same_host = parts.scheme == self.scheme and parts.netloc == self.host
         for attempt in range(2):
             req = urllib.request.Request(url, method=method, headers=dict(headers or {}))
             if isinstance(body, bytes):
@@ -586,10 +703,10 @@ class _Endpoint:
             if auth:
                 req.add_unredirected_header("Authorization", auth)
             try:
-                resp = self._open_raw(req, urllib.parse.urlsplit(url).scheme)
+                resp = self._open_raw(req)
             except urllib.error.HTTPError as e:
                 status, resp_headers = e.code, e.headers
-                detail = _error_detail(e.read(4096)) if method != "HEAD" else ""
+                detail = _error_detail(_safe_read(e, MAX_ERROR_BYTES)) if method != "HEAD" else ""
                 e.close()
                 if status == 401 and attempt == 0 and same_host:
                     challenge = resp_headers.get("WWW-Authenticate", "")
@@ -603,11 +720,13 @@ class _Endpoint:
                 if isinstance(e.reason, ssl.SSLError):
                     raise self._tls_error(url, e.reason) from None
                 raise RegistryConnectionError(
-                    f"cannot reach {url}: {e.reason}",
+                    f"cannot reach {_redact(url)}: {e.reason}",
                     hint="is the registry running at that address? (HTTPS_PROXY/NO_PROXY are honoured)",
                 ) from None
+            except RegistryError:
+                raise
             except (OSError, http.client.HTTPException) as e:
-                raise RegistryConnectionError(f"{method} {url}: {e}") from None
+                raise self._connection_error(method, url, e) from None
             if resp.status not in ok:
                 resp.close()
                 raise self._http_error(method, url, resp.status, "")
@@ -623,10 +742,10 @@ class _Endpoint:
             )
         else:
             hint = f"if {self.host} serves plain http, {INSECURE_HINT.format(host=self.host)}"
-        return RegistryConnectionError(f"{url}: TLS handshake failed ({reason})", hint=hint)
+        return RegistryConnectionError(f"{_redact(url)}: TLS handshake failed ({reason})", hint=hint)
 
     def _http_error(self, method: str, url: str, status: int, detail: str) -> RegistryError:
-        message = f"{method} {url}: HTTP {status}" + (f" ({detail})" if detail else "")
+        message = f"{method} {_redact(url)}: HTTP {status}" + (f" ({detail})" if detail else "")
         if status in (401, 403):
             return RegistryAuthError(
                 message,
@@ -674,7 +793,13 @@ class RegistryClient:
             creds = (
                 (credentials or docker_credentials(self.registry)) if h == api_host else docker_credentials(h)
             )
-            return _Endpoint(h, insecure=is_insecure, timeout=timeout, credentials=creds)
+            return _Endpoint(
+                h,
+                insecure=is_insecure,
+                timeout=timeout,
+                credentials=creds,
+                insecure_host=settings.is_insecure,
+            )
 
         self.origin = endpoint(
             api_host, settings.is_insecure(self.registry) if insecure is None else insecure
@@ -747,7 +872,9 @@ class RegistryClient:
             with ep.request(
                 "GET", f"/v2/{repository}/manifests/{reference}", scope=scope, headers={"Accept": accept}
             ) as resp:
-                raw = resp.read(MAX_MANIFEST_BYTES + 1)
+                raw = ep.read(
+                    resp, MAX_MANIFEST_BYTES + 1, f"{ep.base}/v2/{repository}/manifests/{reference}"
+                )
                 content_type = resp.headers.get("Content-Type", "")
                 header_digest = resp.headers.get("Docker-Content-Digest", "")
             if len(raw) > MAX_MANIFEST_BYTES:
@@ -791,8 +918,9 @@ class RegistryClient:
             out.truncate()
             h = hashlib.sha256()
             n = 0
-            with ep.request("GET", f"/v2/{repository}/blobs/{desc.digest}", scope=scope) as resp:
-                while chunk := resp.read(CHUNK):
+            path = f"/v2/{repository}/blobs/{desc.digest}"
+            with ep.request("GET", path, scope=scope) as resp:
+                while chunk := ep.read(resp, CHUNK, ep.base + path):
                     n += len(chunk)
                     if n > desc.size:
                         raise RegistryDigestError(
@@ -917,6 +1045,30 @@ class Progress:
     def note(self, text: str) -> None:
         self._write(f"{text}\n")
 
+    def callback(self, verb: str = "import") -> Callable[[str, int, int], None]:
+        """A ``progress(name, bytes_done, bytes_total)`` for :func:`pytest_sandbox.oci.import_image`:
+        a live line on a terminal, and one line per layer (or archive) once it is read."""
+        current, start, last = "", 0.0, 0.0
+
+        def update(name: str, done: int, total: int) -> None:
+            nonlocal current, start, last
+            now = time.monotonic()
+            if name != current:
+                current, start, last = name, now, 0.0
+            short = name[7:19] if name.startswith("sha256:") else os.path.basename(name)
+            label = " ".join(w for w in (verb, self.what, short) if w)
+            if done >= total:
+                prefix, suffix = ("\r", "\x1b[K") if self.tty else ("", "")
+                self._write(f"{prefix}{label} {human_size(total)} in {now - start:.1f}s{suffix}\n")
+                current = ""
+            elif self.tty and now - last > 0.1:
+                last = now
+                self._write(
+                    f"\r{label} {human_size(done)}/{human_size(total)} {100 * done // total:3d}%\x1b[K"
+                )
+
+        return update
+
 
 def human_size(n: int, sep: str = " ") -> str:
     """``1234567`` -> ``1.2 MB`` (decimal units, as Docker prints sizes)."""
@@ -1010,8 +1162,6 @@ def pull(
     diff_id): a corrupt blob raises RegistryDigestError and stores nothing.  Progress goes to
     ``progress`` (default stderr): one line per layer, or a live line on a terminal.
     """
-    from .store import Store
-
     parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
     store = store if store is not None else Store.default()
     registry, repository = registry_repository(parsed)
@@ -1057,8 +1207,6 @@ def pull(
             downloaded.append(diff_id)
         parent = diff_id
 
-    from .oci import record_from_config
-
     image_id = store.put_image(record_from_config(config))
     tag = None
     if parsed.tag is not None or parsed.digest is None:
@@ -1068,29 +1216,15 @@ def pull(
     return PullResult(image_id, tag, manifest.digest, tuple(downloaded), tuple(present))
 
 
-class _HashingWriter:
-    def __init__(self, out: IO[bytes]) -> None:
-        self.out = out
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.hash.update(data)
-        self.size += len(data)
-        return self.out.write(data)
-
-    def flush(self) -> None:
-        self.out.flush()
-
-
 def _gzip_layer(tar: IO[bytes], out: IO[bytes]) -> tuple[str, int]:
     """Compress ``tar`` into ``out`` (deterministic: no name, mtime 0); (digest, size) of the gzip."""
-    sink = _HashingWriter(out)
+    sink = HashingWriter(out)
     with gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=6) as gz:
         while chunk := tar.read(CHUNK):
             gz.write(chunk)
     out.flush()
-    return "sha256:" + sink.hash.hexdigest(), sink.size
+    blob = sink.digest()
+    return blob.diff_id, blob.size
 
 
 def push(
@@ -1106,15 +1240,12 @@ def push(
     Blobs the registry has already are not uploaded again.  Images on the host base cannot be
     pushed (their lowest layer is this host).
     """
-    from .oci import config_from_record
-    from .store import Store
-
     parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
     if parsed.digest:
         raise InvalidSpecError(f"push {ref}: push a name[:tag], not a digest")
     store = store if store is not None else Store.default()
     record = store.resolve(parsed)
-    config = config_from_record(record)
+    config = config_from_record(record, [store.tar_digest(d) for d in record.layers])
     registry, repository = registry_repository(parsed)
     client = client if client is not None else RegistryClient(registry)
     what = str(parsed)
@@ -1132,18 +1263,18 @@ def push(
             else:
                 sent = client.push_blob(repository, digest, blob, size)
         (uploaded if sent else present).append(digest)
-        descs.append(Descriptor(MEDIA_OCI_LAYER_GZIP, digest, size))
+        descs.append(Descriptor(MEDIA_LAYER_GZIP, digest, size))
     raw_config = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
-    config_desc = Descriptor(MEDIA_OCI_CONFIG, sha256_digest(raw_config), len(raw_config))
+    config_desc = Descriptor(MEDIA_CONFIG, sha256_digest(raw_config), len(raw_config))
     client.push_blob(repository, config_desc.digest, io.BytesIO(raw_config), len(raw_config))
     manifest = {
         "schemaVersion": 2,
-        "mediaType": MEDIA_OCI_MANIFEST,
+        "mediaType": MEDIA_MANIFEST,
         "config": config_desc.to_json(),
         "layers": [d.to_json() for d in descs],
     }
     raw = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-    digest = client.put_manifest(repository, parsed.effective_tag or "latest", raw, MEDIA_OCI_MANIFEST)
+    digest = client.put_manifest(repository, parsed.effective_tag or "latest", raw, MEDIA_MANIFEST)
     if show is not None:
         show.note(f"pushed {what}: manifest {digest}")
     return PushResult(digest, tuple(uploaded), tuple(present))

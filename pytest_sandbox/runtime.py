@@ -21,7 +21,7 @@ from . import naming
 from .cgroups import detect
 from .cleanup import remove_tree
 from .client import LauncherClient
-from .errors import InvalidSpecError, SetupError
+from .errors import InvalidSpecError, NetworkError, SetupError
 from .hostbase import HostLayout, ensure_skeleton
 from .image import Image
 from .ipam import DEFAULT_POOLS, AddressPool, parse_address_pools
@@ -144,6 +144,8 @@ class Runtime:
         """This process's private networks (the hub namespace is made on first use)."""
         with self._lock:
             if self._networks is None:
+                if self.closed:  # made now, they would never be closed: a thread, a hub, a lease
+                    raise NetworkError("this runtime is closed (the session has ended)")
                 self._networks = Networks(self.config.address_pools, owner=self.owner)
             return self._networks
 

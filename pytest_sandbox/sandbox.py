@@ -105,7 +105,8 @@ class Sandbox:
 
     @property
     def containers(self) -> list[Container]:
-        """Every container started through this handle and not yet removed, oldest first."""
+        """Every container started through this handle, oldest first (removed ones too, so that a
+        failure report can show their logs, until the handle closes)."""
         with self._lock:
             return list(self._containers)
 
@@ -261,7 +262,10 @@ class Sandbox:
             raise InvalidSpecError(f"image={image!r}: expected an Image, e.g. Image.from_layers(path)")
         options = _with_image_config(parse_options(**merged), merged, image)
         image.check()
-        if options.name is not None and any(c.name == options.name for c in self.containers):
+        # A removed container's name is free again (a service restarted under its name).
+        if options.name is not None and any(
+            c.name == options.name and not c.removed for c in self.containers
+        ):
             raise InvalidSpecError(f"name={options.name!r}: a container with this name already exists here")
         rt = self.runtime
         rt.info()
@@ -308,12 +312,10 @@ class Sandbox:
     ) -> ContainerSpec:
         """The spec of a container joining its prepared namespace, with a live /etc/hosts."""
         hosts = os.path.join(directory, "hosts")
-        with open(hosts, "x") as f:
-            f.write(self.runtime.networks.hosts_file(attached, names))
+        self.runtime.networks.join(attached, spec.id, names, hosts)  # writes it
         mounts = spec.mounts
         if not any(m.target == "/etc/hosts" for m in mounts):  # the user's own /etc/hosts wins
             mounts = (*mounts, BindMount(hosts, "/etc/hosts", read_only=True))
-        self.runtime.networks.join(attached, spec.id, names, hosts)
         return dataclasses.replace(spec, netns=attached.netns_path, mounts=mounts)
 
     def _create(self, planned: _Planned, *, until_exit: bool) -> Future[dict[str, Any]]:

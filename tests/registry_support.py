@@ -5,7 +5,10 @@
 end.  :class:`TokenServer` is a tiny token service (http.server in a thread) that signs JWTs
 with an RSA key made by ``openssl``; a registry started with ``token=`` trusts it, answers 401
 with ``WWW-Authenticate: Bearer realm=...`` and checks the tokens' grants itself.
-:class:`ForwardProxy` is a minimal plain-http forward proxy that records what passed through.
+:class:`ForwardProxy` is a minimal forward proxy (absolute-URI requests and ``CONNECT`` tunnels)
+that records what passed through.  :class:`ScriptedServer` answers with a function the test gives
+it, over http or https (a throwaway certificate for 127.0.0.1), for what a real registry will not
+do on purpose: redirect to another host or to plain http, hang, cut a body short.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import http.client
 import http.server
 import json
 import os
+import select
 import shutil
 import socket
+import ssl
 import stat
 import subprocess
 import threading
@@ -24,6 +29,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +53,40 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-class TokenServer:
+def reply(
+    h: http.server.BaseHTTPRequestHandler,
+    status: int,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Answer one request with ``status``, ``headers`` and ``body``, then close the connection."""
+    h.send_response(status)
+    for k, v in (headers or {}).items():
+        h.send_header(k, v)
+    h.send_header("Content-Length", str(len(body)))
+    h.send_header("Connection", "close")
+    h.end_headers()
+    if h.command != "HEAD":
+        h.wfile.write(body)
+
+
+class _InThread:
+    """An http.server serving from a thread; ``close()`` stops it and joins its threads."""
+
+    httpd: http.server.HTTPServer
+
+    def _serve(self, httpd: http.server.HTTPServer, name: str) -> None:
+        self.httpd = httpd
+        self.thread = threading.Thread(target=httpd.serve_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+class TokenServer(_InThread):
     """Issues registry tokens: ``users`` (name -> password) get what they ask; anonymous, ``anonymous``."""
 
     def __init__(self, tmp: Path, users: dict[str, str], anonymous: tuple[str, ...] = ("pull",)) -> None:
@@ -74,11 +114,9 @@ class TokenServer:
             def do_GET(self) -> None:
                 server._handle(self)
 
-        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self._serve(http.server.HTTPServer(("127.0.0.1", 0), Handler), "psbx-test-token")
         self.port = self.httpd.server_address[1]
         self.realm = f"http://127.0.0.1:{self.port}/token"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="psbx-test-token", daemon=True)
-        self.thread.start()
 
     def _handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(h.path).query)
@@ -87,7 +125,7 @@ class TokenServer:
         if auth.startswith("Basic "):
             name, _, password = base64.b64decode(auth[6:]).decode().partition(":")
             if self.users.get(name) != password:
-                self._reply(h, 401, {"details": "bad credentials"})
+                reply(h, 401, json.dumps({"details": "bad credentials"}).encode())
                 return
             user = name
         scopes = query.get("scope", [])
@@ -116,21 +154,8 @@ class TokenServer:
             check=True,
             capture_output=True,
         ).stdout
-        self._reply(h, 200, {"token": f"{signing_input}.{_b64url(signature)}", "expires_in": 300})
-
-    @staticmethod
-    def _reply(h: http.server.BaseHTTPRequestHandler, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
+        token = {"token": f"{signing_input}.{_b64url(signature)}", "expires_in": 300}
+        reply(h, 200, json.dumps(token).encode(), {"Content-Type": "application/json"})
 
 
 class RegistryServer:
@@ -205,7 +230,7 @@ class RegistryServer:
         self.proc = None
 
 
-class ForwardProxy:
+class ForwardProxy(_InThread):
     """A plain-http forward proxy (absolute-URI requests) that records the URLs it forwarded."""
 
     def __init__(self) -> None:
@@ -227,30 +252,144 @@ class ForwardProxy:
                     path = parts.path + (f"?{parts.query}" if parts.query else "")
                     conn.request(self.command, path, body=body, headers=headers)
                     resp = conn.getresponse()
-                    data = resp.read()
-                    self.send_response(resp.status)
-                    for k, v in resp.getheaders():
-                        if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                            self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.send_header("Connection", "close")
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(data)
+                    skip = ("transfer-encoding", "connection", "content-length")
+                    headers = {k: v for k, v in resp.getheaders() if k.lower() not in skip}
+                    reply(self, resp.status, resp.read(), headers)
                 finally:
                     conn.close()
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
-        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+            def do_CONNECT(self) -> None:  # an https tunnel: bytes both ways, unread
+                proxy.urls.append(f"CONNECT {self.path}")
+                host, _, port = self.path.rpartition(":")
+                with socket.create_connection((host, int(port)), timeout=30) as upstream:
+                    self.send_response(200, "Connection established")
+                    self.end_headers()
+                    self.wfile.flush()
+                    sockets = [self.connection, upstream]
+                    while True:
+                        ready, _, _ = select.select(sockets, [], [], 30)
+                        if not ready:
+                            return
+                        for sock in ready:
+                            data = sock.recv(65536)
+                            if not data:
+                                return
+                            (upstream if sock is self.connection else self.connection).sendall(data)
+
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        httpd.daemon_threads = False  # close() joins the tunnels
+        self._serve(httpd, "psbx-test-proxy")
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="psbx-test-proxy", daemon=True)
-        self.thread.start()
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request a :class:`ScriptedServer` received."""
+
+    method: str
+    path: str
+    headers: dict[str, str]  # names lower-cased
+    tls: bool
+
+
+Script = Callable[[http.server.BaseHTTPRequestHandler, Seen], None]
+
+
+def make_certificate(tmp: Path, name: str = "server") -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA: trust it with ``SSL_CERT_FILE``)."""
+    key, cert = tmp / f"{name}.key", tmp / f"{name}.pem"
+    args = "-x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=127.0.0.1"
+    extension = ["-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        ["openssl", "req", *args.split(), *extension, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return key, cert
+
+
+class _ScriptedHttpd(http.server.ThreadingHTTPServer):
+    daemon_threads = False  # server_close() joins every handler thread
+    tls: ssl.SSLContext | None = None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that gave up (timed out, refused a redirect) is what these tests provoke
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """With TLS, a connection is wrapped if it starts with a handshake, else served in clear
+        (so a test sees what a client would send over plain http to this port)."""
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(10)
+        try:
+            first = request.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return
+        if first != b"\x16":
+            super().finish_request(request, client_address)
+            return
+        try:
+            wrapped = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):  # the client refused the certificate
+            return
+        try:
+            super().finish_request(wrapped, client_address)
+        finally:
+            wrapped.close()
+
+
+class ScriptedServer(_InThread):
+    """An http(s) server on 127.0.0.1 that answers with ``script(handler, seen)``, recording ``seen``.
+
+    ``tls`` is the (key, certificate) to serve https with; plain http is still answered on the same
+    port.  ``release`` is set at close: a script that hangs waits on it.
+    """
+
+    def __init__(self, script: Script, *, tls: tuple[Path, Path] | None = None) -> None:
+        self.script = script
+        self.requests: list[Seen] = []
+        self.release = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _serve(self) -> None:
+                seen = Seen(
+                    self.command,
+                    self.path,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    isinstance(self.connection, ssl.SSLSocket),
+                )
+                server.requests.append(seen)
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                self.close_connection = True
+                server.script(self, seen)
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
+
+        httpd = _ScriptedHttpd(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(tls[1]), str(tls[0]))
+            httpd.tls = context
+        self._serve(httpd, "psbx-test-scripted")
+        self.host = f"127.0.0.1:{httpd.server_address[1]}"
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
+
+    reply = staticmethod(reply)
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
+        self.release.set()
+        super().close()
 
 
 def make_image(store: Store, busybox_layer: Path, tmp_path: Path, ref: str) -> ImageRecord:

@@ -13,7 +13,8 @@ from pytest_sandbox import Image, InvalidSpecError, Sandbox, layertar
 from pytest_sandbox import build as build_mod
 from pytest_sandbox import store as store_mod
 from pytest_sandbox.errors import BuildError, LayerNotFoundError
-from pytest_sandbox.store import Store
+from pytest_sandbox.store import Store, stat_snapshot
+from tests.test_store import _bytes_read
 
 
 @pytest.fixture
@@ -85,6 +86,9 @@ def test_unchanged_rebuild_is_a_cache_hit_touching_no_content(
 ) -> None:
     first = _build(busybox_layer, app_dir, store)
     records = len(store.images())
+    layers = {path: stat_snapshot(path) for path in first.layers}
+    size = sum(f.stat().st_size for path in first.layers for f in Path(path).rglob("*") if f.is_file())
+    assert size > 1 << 20  # the busybox binary: a read of the layers could not hide
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("a cache hit must not read layer content or start a container")
@@ -95,9 +99,13 @@ def test_unchanged_rebuild_is_a_cache_hit_touching_no_content(
         m.setattr(build_mod, "copy_tree", forbidden)
         m.setattr(build_mod, "capture_upper", forbidden)
         m.setattr(Sandbox, "start", forbidden)
+        before = _bytes_read()
         second = _build(busybox_layer, app_dir, store)
+        read = _bytes_read() - before
+    assert read < 64 << 10  # records, cache entries, refs.json: no layer's (or source's) content
     assert second.image_id == first.image_id
     assert second.layers == first.layers
+    assert {path: stat_snapshot(path) for path in first.layers} == layers  # not written either
     assert len(store.images()) == records
 
 

@@ -231,9 +231,15 @@ def test_export_then_import(tmp_path: Path, busybox_layer: Path, transport: str)
     assert r.returncode == 0, r.stderr
     r = cli(dst, "import", where, "imported/app:2")
     assert (r.returncode, r.stdout) == (0, "imported/app:2\n"), r.stderr
+    # progress: one line per layer read (stderr is not a tty), as pull prints
+    progress = [line for line in r.stderr.splitlines() if line.startswith("import imported/app:2 ")]
+    assert len(progress) == 2, r.stderr
+    assert all(" in " in line and line.endswith("s") for line in progress)
     got = Store(str(dst / "store")).resolve("imported/app:2")
     assert got.layers == record.layers
     assert got.config == record.config
+    r = cli(tmp_path / "quiet", "import", "-q", where, "imported/app:3")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "imported/app:3\n", "")
     r = cli(dst, "import", f"{transport}:{tmp_path / 'missing'}", "x:1")
     assert r.returncode == 1
     assert "error:" in r.stderr

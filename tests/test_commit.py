@@ -127,3 +127,39 @@ def test_commit_refusals(busybox_image: Image, store: Store) -> None:
         with pytest.raises(ContainerNotRunningError, match="commit before removing"):
             c.commit("late:1", store=store)
     assert not os.path.exists(store.root)
+
+
+def test_ids_outside_the_containers_range_become_nobody(busybox_image: Image, store: Store) -> None:
+    """A file in the upper layer owned by a host id the container does not map (a host user's,
+    another container's range) is stored as 65534 -- as the container sees it -- not as that
+    host id; ids below 65536 (a lower layer's own, where idmapping was not possible) are kept."""
+    uid_base = get_runtime().config.uid_base
+    with Sandbox() as sb:
+        c = sb.start(["sh", "-c", "touch /host-user /other-container /low /mine"], image=busybox_image)
+        assert c.wait(30).exit_code == 0, c.logs()
+        upper = Path(c.dir, "upper.0")
+        os.chown(upper / "host-user", 70000, 300000)
+        os.chown(upper / "other-container", uid_base + 65536, uid_base - 1)
+        os.chown(upper / "low", 5, 6)
+        image = c.commit("ids:1", store=store)
+    layer = Path(image.layers[-1])
+    owners = {n: (os.lstat(layer / n).st_uid, os.lstat(layer / n).st_gid) for n in os.listdir(layer)}
+    assert owners == {
+        "host-user": (65534, 65534),
+        "other-container": (65534, 65534),
+        "low": (5, 6),
+        "mine": (0, 0),
+    }
+
+
+def test_an_upper_entry_that_needs_its_lower_layers_is_refused(busybox_image: Image, store: Store) -> None:
+    """With redirect_dir or metacopy on, an upper entry is only a pointer into the lower layers:
+    committed without them it would lose its contents.  Refused, and nothing tagged."""
+    with Sandbox() as sb:
+        c = sb.start(["sh", "-c", "mkdir /moved; echo x > /moved/f"], image=busybox_image)
+        assert c.wait(30).exit_code == 0, c.logs()
+        os.setxattr(Path(c.dir, "upper.0", "moved"), "trusted.overlay.redirect", b"/bin")
+        with pytest.raises(InvalidSpecError, match=r"trusted\.overlay\.redirect"):
+            c.commit("redirected:1", store=store)
+    assert store.refs() == {}
+    assert [p for p in Path(store.root, "tmp").rglob("*") if not p.is_dir()] == []

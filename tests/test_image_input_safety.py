@@ -119,6 +119,21 @@ def _truncated() -> bytes:
     return build(reg("file", b"y" * 5000))[:2048]
 
 
+def _pax_entry(headers: dict[str, str], kind: str = "file") -> bytes:
+    info, payload = dirm("d") if kind == "dir" else sym("s", "t") if kind == "symlink" else reg("f", b"x")
+    info.pax_headers = headers
+    return build((info, payload))
+
+
+def _base256_mtime() -> bytes:
+    """A ustar header whose mtime is a base-256 number no time_t holds (GNU tar writes these)."""
+    data = bytearray(build(reg("f", b"x"), fmt=tarfile.USTAR_FORMAT))
+    data[136:148] = b"\x80" + b"\xff" * 11
+    data[148:156] = b" " * 8
+    data[148:156] = b"%06o\0 " % sum(data[:512])
+    return bytes(data)
+
+
 def _symlink_chain(host: Path) -> bytes:
     links = [sym(f"l{i}", f"l{i + 1}") for i in range(41)]
     return build(*links, sym("l41", str(host)), reg("l0/new", b"evil"))
@@ -184,6 +199,21 @@ REFUSED: dict[str, tuple[Callable[[Path], bytes], str]] = {
     "bad-checksum": (lambda h: _bad_checksum(), "checksum"),
     "truncated": (lambda h: _truncated(), "truncated"),
     "zstd": (lambda h: b"\x28\xb5\x2f\xfd" + b"\0" * 100, "zstd"),
+    # each of these raised OverflowError or a bare ValueError, not a LayerTarError naming the entry
+    "mtime-base256-overflow": (lambda h: _base256_mtime(), "'f': mtime out of range"),
+    "mtime-pax-overflow": (lambda h: _pax_entry({"mtime": "9" * 30}), "'f': mtime out of range"),
+    "mtime-pax-overflow-dir": (lambda h: _pax_entry({"mtime": "-" + "9" * 30}, "dir"), "mtime out of range"),
+    "mtime-pax-overflow-symlink": (
+        lambda h: _pax_entry({"mtime": "9" * 30}, "symlink"),
+        "mtime out of range",
+    ),
+    "nul-in-xattr-name": (lambda h: _pax_entry({"SCHILY.xattr.user.a\0b": "v"}), "malformed xattr name"),
+    "empty-xattr-name": (lambda h: _pax_entry({"SCHILY.xattr.": "v"}), "malformed xattr name"),
+    # the directory a file was in is replaced by a symlink: that file is no longer a link target
+    "hardlink-into-dir-replaced-by-symlink": (
+        lambda h: build(dirm("a"), reg("a/canary", b"x"), sym("a", str(h)), hard("h", "a/canary")),
+        "not an earlier",
+    ),
 }
 
 
@@ -246,10 +276,46 @@ def test_overlay_xattrs_in_a_tar_are_dropped(host: Path) -> None:
     info.pax_headers = {
         "SCHILY.xattr.trusted.overlay.opaque": "y",
         "SCHILY.xattr.trusted.overlay.redirect": "/etc",
+        # what overlayfs reads instead when mounted with userxattr (rootless)
+        "SCHILY.xattr.user.overlay.opaque": "y",
+        "SCHILY.xattr.user.overlay.redirect": "/etc",
         "SCHILY.xattr.user.kept": "yes",
     }
     _extract(build((info, None)), dest)
     assert os.listxattr(dest / "d") == ["user.kept"]
+
+
+def test_deep_nesting_needs_neither_many_fds_nor_recursion(host: Path) -> None:
+    """2,000 nested directories (all PATH_MAX allows) under a 256-fd limit: extracted, written
+    back and replaced by a file -- no EMFILE (one fd per level was held) and no RecursionError
+    (the replaced tree was removed recursively)."""
+    import resource
+
+    from pytest_sandbox.cleanup import remove_tree
+    from pytest_sandbox.layertar import digest_dir
+
+    deep = "/".join(["a"] * 2000)
+    dest, again = _dest(host), host.parent / "store" / "l1"
+    again.mkdir()
+    soft, hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard_limit), hard_limit))
+    try:
+        _extract(build(dirm(deep), reg(deep + "/f", b"deep")), dest)
+        fd, depth = os.open(dest, os.O_RDONLY | os.O_DIRECTORY), 0
+        while "a" in os.listdir(fd):
+            sub = os.open("a", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd, depth = sub, depth + 1
+        assert os.listdir(fd) == ["f"]
+        os.close(fd)
+        assert depth == 2000
+        assert digest_dir(str(dest)).size > 2000 * 512
+        _extract(build(dirm(deep), reg(deep + "/f", b"deep"), reg("a", b"now a file")), again)
+        assert (again / "a").read_bytes() == b"now a file"
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard_limit))
+        for top in (dest / "a", again / "a"):  # before the canary check (or pytest) walks them
+            remove_tree(str(top))
 
 
 def test_cve_2021_29136_symlinked_dir_in_layer1_then_file_in_layer2(host: Path, tmp_path: Path) -> None:
@@ -462,6 +528,27 @@ def _replace(kind: str, make: Callable[[Path], bytes]) -> Callable[[Path], None]
     return spoil
 
 
+def _nested_index(layout: Path) -> None:
+    (layout / "index.json").write_text("[" * 100_000)
+
+
+def _move_and_link(path: Path) -> None:
+    """Move ``path`` out of the layout and leave a symlink to it in its place."""
+    elsewhere = path.parent.parent / (path.name + "-elsewhere")
+    while elsewhere.exists():
+        elsewhere = elsewhere.parent / (elsewhere.name + "-")
+    path.rename(elsewhere)
+    path.symlink_to(elsewhere)
+
+
+def _point_index_at(layout: Path, manifest: bytes) -> None:
+    digest = hashlib.sha256(manifest).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(manifest)
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"][0].update(digest="sha256:" + digest, size=len(manifest))
+    (layout / "index.json").write_text(json.dumps(index))
+
+
 SPOILED: dict[str, tuple[Callable[[Path], None], str]] = {
     "layer-replaced": (_replace("layer", _evil_layer), "declares|digest mismatch"),
     "layer-recompressed": (
@@ -483,7 +570,13 @@ SPOILED: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "digest-path-traversal": (_spoil_index_digest, "64 lowercase hex"),
     "layer-blob-is-a-fifo": (_fifo_blob, "not a regular file"),
-    "layer-blob-is-a-symlink": (_symlink_blob, "symbolic links"),
+    "layer-blob-is-a-symlink": (_symlink_blob, "symlink"),
+    # the blobs were read through these (with the right digest, from anywhere on the host)
+    "blobs-dir-is-a-symlink": (lambda lay: _move_and_link(lay / "blobs"), "symlink"),
+    "blobs-sha256-is-a-symlink": (lambda lay: _move_and_link(lay / "blobs" / "sha256"), "symlink"),
+    # these raised RecursionError
+    "index-nested-too-deeply": (_nested_index, "nested too deeply"),
+    "manifest-nested-too-deeply": (lambda lay: _point_index_at(lay, b"[" * 100_000), "nested too deeply"),
 }
 
 
@@ -520,6 +613,7 @@ def _config(layer_tar: bytes) -> bytes:
         ("layer-not-matching-diff-id", "digest mismatch"),
         ("config-not-matching-its-name", "does not match its digest"),
         ("hostile-layer", "symlink"),
+        ("member-named-dotdot", r"docker-archive:.*a\.tar: layer tar entry '\.\./x': '\.\.'"),
     ],
 )
 def test_hostile_docker_archive_is_refused(case: str, message: str, tmp_path: Path) -> None:
@@ -536,6 +630,8 @@ def test_hostile_docker_archive_is_refused(case: str, message: str, tmp_path: Pa
         members["layer.tar"] = build(reg("etc/motd", b"other\n"))
     elif case == "config-not-matching-its-name":
         members[name] = config.replace(b"linux", b"linux", 1) + b" "
+    elif case == "member-named-dotdot":
+        members["../x"] = b"evil"
     elif case == "hostile-layer":
         members["layer.tar"] = evil
         members[name] = _config(evil)

@@ -154,3 +154,27 @@ def test_the_pool_comes_from_the_ini_and_the_environment(tmp_path: Path) -> None
     r = session("sandbox_address_pools = nonsense", EXPECT="")
     assert r.returncode != 0
     assert "sandbox_address_pools: 'nonsense'" in r.stdout + r.stderr
+
+
+def test_a_lease_of_another_size_blocks_every_subnet_it_overlaps(tmp_path: Path) -> None:
+    """Two sessions cutting one range differently (ini pools differ): a live /20 lease covers
+    sixteen /24s, none of which may be handed out; the first free /24 is after it."""
+    wide = SubnetLeases(str(tmp_path), owner_tag())  # this process: alive
+    narrow = SubnetLeases(str(tmp_path), owner_tag(1))  # init: alive, another owner
+    assert wide.allocate(parse_address_pools("base=10.76.0.0/16,size=20", what="x"), lambda: []) == Net(
+        "10.76.0.0/20"
+    )
+    got = narrow.allocate(parse_address_pools("base=10.76.0.0/16,size=24", what="x"), lambda: [])
+    assert got == Net("10.76.16.0/24")
+    # And the other way round: a live /24 keeps the /20 that holds it from being leased.
+    assert wide.allocate(parse_address_pools("base=10.76.0.0/16,size=20", what="x"), lambda: []) == Net(
+        "10.76.32.0/20"
+    )
+
+
+def test_the_sweep_keeps_live_leases_and_takes_the_lock(tmp_path: Path) -> None:
+    live = SubnetLeases(str(tmp_path), owner_tag())
+    subnet = live.allocate(parse_address_pools("base=10.75.0.0/16,size=24", what="x"), lambda: [])
+    (tmp_path / "10.75.9.0-24").write_text("psbx-1-1\n")  # a dead owner's
+    assert SubnetLeases(str(tmp_path), owner_tag(1)).sweep() == {subnet}
+    assert sorted(os.listdir(tmp_path)) == [".lock", "10.75.0.0-24"]

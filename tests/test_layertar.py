@@ -315,3 +315,32 @@ def test_tar_files_indexes_an_archive_in_place(tmp_path: Path) -> None:
     offset, size = files["abc/layer.tar"]
     assert data[offset : offset + size] == b"L" * 700
     assert files["l"] == files["abc/layer.tar"]
+
+
+def test_pre_posix_directory_entry_is_a_directory(tmp_path: Path) -> None:
+    """Typeflag NUL with a trailing slash is a directory (as tarfile and Go's archive/tar read
+    it); it was made a regular file ``a``, so ``a/b`` was refused as written through a file."""
+    data = bytearray(build(reg("a/"), reg("a/b", b"x"), fmt=tarfile.USTAR_FORMAT))
+    data[156:157] = b"\0"
+    data[148:156] = b" " * 8
+    data[148:156] = b"%06o\0 " % sum(data[:512])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    extract_layer_tar(io.BytesIO(bytes(data)), str(dest))
+    assert tree(dest) == {"a": "dir", "a/b": "file:x"}
+
+
+def test_overlay_and_trusted_xattrs_are_carried_neither_way(tmp_path: Path) -> None:
+    """The writer leaves out what the extractor would drop (trusted.*, user.overlay.*), so a
+    written layer extracts to the same tree it came from and digest_dir ignores them."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    before = digest_dir(str(src))
+    os.setxattr(src / "d", "trusted.other", b"x")
+    os.setxattr(src / "d", "user.overlay.redirect", b"/etc")
+    assert digest_dir(str(src)) == before
+    os.setxattr(src / "d", "user.kept", b"y")
+    out = io.BytesIO()
+    write_layer_tar(str(src), out)
+    (member,) = _tar(out.getvalue())
+    assert set(member.pax_headers) == {"SCHILY.xattr.user.kept"}

@@ -200,5 +200,5 @@ def test_sigkill_of_pytest_in_a_networked_test_leaves_nothing(
     print(f"SIGKILL of pytest: hub and container network namespaces gone in {gone:.3f} s")
     assert host_links() == []
     # The lease file outlives its owner, but no one counts it: the next allocation sweeps it.
-    SubnetLeases()._live_leases()
+    SubnetLeases().sweep()  # under the lock: never racing another session's allocation
     assert live_leases_of({info["owner"]}) == []

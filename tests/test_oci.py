@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox import Image, InvalidSpecError, Sandbox
+from pytest_sandbox.errors import LayerTarError
 from pytest_sandbox.image import History, ImageConfig
 from pytest_sandbox.oci import (
     Transport,
@@ -337,3 +339,171 @@ def test_host_base_images_are_not_exported(store: Store, tmp_path: Path) -> None
 def test_record_from_config_refuses_bad_configs(config: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidSpecError, match=message):
         record_from_config(config)
+
+
+# -- progress, and what registry.py reuses ----------------------------------------------------
+
+
+def _small_image(store: Store, tmp_path: Path) -> tuple[str, list[str]]:
+    """A 2-layer image (one layer over 1 MiB, so progress is heard in the middle); its diff_ids."""
+    digests = []
+    for i, size in enumerate((3 << 20, 10)):
+        layer = tmp_path / f"layer{i}"
+        layer.mkdir()
+        (layer / f"f{i}").write_bytes(os.urandom(size))
+        digests.append(store.add_layer_dir(str(layer)).digest)
+    store.tag("small:1", store.put_image(ImageRecord(layers=tuple(digests))))
+    return "small:1", digests
+
+
+def _check_progress(calls: list[tuple[str, int, int]], names: list[str]) -> None:
+    """Per layer: starts at 0, never goes back, ends once at its total, with totals constant."""
+    assert list(dict.fromkeys(c[0] for c in calls)) == names
+    for name in names:
+        mine = [(done, total) for n, done, total in calls if n == name]
+        assert mine[0][0] == 0
+        assert mine[-1][0] == mine[-1][1] > 0
+        assert [d for d, _ in mine] == sorted(d for d, _ in mine)
+        assert len({t for _, t in mine}) == 1
+        assert [d for d, t in mine].count(mine[-1][1]) == 1
+
+
+def test_import_reports_progress_per_layer(store: Store, tmp_path: Path) -> None:
+    ref, diff_ids = _small_image(store, tmp_path)
+    export_image(ref, f"oci:{tmp_path / 'layout'}:v1", store=store)
+    export_image(ref, f"docker-archive:{tmp_path / 'a.tar'}", store=store)
+    manifest_digest = json.loads((tmp_path / "layout" / "index.json").read_text())["manifests"][0]["digest"]
+    manifest = json.loads((tmp_path / "layout" / "blobs" / "sha256" / manifest_digest[7:]).read_text())
+    blobs = [d["digest"] for d in manifest["layers"]]
+
+    calls: list[tuple[str, int, int]] = []
+    other = Store(tmp_path / "other")
+    import_image(f"oci:{tmp_path / 'layout'}:v1", "p:1", store=other, progress=lambda *a: calls.append(a))
+    _check_progress(calls, blobs)
+    assert len([c for c in calls if c[0] == blobs[0]]) >= 3  # heard in the middle, not just the ends
+    # a layer already stored is reported once, done
+    calls.clear()
+    import_image(f"oci:{tmp_path / 'layout'}:v1", "p:1", store=other, progress=lambda *a: calls.append(a))
+    assert [c[1] == c[2] for c in calls] == [True, True]
+
+    calls.clear()
+    third = Store(tmp_path / "third")
+    import_image(
+        f"docker-archive:{tmp_path / 'a.tar'}", None, store=third, progress=lambda *a: calls.append(a)
+    )
+    _check_progress(calls, diff_ids)
+    # a gzipped archive is decompressed first: that is reported under the archive's name
+    (tmp_path / "a.tar.gz").write_bytes(gzip.compress((tmp_path / "a.tar").read_bytes()))
+    calls.clear()
+    import_image(
+        f"docker-archive:{tmp_path / 'a.tar.gz'}",
+        None,
+        store=Store(tmp_path / "4"),
+        progress=lambda *a: calls.append(a),
+    )
+    _check_progress(calls, [f"docker-archive:{tmp_path / 'a.tar.gz'}", *diff_ids])
+
+
+def test_media_types_and_hashing_writer_are_public() -> None:
+    from pytest_sandbox import oci
+
+    assert oci.MANIFEST_TYPES == (oci.MEDIA_MANIFEST, oci.DOCKER_MANIFEST)
+    assert oci.INDEX_TYPES == (oci.MEDIA_INDEX, oci.DOCKER_MANIFEST_LIST)
+    assert oci.CONFIG_TYPES == (oci.MEDIA_CONFIG, oci.DOCKER_CONFIG)
+    assert {oci.MEDIA_LAYER_GZIP, oci.DOCKER_LAYER_GZIP, oci.DOCKER_LAYER} <= set(oci.LAYER_TYPES)
+    out = io.BytesIO()
+    sink = oci.HashingWriter(out)
+    sink.write(b"abc")
+    assert out.getvalue() == b"abc"
+    assert sink.digest().diff_id == "sha256:" + hashlib.sha256(b"abc").hexdigest()
+    assert sink.digest().size == 3
+
+
+def test_annotations_that_are_not_an_object_do_not_crash(store: Store, tmp_path: Path) -> None:
+    """``"annotations": "x"`` in index.json raised AttributeError; now it is an image without a tag."""
+    ref, _ = _small_image(store, tmp_path)
+    export_image(ref, f"oci:{tmp_path / 'layout'}:v1", store=store)
+    index = json.loads((tmp_path / "layout" / "index.json").read_text())
+    index["manifests"][0]["annotations"] = "v1"
+    (tmp_path / "layout" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(InvalidSpecError, match="no image tagged 'v1'"):
+        import_image(f"oci:{tmp_path / 'layout'}:v1", None, store=Store(tmp_path / "other"))
+    assert import_image(f"oci:{tmp_path / 'layout'}", None, store=Store(tmp_path / "other"))
+
+
+def test_later_truncated_blob_stores_nothing(store: Store, tmp_path: Path) -> None:
+    """Every blob is found with its declared size before any layer is extracted: a truncated
+    second layer used to leave the first one stored."""
+    ref, _ = _small_image(store, tmp_path)
+    export_image(ref, f"oci:{tmp_path / 'layout'}:v1", store=store)
+    manifest_digest = json.loads((tmp_path / "layout" / "index.json").read_text())["manifests"][0]["digest"]
+    manifest = json.loads((tmp_path / "layout" / "blobs" / "sha256" / manifest_digest[7:]).read_text())
+    last = tmp_path / "layout" / "blobs" / "sha256" / manifest["layers"][1]["digest"][7:]
+    last.write_bytes(last.read_bytes()[:-5])
+    other = Store(tmp_path / "other")
+    with pytest.raises(LayerTarError, match=r"layer 1 .*declares"):
+        import_image(f"oci:{tmp_path / 'layout'}:v1", "x:1", store=other)
+    layers = Path(other.root) / "layers" / "sha256"
+    assert not layers.exists() or os.listdir(layers) == []
+
+
+def test_docker_archive_repo_tags_must_be_a_list(tmp_path: Path) -> None:
+    """``"RepoTags": "app:10"`` picked the image for ``:app:1`` (a substring test on a string)."""
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as t:
+        info = tarfile.TarInfo("f")
+        t.addfile(info, io.BytesIO(b""))
+    diff_id = "sha256:" + hashlib.sha256(layer.getvalue()).hexdigest()
+    config = json.dumps({"os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    manifest = json.dumps([{"Config": "c.json", "RepoTags": "app:10", "Layers": ["l.tar"]}]).encode()
+    with tarfile.open(tmp_path / "a.tar", "w") as t:
+        for name, data in (("l.tar", layer.getvalue()), ("c.json", config), ("manifest.json", manifest)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    with pytest.raises(InvalidSpecError, match="no image tagged 'app:1'"):
+        import_image(f"docker-archive:{tmp_path / 'a.tar'}:app:1", None, store=Store(tmp_path / "s"))
+
+
+def test_an_image_imported_from_umoci_exports_again_and_runs_after_a_round_trip(
+    umoci_layout: Path, store: Store, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """umoci's layer tars are not byte for byte what our writer makes of the same tree: the
+    store records both digests, so an imported image can be exported (and pushed) with a config
+    whose diff_ids match the tars written -- checked by skopeo and by a re-import elsewhere."""
+    import_oci_layout(store, str(umoci_layout), "base", "fromumoci:1")
+    record = store.resolve("fromumoci:1")
+    foreign = [d for d in record.layers if store.tar_digest(d) != d]
+    assert foreign, "umoci's tars were expected to differ from ours (else this test proves nothing)"
+    out = tmp_path / "again"
+    export_oci_layout(store, "fromumoci:1", str(out), "v1")
+    inspect = json.loads(_tool("skopeo", "inspect", "--config", f"oci:{out}:v1"))
+    assert inspect["rootfs"]["diff_ids"] == [store.tar_digest(d) for d in record.layers]
+    other = Store(tmp_path / "other")
+    import_oci_layout(other, str(out), "v1", "again:1")
+    assert other.resolve("again:1").layers == tuple(store.tar_digest(d) for d in record.layers)
+    out2 = sandbox.run(PROBE, image=Image.load("again:1", store=other)).check().stdout.decode()
+    assert out2 == EXPECTED_SRV
+    archive = tmp_path / "again.tar"
+    export_docker_archive(store, "fromumoci:1", str(archive))
+    _tool("skopeo", "inspect", f"docker-archive:{archive}")  # a consistent archive
+
+
+def test_an_image_that_repeats_a_layer_runs(
+    store: Store, sandbox: Sandbox, tmp_path: Path, busybox_layer: Path
+) -> None:
+    """Real images repeat layers (the empty layer of metadata-only steps); overlayfs refuses the
+    same lower directory twice (ELOOP), so the topmost copy alone is mounted -- the same view."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    marker = tmp_path / "marker"
+    (marker / "etc").mkdir(parents=True)
+    (marker / "etc" / "marker").write_text("top\n")
+    base = store.add_layer_dir(busybox_layer).digest
+    hole = store.add_layer_dir(empty).digest
+    top = store.add_layer_dir(marker).digest
+    record = ImageRecord(layers=(base, hole, top, hole))
+    store.tag("repeats:1", store.put_image(record))
+    image = Image.load("repeats:1", store=store)
+    assert len(image.layers) == 4
+    assert sandbox.run(["cat", "/etc/marker"], image=image).check().stdout == b"top\n"

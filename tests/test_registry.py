@@ -8,12 +8,14 @@ pid, or by shutting its thread down) at the end.
 from __future__ import annotations
 
 import gzip
+import http.server
 import io
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,14 +31,17 @@ from pytest_sandbox.errors import (
     RegistryNotFoundError,
     SandboxError,
 )
+from pytest_sandbox.oci import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    MEDIA_CONFIG,
+    MEDIA_INDEX,
+    MEDIA_LAYER_GZIP,
+    MEDIA_MANIFEST,
+)
 from pytest_sandbox.registry import (
-    MEDIA_DOCKER_LIST,
-    MEDIA_DOCKER_MANIFEST,
-    MEDIA_OCI_CONFIG,
-    MEDIA_OCI_INDEX,
-    MEDIA_OCI_LAYER_GZIP,
-    MEDIA_OCI_MANIFEST,
     Descriptor,
+    Progress,
     RegistryClient,
     RegistrySettings,
     docker_credentials,
@@ -47,7 +52,17 @@ from pytest_sandbox.registry import (
     sha256_digest,
 )
 from pytest_sandbox.store import ImageRecord, Store
-from tests.registry_support import ForwardProxy, RegistryServer, TokenServer, make_image
+from tests.registry_support import (
+    ForwardProxy,
+    RegistryServer,
+    Script,
+    ScriptedServer,
+    Seen,
+    TokenServer,
+    make_certificate,
+    make_image,
+    reply,
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +119,7 @@ def gz(data: bytes) -> bytes:
 
 
 def push_blob(
-    client: RegistryClient, repo: str, data: bytes, media_type: str = MEDIA_OCI_LAYER_GZIP
+    client: RegistryClient, repo: str, data: bytes, media_type: str = MEDIA_LAYER_GZIP
 ) -> Descriptor:
     digest = sha256_digest(data)
     client.push_blob(repo, digest, io.BytesIO(data), len(data))
@@ -118,12 +133,12 @@ def push_manifest(
     layers: list[bytes],
     *,
     arch: str = "amd64",
-    media_type: str = MEDIA_OCI_MANIFEST,
+    media_type: str = MEDIA_MANIFEST,
 ) -> tuple[str, int]:
     config = json.dumps(
         {"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
     ).encode()
-    cdesc = push_blob(client, repo, config, MEDIA_OCI_CONFIG)
+    cdesc = push_blob(client, repo, config, MEDIA_CONFIG)
     ldescs = [push_blob(client, repo, layer) for layer in layers]
     body = json.dumps(
         {
@@ -247,7 +262,7 @@ def test_blob_push_then_fetch_streams_and_verifies(registry: RegistryServer, tmp
 
 def test_manifest_by_tag_and_by_digest(registry: RegistryServer) -> None:
     client = client_for(registry)
-    for media_type in (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST):
+    for media_type in (MEDIA_MANIFEST, DOCKER_MANIFEST):
         digest, _ = push_manifest(client, "proto/manifest", "v1", [gz(b"layer one")], media_type=media_type)
         by_tag = client.get_manifest("proto/manifest", "v1")
         assert by_tag.digest == digest
@@ -258,7 +273,7 @@ def test_manifest_by_tag_and_by_digest(registry: RegistryServer) -> None:
         assert client.read_blob("proto/manifest", by_tag.config).startswith(b"{")
 
 
-@pytest.mark.parametrize("index_type", [MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST])
+@pytest.mark.parametrize("index_type", [MEDIA_INDEX, DOCKER_MANIFEST_LIST])
 def test_index_resolves_to_this_platform(registry: RegistryServer, index_type: str) -> None:
     client = client_for(registry)
     repo = "proto/multi"
@@ -269,7 +284,7 @@ def test_index_resolves_to_this_platform(registry: RegistryServer, index_type: s
         digest, size = push_manifest(client, repo, f"only-{arch}", [gz(arch.encode())], arch=arch)
         entries.append(
             {
-                "mediaType": MEDIA_OCI_MANIFEST,
+                "mediaType": MEDIA_MANIFEST,
                 "digest": digest,
                 "size": size,
                 "platform": {"os": "linux", "architecture": arch},
@@ -293,7 +308,7 @@ def test_unknown_manifest_and_blob_are_not_found(registry: RegistryServer, tmp_p
         client.get_manifest("proto/nothing-here", "latest")
     assert isinstance(info.value, FileNotFoundError)
     with open(tmp_path / "f", "w+b") as f, pytest.raises(RegistryNotFoundError):
-        client.fetch_blob("proto/nothing-here", Descriptor(MEDIA_OCI_LAYER_GZIP, sha256_digest(b"x"), 1), f)
+        client.fetch_blob("proto/nothing-here", Descriptor(MEDIA_LAYER_GZIP, sha256_digest(b"x"), 1), f)
 
 
 def test_corrupted_blob_is_rejected(registry: RegistryServer, tmp_path: Path) -> None:
@@ -376,7 +391,12 @@ def test_bearer_token_flow_with_docker_config_credentials(
     asked = token_server.requests[before:]
     assert asked
     assert {user for user, _ in asked} == {"alice"}
-    assert ["repository:team/app:pull,push"] in [scopes for _, scopes in asked]
+    # The registry's challenge names the actions in no fixed order (pull,push or push,pull).
+    granted = [
+        {(s.rpartition(":")[0], frozenset(s.rpartition(":")[2].split(","))) for s in scopes}
+        for _, scopes in asked
+    ]
+    assert {("repository:team/app", frozenset({"pull", "push"}))} in granted
     # One token per scope, cached: far fewer token requests than registry requests.
     assert len(asked) <= 3
 
@@ -592,3 +612,265 @@ def test_ini_keys_reach_the_client(registry: RegistryServer, mirror: RegistrySer
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# -------------------------------------------------------------------------------------------
+# what a real registry will not do on purpose: a scripted server (redirects, hangs, cut bodies)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Two unrelated self-signed certificates for 127.0.0.1: a registry's and a token server's."""
+    tmp = tmp_path_factory.mktemp("certs")
+    return {name: make_certificate(tmp, name) for name in ("registry", "token")}
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ScriptedServer]]:
+    """Scripted servers a test starts (append them); all closed at the end."""
+    started: list[ScriptedServer] = []
+    yield started
+    for server in started:
+        server.close()
+
+
+def scripted(servers: list[ScriptedServer], script: Script, **kwargs: tuple[Path, Path]) -> ScriptedServer:
+    server = ScriptedServer(script, **kwargs)
+    servers.append(server)
+    return server
+
+
+BLOB = os.urandom(50_000)
+BLOB_DESC = Descriptor(MEDIA_LAYER_GZIP, sha256_digest(BLOB), len(BLOB))
+
+
+def test_credentials_are_not_sent_on_a_redirect_to_storage(
+    servers: list[ScriptedServer], tmp_path: Path
+) -> None:
+    """A blob download redirected to another host: the Bearer token stays with the registry."""
+    storage = scripted(servers, lambda h, seen: reply(h, 200, BLOB))
+
+    def registry_script(h: http.server.BaseHTTPRequestHandler, seen: Seen) -> None:
+        if seen.path.startswith("/token"):
+            reply(h, 200, json.dumps({"token": "T0K3N", "expires_in": 300}).encode())
+        elif seen.headers.get("authorization") != "Bearer T0K3N":
+            challenge = f'Bearer realm="{fake.url}/token",service="scripted"'
+            reply(h, 401, b"{}", {"WWW-Authenticate": challenge})
+        else:
+            reply(h, 307, headers={"Location": f"{storage.url}/data/blob?X-Signature=s3cr3t"})
+
+    fake = scripted(servers, registry_script)
+    client = RegistryClient(fake.host, settings=insecure(fake.host), credentials=("alice", "pw"))
+    with open(tmp_path / "blob", "w+b") as f:
+        client.fetch_blob("scripted/app", BLOB_DESC, f)
+        f.seek(0)
+        assert f.read() == BLOB
+    assert [s.path for s in storage.requests] == ["/data/blob?X-Signature=s3cr3t"]
+    assert "authorization" not in storage.requests[0].headers
+    token_request = next(s for s in fake.requests if s.path.startswith("/token"))
+    assert token_request.headers["authorization"].startswith("Basic ")
+
+
+def test_a_redirect_from_https_to_http_is_refused(
+    servers: list[ScriptedServer], certs: dict[str, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs["registry"][1]))  # a trusted https registry
+    storage = scripted(servers, lambda h, seen: reply(h, 200, BLOB))
+    fake = scripted(
+        servers,
+        lambda h, seen: reply(h, 307, headers={"Location": f"{storage.url}/blob?sig=s3cr3t"}),
+        tls=certs["registry"],
+    )
+    client = RegistryClient(fake.host, settings=RegistrySettings())
+    with (
+        tempfile.TemporaryFile() as f,
+        pytest.raises(RegistryConnectionError, match="refusing to leave https for http") as info,
+    ):
+        client.fetch_blob("scripted/app", BLOB_DESC, f)
+    assert "s3cr3t" not in info.value.message  # a signed URL is a credential: not printed
+    assert storage.requests == []
+    assert fake.requests[0].tls
+
+
+def test_an_http_upload_location_from_an_https_registry_is_refused(
+    servers: list[ScriptedServer], certs: dict[str, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry's own host, but plain http: the credentials must not go there in clear."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs["registry"][1]))
+
+    def registry_script(h: http.server.BaseHTTPRequestHandler, seen: Seen) -> None:
+        if "authorization" not in seen.headers:
+            reply(h, 401, b"{}", {"WWW-Authenticate": 'Basic realm="scripted"'})
+        elif seen.method == "HEAD":
+            reply(h, 404)
+        elif seen.method == "POST":
+            reply(h, 202, headers={"Location": f"http://{fake.host}/upload/1?_state=abc"})
+        else:
+            reply(h, 201)
+
+    fake = scripted(servers, registry_script, tls=certs["registry"])
+    client = RegistryClient(fake.host, settings=RegistrySettings(), credentials=("alice", "s3cret"))
+    with pytest.raises(RegistryConnectionError, match="refusing to go on over http"):
+        client.push_blob("scripted/app", BLOB_DESC.digest, io.BytesIO(BLOB), len(BLOB))
+    assert [s.method for s in fake.requests] == ["HEAD", "HEAD", "POST"]
+    assert all(s.tls for s in fake.requests)
+
+
+def test_an_untrusted_token_server_gets_no_credentials(
+    servers: list[ScriptedServer], certs: dict[str, tuple[Path, Path]]
+) -> None:
+    """An insecure registry's certificate is not checked; its token server's (not listed) is."""
+    token = scripted(servers, lambda h, seen: reply(h, 200, b'{"token": "T"}'), tls=certs["token"])
+    challenge = f'Bearer realm="{token.url}/token",service="scripted"'
+    fake = scripted(
+        servers, lambda h, seen: reply(h, 401, b"{}", {"WWW-Authenticate": challenge}), tls=certs["registry"]
+    )
+    client = RegistryClient(fake.host, settings=insecure(fake.host), credentials=("alice", "s3cret"))
+    with pytest.raises(RegistryConnectionError, match="token server") as info:
+        client.get_manifest("scripted/app", "1")
+    assert f"PYTEST_SANDBOX_INSECURE_REGISTRIES={token.host}" in info.value.hint
+    assert token.requests == []  # the handshake failed before a byte of the request
+    assert fake.requests
+    assert all(s.tls for s in fake.requests)
+    # Listed too: then it is trusted like the registry.
+    listed = RegistryClient(fake.host, settings=insecure(fake.host, token.host))
+    with pytest.raises(RegistryAuthError, match="401"):  # the token does not satisfy the script
+        listed.get_manifest("scripted/app", "1")
+    assert token.requests
+
+
+def test_a_plain_http_token_realm_is_refused_for_an_https_registry(
+    servers: list[ScriptedServer], certs: dict[str, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs["registry"][1]))
+    token = scripted(servers, lambda h, seen: reply(h, 200, b'{"token": "T"}'))
+    challenge = f'Bearer realm="{token.url}/token"'
+    fake = scripted(
+        servers, lambda h, seen: reply(h, 401, b"{}", {"WWW-Authenticate": challenge}), tls=certs["registry"]
+    )
+    client = RegistryClient(fake.host, settings=RegistrySettings(), credentials=("alice", "s3cret"))
+    with pytest.raises(RegistryAuthError, match="refusing a plain-http token realm"):
+        client.get_manifest("scripted/app", "1")
+    assert token.requests == []
+
+
+def test_a_body_cut_short_is_a_connection_error_and_the_origin_serves(
+    servers: list[ScriptedServer], registry: RegistryServer, tmp_path: Path
+) -> None:
+    def cut_short(h: http.server.BaseHTTPRequestHandler, seen: Seen) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(BLOB)))
+        h.end_headers()
+        h.wfile.write(BLOB[: len(BLOB) // 2])
+
+    mirror = scripted(servers, cut_short)
+    with (
+        tempfile.TemporaryFile(dir=tmp_path) as f,
+        pytest.raises(RegistryConnectionError, match="closed with 25000 bytes"),
+    ):
+        RegistryClient(mirror.host, settings=insecure(mirror.host)).fetch_blob("cut/app", BLOB_DESC, f)
+    push_blob(client_for(registry), "cut/app", BLOB)
+    client = RegistryClient(
+        registry.host, settings=insecure(registry.host, mirror.host), mirrors=[mirror.host]
+    )
+    with open(tmp_path / "blob", "w+b") as f:
+        client.fetch_blob("cut/app", BLOB_DESC, f)  # the mirror failed mid-body: the origin served it
+        f.seek(0)
+        assert f.read() == BLOB
+    assert client.served_by == [registry.host]
+    assert len(mirror.requests) == 2
+
+
+@pytest.mark.parametrize("when", ["before the headers", "in the body"])
+def test_a_registry_that_goes_silent_times_out(servers: list[ScriptedServer], when: str) -> None:
+    def silent(h: http.server.BaseHTTPRequestHandler, seen: Seen) -> None:
+        if when == "in the body":
+            h.send_response(200)
+            h.send_header("Content-Type", MEDIA_MANIFEST)
+            h.send_header("Content-Length", "1000")
+            h.end_headers()
+            h.wfile.write(b'{"schemaVersion"')
+            h.wfile.flush()
+        server.release.wait(30)
+
+    server = scripted(servers, silent)
+    client = RegistryClient(server.host, settings=insecure(server.host), timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(RegistryConnectionError, match=r"no answer within 0\.5s") as info:
+        client.get_manifest("silent/app", "1")
+    assert time.monotonic() - start < 10
+    assert "went silent" in info.value.hint
+
+
+def test_oversized_manifest_and_token_answers_are_refused(servers: list[ScriptedServer]) -> None:
+    big = b'{"schemaVersion": 2, "pad": "' + b"x" * (5 << 20) + b'"}'
+    manifest = scripted(servers, lambda h, seen: reply(h, 200, big, {"Content-Type": MEDIA_MANIFEST}))
+    with pytest.raises(RegistryDigestError, match="larger than"):
+        RegistryClient(manifest.host, settings=insecure(manifest.host)).get_manifest("big/app", "1")
+
+    def registry_script(h: http.server.BaseHTTPRequestHandler, seen: Seen) -> None:
+        if seen.path.startswith("/token"):
+            reply(h, 200, b'{"token": "' + b"x" * (2 << 20) + b'"}')
+        else:
+            reply(h, 401, b"{}", {"WWW-Authenticate": f'Bearer realm="{fake.url}/token"'})
+
+    fake = scripted(servers, registry_script)
+    with pytest.raises(RegistryAuthError, match="larger than"):
+        RegistryClient(fake.host, settings=insecure(fake.host)).get_manifest("big/app", "1")
+
+
+def test_https_proxy_and_no_proxy_are_honoured(
+    servers: list[ScriptedServer], certs: dict[str, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An https registry through HTTPS_PROXY (a CONNECT tunnel); NO_PROXY bypasses it."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs["registry"][1]))
+    manifest = json.dumps(
+        {"schemaVersion": 2, "mediaType": MEDIA_MANIFEST, "config": BLOB_DESC.to_json(), "layers": []}
+    ).encode()
+    fake = scripted(
+        servers,
+        lambda h, seen: reply(h, 200, manifest, {"Content-Type": MEDIA_MANIFEST}),
+        tls=certs["registry"],
+    )
+    proxy = ForwardProxy()
+    try:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "example.invalid")
+        client = RegistryClient(fake.host, settings=RegistrySettings())
+        assert client.get_manifest("proxied/app", "1").digest == sha256_digest(manifest)
+        assert proxy.urls == [f"CONNECT {fake.host}"]
+        assert [s.tls for s in fake.requests] == [True]
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        client = RegistryClient(fake.host, settings=RegistrySettings())
+        assert client.get_manifest("proxied/app", "1").digest == sha256_digest(manifest)
+        assert len(proxy.urls) == 1
+        assert len(fake.requests) == 2
+    finally:
+        proxy.close()
+
+
+def test_import_progress_callback_draws_a_live_line_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The printer the CLI gives oci.import_image: rewritten in place on a terminal, one line per layer."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    clock = iter(float(t) for t in range(100))
+    monkeypatch.setattr("pytest_sandbox.registry.time.monotonic", lambda: next(clock))
+    out = Terminal()
+    update = Progress(out, what="app:1").callback("import")
+    digest = sha256_digest(b"layer")
+    for done in (0, 1 << 20, 2 << 20, 3 << 20):
+        update(digest, done, 3 << 20)
+    update("/tmp/archive.tar.gz", 10, 10)
+    lines = out.getvalue().split("\n")
+    assert lines[0].count("\r") == 3  # 33%, 66%, then the final line over them
+    assert f"\rimport app:1 {digest[7:19]} 2.1 MB/3.1 MB  66%\x1b[K" in lines[0]
+    assert lines[0].endswith(f"\rimport app:1 {digest[7:19]} 3.1 MB in 3.0s\x1b[K")
+    assert lines[1] == "\rimport app:1 archive.tar.gz 10 B in 0.0s\x1b[K"
+    plain = io.StringIO()
+    update = Progress(plain, what="app:1").callback("import")
+    for done in (0, 1, 2):
+        update(digest, done, 2)
+    assert plain.getvalue() == f"import app:1 {digest[7:19]} 2 B in 2.0s\n"

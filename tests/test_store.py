@@ -3,17 +3,24 @@ image records and tags, prune, atomic xdist-safe writes.  Each test has its own 
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
+import time
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
-from pytest_sandbox import Image, InvalidSpecError, Sandbox, layertar
+from pytest_sandbox import Image, InvalidSpecError, Sandbox, layertar, naming
 from pytest_sandbox import store as store_mod
 from pytest_sandbox.errors import ImageNotFoundError, LayerNotFoundError
 from pytest_sandbox.image import History, ImageConfig
@@ -80,6 +87,9 @@ def test_reference_refused_before_any_filesystem_access(text: str, tmp_path: Pat
         st.resolve(text) if text else st.tag(text, "sha256:" + "0" * 64)
     with pytest.raises(InvalidSpecError):
         Image.host_base().tag(text, store=st)
+    for call in (st.remove, st.untag):
+        with pytest.raises(InvalidSpecError):
+            call(text)
     assert not (tmp_path / "store").exists()
 
 
@@ -92,7 +102,7 @@ def test_digests_are_strict(text: str, tmp_path: Path) -> None:
     st = Store(tmp_path / "store")
     calls = [st.layer_path, st.has_layer, st.get_image]
     if text.startswith("sha256:"):  # "md5:0000" is a valid name:tag
-        calls.append(st.resolve)
+        calls += [st.resolve, st.remove]
     for call in calls:
         with pytest.raises(InvalidSpecError):
             call(text)
@@ -470,3 +480,162 @@ def test_two_processes_build_the_same_image_once(tmp_path: Path, busybox_layer: 
     assert len(st.images()) == 2  # the base and the built image: built once
     assert len(os.listdir(tmp_path / "store" / "layers" / "sha256")) == 2
     assert Path(Image.load("raced:1", store=st).layers[-1], "built-by").read_text().count("-") == 4
+
+
+# -- crash safety, privacy, error paths -----------------------------------------------------------
+
+_CRASHER = textwrap.dedent(
+    """
+    import os, sys
+    from pytest_sandbox import Image
+    from pytest_sandbox.store import Store
+    store, layer, where = sys.argv[1:4]
+    st = Store(store)
+    image = Image.from_layers(layer, base=None, store=st)
+    if where == "refs.json":
+        image = image.save()  # the layer and the record are stored; the tag's write will die
+    real_rename = os.rename
+
+    def die_before_rename(src, dst, *args, **kwargs):
+        if where in str(dst):
+            os._exit(9)  # as a SIGKILL would: no finally, no cleanup
+        return real_rename(src, dst, *args, **kwargs)
+
+    os.rename = die_before_rename
+    if where == "refs.json":
+        st.tag("crashed:1", image.image_id)
+    else:
+        st.add_layer_dir(layer)
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["refs.json", "layers/sha256"])
+def test_a_crash_mid_write_leaves_nothing_visible_and_is_swept(tmp_path: Path, where: str) -> None:
+    """A process dies between writing and renaming: nothing half-made is visible, and the next
+    user of the store removes its leftovers (they are in its owner directory, not loose)."""
+    layer = _layer(tmp_path, "a", "A" * 100_000)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    root = tmp_path / "store"
+    p = subprocess.run([sys.executable, "-c", _CRASHER, str(root), str(layer), where], check=False, env=env)
+    assert p.returncode == 9
+    leftovers = [q for q in (root / "tmp").rglob("*") if not q.is_dir()]
+    assert leftovers, "the crash should have left its work in tmp/"
+    st = Store(root)
+    assert st.refs() == {}
+    if where != "refs.json":
+        assert os.listdir(root / "layers" / "sha256") == []
+    st.images()  # any use of the store sweeps the dead owner's work
+    st.add_layer_dir(_layer(tmp_path, "b", "B"))
+    assert [q.name for q in (root / "tmp").iterdir()] == [naming.owner_tag()]
+    assert [q for q in (root / "tmp").rglob("*") if not q.is_dir()] == []
+
+
+def test_a_live_owners_work_is_never_swept(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        work = tmp_path / "store" / "tmp" / naming.owner_tag(sleeper.pid) / "tmpwork"
+        work.mkdir(parents=True)
+        (work / "half").write_text("in progress")
+        Store(tmp_path / "store").add_layer_dir(_layer(tmp_path, "a", "A"))
+        assert (work / "half").read_text() == "in progress"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    Store(tmp_path / "store").add_layer_dir(_layer(tmp_path, "b", "B"))
+    assert not work.parent.exists()  # its owner is dead now
+
+
+def test_the_store_is_private_to_its_owner(tmp_path: Path) -> None:
+    """Layers hold setuid-root programs: another host user must not reach them, even with the data
+    root in a world-readable place (and a store root made 0755 earlier is tightened)."""
+    public = Path(tempfile.mkdtemp(prefix="psbx-test-public-", dir="/tmp"))
+    try:
+        os.chmod(public, 0o755)
+        (public / "store").mkdir(mode=0o755)
+        st = Store(public / "store")
+        info = st.add_layer_dir(_rich_tree(tmp_path / "src"))
+        tool = Path(st.layer_path(info.digest), "bin", "tool")
+        assert os.stat(tool).st_mode & 0o4000
+        assert stat.S_IMODE(os.stat(public / "store").st_mode) == 0o700
+        other = subprocess.run(["test", "-x", str(tool)], check=False, user=65534, group=65534)
+        assert other.returncode != 0  # nobody cannot even see it
+    finally:
+        shutil.rmtree(public)
+
+
+def test_copy_tree_errors_leak_no_fd(tmp_path: Path) -> None:
+    src = _rich_tree(tmp_path / "src")
+    (tmp_path / "exists").mkdir()
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileExistsError):
+        store_mod.copy_tree(str(src), str(tmp_path / "exists"))
+    os.mknod(src / "etc" / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    with pytest.raises(InvalidSpecError, match="device node"):
+        store_mod.copy_tree(str(src), str(tmp_path / "dest"))  # refused deep in the walk
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+@pytest.mark.parametrize("xattr", ["trusted.overlay.metacopy", "trusted.overlay.redirect"])
+def test_overlay_entries_that_need_their_lower_layers_are_refused(tmp_path: Path, xattr: str) -> None:
+    """A metacopy file has no data of its own, a redirected directory no contents: copied without
+    the mark, they would be stored silently wrong."""
+    src = _layer(tmp_path, "a", "")
+    os.setxattr(src / "a.txt", xattr, b"" if xattr.endswith("metacopy") else b"/elsewhere")
+    st = Store(tmp_path / "store")
+    with pytest.raises(InvalidSpecError, match=re.escape(xattr)) as err:
+        st.add_layer_dir(src)
+    assert "metacopy=off" in err.value.hint
+    assert os.listdir(tmp_path / "store" / "layers" / "sha256") == []
+
+
+def test_a_tag_never_names_an_image_removed_meanwhile(tmp_path: Path) -> None:
+    """tag() checks the record under the store lock that remove() and prune() hold to delete it."""
+    st = Store(tmp_path / "store")
+    image = Image.from_layers(_layer(tmp_path, "a", "A"), base=None, store=st).save()
+    assert image.image_id is not None
+    errors: list[BaseException] = []
+
+    def tag() -> None:
+        try:
+            st.tag("late:1", image.image_id)  # type: ignore[arg-type]
+        except ImageNotFoundError as e:
+            errors.append(e)
+
+    with st._lock():  # as remove() does: the tagger waits for the lock ...
+        tagger = threading.Thread(target=tag)
+        tagger.start()
+        time.sleep(0.3)
+        os.unlink(tmp_path / "store" / "images" / "sha256" / (image.image_id[7:] + ".json"))
+    tagger.join(10)
+    assert st.refs() == {}  # ... and then finds the record gone
+    assert len(errors) == 1
+
+
+def test_two_pulls_of_one_layer_extract_it_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = Store(tmp_path / "src")
+    info = src.add_layer_dir(_rich_tree(tmp_path / "tree"))
+    with src.open_layer_tar(info.digest) as f:
+        data = f.read()
+    calls = []
+    real = layertar.extract_layer_tar
+
+    def slow_extract(stream: BinaryIO, dest: str) -> layertar.LayerDigest:
+        calls.append(dest)
+        time.sleep(0.3)  # both workers are inside add_layer_tar at once
+        return real(stream, dest)
+
+    monkeypatch.setattr(layertar, "extract_layer_tar", slow_extract)
+    dst = tmp_path / "dst"
+    got: list[str] = []
+
+    def pull() -> None:
+        got.append(Store(dst).add_layer_tar(io.BytesIO(data), expected_diff_id=info.digest).digest)
+
+    workers = [threading.Thread(target=pull) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    assert got == [info.digest, info.digest]
+    assert len(calls) == 1

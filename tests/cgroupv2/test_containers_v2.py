@@ -8,6 +8,7 @@ VM that ``.ci/vm-tests`` boots (Python is 10-30x slower there: few, cheap contai
 from __future__ import annotations
 
 import time
+import urllib.request
 
 from pytest_sandbox import Image, Sandbox
 
@@ -58,3 +59,23 @@ def test_cpu_quota_is_enforced(sandbox: Sandbox, busybox_image: Image) -> None:
     assert after is not None
     assert 0.07 <= (after - before) / (t1 - t0) <= 0.13
     assert c.stop(timeout=1).cpu_throttled_s > 0
+
+
+def test_private_network_on_this_kernel(sandbox: Sandbox, busybox_image: Image) -> None:
+    """Networks on Debian's 6.1 kernel too: a veth made inside a prepared namespace, joined by the
+    container's first process, /sys for it, a bridge between two containers, a published port."""
+    net = sandbox.network()
+    web = sandbox.start(["httpd", "-f", "-p", "80", "-h", "/etc"], image=busybox_image, network=net)
+    assert sorted(web.exec(["ls", "/sys/class/net"]).stdout.split()) == [b"eth0", b"lo"]
+    web.wait_for_port(80, timeout=60)
+    r = sandbox.run(["wget", "-q", "-O", "-", f"http://{web.ip()}/passwd"], image=busybox_image, network=net)
+    assert r.stdout.startswith(b"root:"), r
+    host, port = web.address(80)
+    with urllib.request.urlopen(f"http://{host}:{port}/group", timeout=30) as response:
+        assert response.read().startswith(b"root:")
+    other = sandbox.run(
+        ["wget", "-q", "-T", "2", "-O", "-", f"http://{web.ip()}/passwd"],
+        image=busybox_image,
+        network=sandbox.network(),
+    )
+    assert other.exit_code != 0  # another network: no route
