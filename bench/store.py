@@ -16,6 +16,7 @@ Everything happens in a fresh temporary data root (removed at the end).  Reporte
   from /proc/self/io over the call: the cache entry and the layer's meta.json, not the files;
   ``stat snapshot alone`` is the part of it that walks the tree;
 - ``tag, unchanged``: ``Image.from_layers(dir).tag("bench:1")`` again -- what a test pays;
+- ``load by reference``: ``Image.load("bench:1")``: reuse through the store, no directory walked;
 - ``start 1 layer`` vs ``start 5 layers``: ``sandbox.run(["true"])`` on a busybox image split
   into 5 stored layers vs the same files as one stored layer, interleaved round by round.
 """
@@ -129,6 +130,8 @@ def main() -> None:
             timed(lambda: Image.from_layers(tree, base=None, store=store).tag("bench:1")) for _ in range(10)
         ]
         print(f"tag, unchanged       {summary(tags)}")
+        loads = [timed(lambda: Image.load("bench:1", store=store)) for _ in range(50)]
+        print(f"load by reference    {summary(loads)}")
 
         five = busybox_layers(base / "five", 5)
         one = busybox_layers(base / "one", 1)
