@@ -16,10 +16,12 @@ import errno
 import os
 import selectors
 import socket
+import struct
 
 from .errors import NetworkError
 from .netthread import NetThread
 
+ACCEPT_PAUSE = 0.05  # seconds without accepting after running out of fds
 BUFFER_LIMIT = 1 << 18  # per direction: stop reading from a side while the other is this far behind
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
@@ -63,8 +65,13 @@ class Forwarder:
                 client, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                return  # e.g. the listener was closed by close() in between
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM) and not self._closed:
+                    # Out of fds: the connection stays in the backlog and the listener readable,
+                    # so selecting on it again would spin psbx-net at 100% CPU.  Pause instead.
+                    self.net.unregister(self.listener.fileno())
+                    self.net.call_later(ACCEPT_PAUSE, self._resume)
+                return  # else the listener was closed by close() in between
             client.setblocking(False)
             try:
                 with self.net.inside(self.netns_fd):
@@ -76,6 +83,11 @@ class Forwarder:
             relay = _Relay(self, client, upstream)
             if not relay.closed:
                 self._relays.add(relay)
+
+    def _resume(self) -> None:
+        if not self._closed:
+            self.net.register(self.listener.fileno(), READ, self._on_accept)
+            self._on_accept(READ)
 
     def close(self) -> None:
         """Stop listening, drop every relayed connection, release the namespace.  Idempotent."""
@@ -137,7 +149,11 @@ class _Relay:
 
     def _on_connected(self, _events: int) -> None:
         if self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-            self.close()  # refused: the client sees its connection closed, as with a dead service
+            # Refused: reset the client's connection (SO_LINGER 0: close sends RST, socket(7)), so
+            # it fails as a refused connect would, not as a service answering nothing.
+            with contextlib.suppress(OSError):
+                self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close()
             return
         self.registered.pop(self.upstream, None)
         self.net.unregister(self.upstream.fileno())

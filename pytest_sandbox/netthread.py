@@ -15,9 +15,12 @@ The thread also runs a selector loop for the loopback port forwarders
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import os
 import selectors
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -40,6 +43,8 @@ class NetThread:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []  # a heap, psbx-net's own
+        self._timer_order = itertools.count()
         self._lock = threading.Lock()
         self._closing = False
         # fork(2) copies only the calling thread: in a child this object has no thread behind it,
@@ -134,9 +139,27 @@ class NetThread:
 
     # -- the loop --------------------------------------------------------------------------
 
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        """On psbx-net only (from a job or a handler): run ``fn`` there in ``delay`` seconds."""
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_order), fn))
+
+    def _run_due_timers(self) -> float | None:
+        """Run the timers that are due; the seconds until the next one (None: none left)."""
+        while self._timers:
+            due, _, fn = self._timers[0]
+            wait = due - time.monotonic()
+            if wait > 0:
+                return wait
+            heapq.heappop(self._timers)
+            try:
+                fn()
+            except Exception as e:
+                os.write(2, f"psbx-net: timer failed: {e!r}\n".encode())
+        return None
+
     def _loop(self) -> None:
         while True:
-            for key, events in self._selector.select():
+            for key, events in self._selector.select(self._run_due_timers()):
                 if key.data is None:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)

@@ -7,9 +7,13 @@ Every container here runs the host's python3 (the default image).  Servers are p
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import resource
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -664,9 +668,13 @@ def test_network_objects_used_after_the_session_closed_them(tmp_path: Any) -> No
     net = networks.create()
     attached = networks.attach([net], ["x"])
     forwarder = Forwarder(networks.net, os.dup(attached.netns_fd), (str(attached.ip()), 80))
-    with socket.create_connection(forwarder.address, timeout=5) as c:  # refused inside: closed
-        c.settimeout(5)
-        assert c.recv(1) == b""
+
+    def refused() -> bytes:  # nothing listens inside: the client's connection is reset
+        with socket.create_connection(forwarder.address, timeout=5) as c:
+            return c.recv(1)
+
+    with pytest.raises(ConnectionResetError):
+        refused()
     networks.close()
     forwarder.close()
     forwarder.close()
@@ -718,3 +726,84 @@ for line in open('/proc/net/if_inet6'):
     if name == 'eth0' and scope == '20':
         print(':'.join(hexaddr[i:i + 4] for i in range(0, 32, 4)))
 """
+
+
+def test_a_refused_upstream_resets_the_clients_connection(sandbox: Sandbox) -> None:
+    """Nothing listens on the port inside: the client's connection is reset, as a refused connect
+    would fail -- not closed cleanly, which would look like a service that answered nothing."""
+    c = sandbox.start(["sleep", "60"], network=sandbox.network())
+    address = c.address(8080)
+
+    def exchange() -> bytes:
+        with socket.create_connection(address, timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return s.recv(1)
+
+    for _ in range(3):  # the reset may come before connect() returns, or at the first read
+        with pytest.raises(ConnectionResetError):
+            exchange()
+
+
+CLIENT = """
+import socket, sys
+sys.stdin.readline()  # go
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20) as s:
+    s.sendall(b"ping")
+    s.shutdown(socket.SHUT_WR)
+    print(s.recv(100).decode(), flush=True)
+"""
+
+
+def test_out_of_fds_the_forwarder_pauses_instead_of_spinning(sandbox: Sandbox) -> None:
+    """accept() failing with EMFILE leaves the connection queued and the listener readable: psbx-net
+    must not spin on it.  With every fd of this process taken for half a second, its CPU time stays
+    low; once fds are free, the queued connection is served."""
+    echo = (
+        "import socket; s = socket.socket(); s.bind(('0.0.0.0', 7)); s.listen(); print('up', flush=True)\n"
+        "c, _ = s.accept(); c.sendall(c.recv(100).upper()); c.close()\n"
+    )
+    server = sandbox.start(["python3", "-c", echo], network=sandbox.network())
+    server.wait_for_log("up")
+    _, port = server.address(7)
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert client.stdin is not None
+    assert client.stdout is not None
+    tid = get_runtime().networks.net._thread.native_id
+    stat = open(f"/proc/self/task/{tid}/stat")  # noqa: SIM115 -- kept open: no fd to spare later
+
+    def cpu_ticks() -> int:
+        stat.seek(0)
+        fields = stat.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (max(int(fd) for fd in os.listdir("/proc/self/fd")) + 8, hard)
+        )
+        with contextlib.suppress(OSError):
+            while True:
+                fillers.append(os.dup(0))
+        before = cpu_ticks()
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        time.sleep(0.5)
+        spent = cpu_ticks() - before
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert spent < 0.2 * os.sysconf("SC_CLK_TCK"), f"psbx-net spun: {spent} ticks in 0.5 s"
+        assert client.stdout.readline().strip() == "PING"  # served once fds were free again
+        assert client.wait(20) == 0
+    finally:
+        stat.close()
+        client.stdin.close()
+        client.stdout.close()
+        if client.poll() is None:
+            client.kill()
+            client.wait()
