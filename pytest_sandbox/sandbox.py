@@ -122,6 +122,7 @@ class Sandbox:
         """
         if self._closed:
             raise SandboxError("this sandbox handle is closed (its fixture scope has ended)")
+        self.runtime.info()  # root, or a SetupError that says so (before any namespace is made)
         network = self.runtime.networks.create(subnet=subnet, name=name)
         with self._lock:
             self._networks.append(network)
