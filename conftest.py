@@ -20,7 +20,7 @@ import pytest
 
 from pytest_sandbox.naming import PROJECT_CGROUP
 from pytest_sandbox.runtime import get_runtime
-from tests.e2e_support import comm, descendants
+from tests.e2e_support import children, comm, descendants
 
 STRICT = os.environ.get("PYTEST_SANDBOX_STRICT") == "1"
 
@@ -64,6 +64,8 @@ class LeakSnapshot:
             # The launcher's long-lived helpers are part of it: the cleaner, and the spare (a
             # container's first process forked ahead of time, waiting in its own cgroup).
             procs = {f"{p} {comm(p)}" for p, _ in descendants(launcher) if comm(p) not in LAUNCHER_PARTS}
+        # And this process's own children (a second launcher, a server a test forgot), zombies too.
+        procs |= {f"{p} {comm(p)} (child)" for p in children(os.getpid()) if p != launcher}
         cgroups: set[str] = set()
         for root, dirs, _files in _walk_cgroups(rt.owner, rt.config.cgroup_root):
             cgroups.update(os.path.join(root, d) for d in dirs if not _is_spare_cgroup(os.path.join(root, d)))

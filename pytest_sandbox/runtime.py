@@ -33,6 +33,17 @@ from .spec import OverlaySpec
 DEFAULT_UID_BASE = 1_000_000_000
 
 
+def require_root() -> None:
+    """Raise a SetupError that says so unless we are root (checked before anything is made)."""
+    if os.geteuid() != 0:
+        raise SetupError(
+            f"pytest_sandbox needs root to create containers (running as uid {os.geteuid()})",
+            call="geteuid",
+            hint="run pytest as root (CI runners, a container or VM where you are root); rootless mode "
+            "(a single-uid map and delegated cgroups) is not supported yet",
+        )
+
+
 def default_data_root() -> str:
     env = os.environ.get("PYTEST_SANDBOX_DATA_ROOT")
     if env:
@@ -121,13 +132,7 @@ class Runtime:
 
     def info(self) -> dict[str, Any]:
         """Start the launcher if needed; what it found (idmap support, cgroup backend)."""
-        if os.geteuid() != 0:
-            raise SetupError(
-                f"pytest_sandbox needs root to create containers (running as uid {os.geteuid()})",
-                call="geteuid",
-                hint="run pytest as root (CI runners, a container or VM where you are root); rootless mode "
-                "(a single-uid map and delegated cgroups) is not supported yet",
-            )
+        require_root()
         self._sweep_once()
         return self.client.ensure_started()
 

@@ -27,7 +27,7 @@ from .errors import InvalidSpecError, LauncherError, SandboxError, SandboxTimeou
 from .image import Image
 from .launcher import trace
 from .networking import Attached, Network
-from .runtime import Runtime, get_runtime
+from .runtime import Runtime, get_runtime, require_root
 from .spec import (
     OPTION_NAMES,
     BindMount,
@@ -122,7 +122,7 @@ class Sandbox:
         """
         if self._closed:
             raise SandboxError("this sandbox handle is closed (its fixture scope has ended)")
-        self.runtime.info()  # root, or a SetupError that says so (before any namespace is made)
+        require_root()  # else unshare(CLONE_NEWNET) would fail with a bare EPERM
         network = self.runtime.networks.create(subnet=subnet, name=name)
         with self._lock:
             self._networks.append(network)

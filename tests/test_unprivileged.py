@@ -17,7 +17,10 @@ import pytest_sandbox
 PROGRAM = """
 import sys
 from pytest_sandbox import Sandbox, SetupError
-for what, call in (("a container", lambda: Sandbox().run(["true"])), ("a network", lambda: Sandbox().network())):
+for what, call in (
+    ("a container", lambda: Sandbox().run(["true"])),
+    ("a network", lambda: Sandbox().network()),
+):
     try:
         call()
     except SetupError as e:
