@@ -56,7 +56,9 @@ def image_record(image: Image, store: Store) -> ImageRecord:
     if missing > 0:  # an Image made directly from directories: its lowest layers have no history
         history[:0] = [History(created_by="layer")] * missing
     created = max((h.created for h in history), default="")
-    return ImageRecord(tuple(digests), image.config, image.host, created, tuple(history))
+    return ImageRecord(
+        tuple(digests), image.config, image.host, created, tuple(history), parent=image.parent_id
+    )
 
 
 def save_image(image: Image, store: Store | None = None) -> Image:
@@ -86,6 +88,7 @@ def _config_step(image: Image, config: ImageConfig, created_by: str) -> Image:
         config=config,
         history=(*image.history, History(created_by=created_by, empty_layer=True)),
         image_id=None,
+        parent_id=image.image_id or image.parent_id,
     )
 
 

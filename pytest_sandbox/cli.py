@@ -74,7 +74,13 @@ def _ago(created: str) -> str:
 def cmd_images(args: argparse.Namespace, out: TextIO) -> int:
     store = _store(args)
     rows: list[tuple[str, ...]] = []
-    for image in store.images():
+    images = store.images()
+    # As `docker images`: the untagged steps a build or commit went through are left out (-a
+    # shows them); an untagged image that is nobody's parent ("dangling") is shown.
+    parents = {image.record.parent for image in images}
+    for image in images:
+        if not args.all and not image.refs and image.id in parents:
+            continue
         size = sum(store.layer_info(d).size for d in image.record.layers if store.has_layer(d))
         base = "host+" if image.record.host_base else ""
         for name in image.refs or ("<none>",):
@@ -210,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("images", help="list stored images")
     p.add_argument("-q", "--quiet", action="store_true", help="image ids only")
+    p.add_argument("-a", "--all", action="store_true", help="also the untagged steps of builds")
     p.set_defaults(func=cmd_images)
 
     p = sub.add_parser("pull", help="pull an image from a registry")

@@ -91,6 +91,9 @@ class Image:
     history: tuple[History, ...] = ()
     store: Store | None = field(default=None, compare=False, repr=False)
     image_id: str | None = field(default=None, compare=False)
+    # The stored image a config step (env, workdir, user) started from: the record's parent
+    # once this one is stored, so that prune and `images` know it as a step of a build.
+    parent_id: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def host_base(cls) -> Image:

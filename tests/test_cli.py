@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_sandbox import Image
 from pytest_sandbox.store import Store
 from tests.registry_support import RegistryServer, make_image
 
@@ -243,3 +244,19 @@ def test_export_then_import(tmp_path: Path, busybox_layer: Path, transport: str)
     r = cli(dst, "import", f"{transport}:{tmp_path / 'missing'}", "x:1")
     assert r.returncode == 1
     assert "error:" in r.stderr
+
+
+def test_images_leaves_out_intermediate_steps_unless_all(tmp_path: Path, busybox_layer: Path) -> None:
+    """As `docker images`: a build's untagged steps are listed with -a only."""
+    data = tmp_path / "data"
+    store = Store(str(data / "store"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    built = Image.from_layers(busybox_layer, base=None, store=store).copy(src, "/f").env(A="1").tag("built:1")
+    assert built.image_id is not None
+    listed = [line.split()[:2] for line in cli(data, "images").stdout.splitlines()[1:]]
+    assert listed == [["built", "1"]]
+    every = cli(data, "images", "-a").stdout.splitlines()[1:]
+    assert len(every) == len(store.images()) > 1
+    assert sum(line.startswith("<none>") for line in every) == len(every) - 1
