@@ -154,9 +154,6 @@ class Runtime:
                 self._networks = Networks(self.config.address_pools, owner=self.owner)
             return self._networks
 
-    def networks_if_made(self) -> Networks | None:
-        return self._networks
-
     def container_dir(self, container_id: str) -> str:
         return os.path.join(self.state_dir, naming.container_dir_name(container_id))
 

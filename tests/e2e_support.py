@@ -16,12 +16,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from pytest_sandbox.cgroups._fs import V1_CONTROLLERS
-from pytest_sandbox.naming import PREFIX, PROJECT_CGROUP, proc_stat, process_start_time
+from pytest_sandbox.naming import PREFIX, PROJECT_CGROUP, owner_tag, proc_stat, process_start_time
 from pytest_sandbox.runtime import get_runtime
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -122,6 +122,20 @@ def procs_in_pid_ns(ns_inode: int) -> set[Proc]:
             if p is not None and alive(p):
                 out.add(p)
     return out
+
+
+@contextlib.contextmanager
+def live_owner(remove_owner: Callable[[str], None]) -> Iterator[str]:
+    """The owner tag of a live helper process, so a backend test's groups never mix with a
+    launcher's; its groups are removed (``remove_owner``) and the helper ended afterwards."""
+    helper = subprocess.Popen(["sleep", "3600"])
+    tag = owner_tag(helper.pid)
+    try:
+        yield tag
+    finally:
+        remove_owner(tag)
+        helper.kill()
+        helper.wait()
 
 
 def children(pid: int) -> set[int]:

@@ -36,7 +36,7 @@ from pytest_sandbox.cgroups._common import check_leaf, check_owner, requested
 from pytest_sandbox.errors import CgroupUnavailableError
 from pytest_sandbox.limits import Limits
 from pytest_sandbox.naming import PROJECT_CGROUP, cgroup_leaf_name, new_container_id, owner_tag
-from tests.e2e_support import Spawn, ident, survivors
+from tests.e2e_support import Spawn, ident, live_owner, survivors
 
 ROOT = "/sys/fs/cgroup"
 MiB = 1 << 20
@@ -258,14 +258,8 @@ def backend() -> V1Backend:
 @pytest.fixture(scope="module")
 def owner(backend: V1Backend) -> Iterator[str]:
     """A live owner tag of a helper process, so our groups never mix with a launcher's."""
-    helper = subprocess.Popen(["sleep", "3600"])
-    tag = owner_tag(helper.pid)
-    try:
+    with live_owner(backend.remove_owner) as tag:
         yield tag
-    finally:
-        backend.remove_owner(tag)
-        helper.kill()
-        helper.wait()
     for mp in set(backend.controllers.values()):
         assert not os.path.exists(f"{mp}/{PROJECT_CGROUP}/{tag}")
 

@@ -124,6 +124,13 @@ def _wait(condition: Callable[[], object], timeout: float, what: str) -> None:
         time.sleep(0.005)
 
 
+def fail_once(pid: int, tmp_path: Path, syscall: str, error: str) -> Strace:
+    """strace on ``pid`` alone (not its children), failing its next ``syscall`` with ``error``."""
+    return Strace(
+        pid, tmp_path / "strace.log", trace=[syscall], inject=f"{syscall}:error={error}:when=1", follow=False
+    )
+
+
 class Strace:
     """``strace`` attached to one running process (and, with ``follow``, every child it forks after).
 
@@ -677,13 +684,7 @@ def test_launcher_fork_fails(busybox_image: Image, tmp_path: Path) -> None:
     fds = f"/proc/{launcher[0]}/fd"
     fds_before = len(os.listdir(fds))
     dirs_before = set(os.listdir(rt.state_dir))
-    strace = Strace(
-        launcher[0],
-        tmp_path / "strace.log",
-        trace=["clone"],
-        inject="clone:error=EAGAIN:when=1",
-        follow=False,
-    )
+    strace = fail_once(launcher[0], tmp_path, "clone", "EAGAIN")
     # cgroup=False: no spare serves it, the launcher forks a first process for this start.
     with Sandbox() as sb, strace, pytest.raises(SetupError) as excinfo:
         sb.run(["true"], image=busybox_image, cgroup=False)
@@ -704,13 +705,7 @@ def test_spare_fork_failure_does_not_fail_the_start(busybox_image: Image, tmp_pa
     assert launcher is not None
     spare = idle_spare(launcher[0])
     log_start = log_size()
-    strace = Strace(
-        launcher[0],
-        tmp_path / "strace.log",
-        trace=["clone"],
-        inject="clone:error=EAGAIN:when=1",
-        follow=False,
-    )
+    strace = fail_once(launcher[0], tmp_path, "clone", "EAGAIN")
     with Sandbox() as sb:
         with strace:
             c = sb.start(["sleep", "1000"], image=busybox_image)
@@ -735,13 +730,7 @@ def test_launcher_survives_a_failed_return_to_its_pid_namespace(busybox_image: I
     launcher = ident(launcher_pid())
     assert launcher is not None
     idle_spare(launcher[0])
-    strace = Strace(
-        launcher[0],
-        tmp_path / "strace.log",
-        trace=["setns"],
-        inject="setns:error=ENOMEM:when=1",
-        follow=False,
-    )
+    strace = fail_once(launcher[0], tmp_path, "setns", "ENOMEM")
     with Sandbox() as sb:
         with strace:
             first = sb.run(["true"], image=busybox_image, cgroup=False)  # cgroup=False: a fresh fork
@@ -762,13 +751,7 @@ def test_exec_fork_fails(sleeper: Container, tmp_path: Path) -> None:
     assert launcher is not None
     fds = f"/proc/{launcher[0]}/fd"
     fds_before = len(os.listdir(fds))
-    strace = Strace(
-        launcher[0],
-        tmp_path / "strace.log",
-        trace=["clone"],
-        inject="clone:error=EAGAIN:when=1",
-        follow=False,
-    )
+    strace = fail_once(launcher[0], tmp_path, "clone", "EAGAIN")
     with strace, pytest.raises(SetupError) as excinfo:
         sleeper.exec(["true"])
     assert len([c for c in strace.calls() if c.injected]) == 1

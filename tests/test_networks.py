@@ -66,6 +66,7 @@ def test_by_address_by_name_and_by_alias(sandbox: Sandbox) -> None:
     server.wait_for_port(8080)
     ip = server.ip()
     assert ipaddress.IPv4Address(ip) in net.subnet
+    assert net.members == {server.id: ipaddress.IPv4Address(ip)}
     for target in (ip, "web", "www", "site"):
         r = sandbox.run(connect_code(target, 8080), network=net)
         assert r.stdout.strip() == b"0", (target, r)

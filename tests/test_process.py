@@ -148,12 +148,18 @@ def test_directory_is_not_executable(sandbox: Sandbox) -> None:
     assert "is a directory" in str(e.value)
 
 
-def test_non_executable_file_is_not_executable(sandbox: Sandbox, tmp_path: Path) -> None:
-    """A regular file without the x bit raises CommandNotExecutableError (126) naming path and mode."""
+def app_layer(tmp_path: Path, name: str, content: bytes, mode: int) -> Path:
+    """A layer holding one file, /app/``name``, with ``content`` and ``mode``."""
     layer = tmp_path / "layer"
     (layer / "app").mkdir(parents=True)
-    (layer / "app" / "tool").write_text("#!/bin/sh\necho hi\n")
-    (layer / "app" / "tool").chmod(0o644)
+    (layer / "app" / name).write_bytes(content)
+    (layer / "app" / name).chmod(mode)
+    return layer
+
+
+def test_non_executable_file_is_not_executable(sandbox: Sandbox, tmp_path: Path) -> None:
+    """A regular file without the x bit raises CommandNotExecutableError (126) naming path and mode."""
+    layer = app_layer(tmp_path, "tool", b"#!/bin/sh\necho hi\n", 0o644)
     with pytest.raises(CommandNotExecutableError) as e:
         sandbox.run(["/app/tool"], image=Image.from_layers(layer))
     assert e.value.exit_code == 126
@@ -163,10 +169,7 @@ def test_non_executable_file_is_not_executable(sandbox: Sandbox, tmp_path: Path)
 
 def test_missing_shebang_interpreter_is_named(sandbox: Sandbox, tmp_path: Path) -> None:
     """A script whose #! interpreter is missing: the error names the interpreter, not only the script."""
-    layer = tmp_path / "layer"
-    (layer / "app").mkdir(parents=True)
-    (layer / "app" / "run.sh").write_text("#!/opt/psbx/no-such-interpreter -e\necho hi\n")
-    (layer / "app" / "run.sh").chmod(0o755)
+    layer = app_layer(tmp_path, "run.sh", b"#!/opt/psbx/no-such-interpreter -e\necho hi\n", 0o755)
     with pytest.raises(CommandNotFoundError) as e:
         sandbox.run(["/app/run.sh"], image=Image.from_layers(layer))
     assert e.value.exit_code == 127
@@ -176,10 +179,7 @@ def test_missing_shebang_interpreter_is_named(sandbox: Sandbox, tmp_path: Path) 
 
 def test_wrong_format_executable(sandbox: Sandbox, tmp_path: Path) -> None:
     """An executable that is no program for this machine (ENOEXEC) is a 126 'exec format error'."""
-    layer = tmp_path / "layer"
-    (layer / "app").mkdir(parents=True)
-    (layer / "app" / "blob").write_bytes(b"\x7fELF" + b"\x00" * 60)
-    (layer / "app" / "blob").chmod(0o755)
+    layer = app_layer(tmp_path, "blob", b"\x7fELF" + b"\x00" * 60, 0o755)
     with pytest.raises(CommandNotExecutableError) as e:
         sandbox.run(["/app/blob"], image=Image.from_layers(layer))
     assert e.value.exit_code == 126

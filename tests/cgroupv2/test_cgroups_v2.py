@@ -20,7 +20,7 @@ from pytest_sandbox.cgroups import NoneBackend, V2Backend, V2Cgroup, _fs, detect
 from pytest_sandbox.errors import CgroupUnavailableError
 from pytest_sandbox.limits import Limits
 from pytest_sandbox.naming import PROJECT_CGROUP, cgroup_leaf_name, new_container_id, owner_tag
-from tests.e2e_support import Spawn, ident, survivors
+from tests.e2e_support import Spawn, ident, live_owner, survivors
 
 ROOT = "/sys/fs/cgroup"
 MiB = 1 << 20
@@ -45,14 +45,8 @@ def backend() -> V2Backend:
 
 @pytest.fixture(scope="module")
 def owner(backend: V2Backend) -> Iterator[str]:
-    helper = subprocess.Popen(["sleep", "3600"])
-    tag = owner_tag(helper.pid)
-    try:
+    with live_owner(backend.remove_owner) as tag:
         yield tag
-    finally:
-        backend.remove_owner(tag)
-        helper.kill()
-        helper.wait()
     assert not os.path.exists(f"{backend.project}/{tag}")
 
 
@@ -118,13 +112,19 @@ def test_cpu_quota_is_enforced(make: Make, spawn: Spawn) -> None:
     assert after.cpu_throttled_s > 0
 
 
-def test_fork_bomb_is_contained_and_killed(make: Make, spawn: Spawn) -> None:
+def fork_bomb(make: Make, spawn: Spawn) -> V2Cgroup:
+    """A group under pids=32 with a fork bomb in it, once the bomb has hit the limit."""
     cg = make(Limits.parse(pids=32))
     spawn(["/bin/sh", "-c", "f() { while :; do f & done; }; f"], cg)
     deadline = time.monotonic() + 60
     while cg.stats().pids_limit_hits == 0:
         assert time.monotonic() < deadline, "the pids limit was never hit"
         time.sleep(0.05)
+    return cg
+
+
+def test_fork_bomb_is_contained_and_killed(make: Make, spawn: Spawn) -> None:
+    cg = fork_bomb(make, spawn)
     assert len(cg.pids()) <= 32
     t0 = time.monotonic()
     cg.kill()
@@ -213,12 +213,7 @@ def test_kill_without_cgroup_kill_freezes_and_loops(
             raise FileNotFoundError(2, "No such file or directory (simulated Linux < 5.14)", path)
         real_write(path, value)
 
-    cg = make(Limits.parse(pids=32))
-    spawn(["/bin/sh", "-c", "f() { while :; do f & done; }; f"], cg)
-    deadline = time.monotonic() + 60
-    while cg.stats().pids_limit_hits == 0:
-        assert time.monotonic() < deadline, "the pids limit was never hit"
-        time.sleep(0.05)
+    cg = fork_bomb(make, spawn)
     monkeypatch.setattr(_fs, "write", old_kernel_write)
     t0 = time.monotonic()
     cg.kill()
