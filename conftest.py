@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pytest_sandbox.naming import PROJECT_CGROUP
+from pytest_sandbox.core.naming import PROJECT_CGROUP
 from pytest_sandbox.runtime import get_runtime
 from tests.e2e_support import children, comm, descendants
 

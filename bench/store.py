@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pytest_sandbox import Image, Sandbox
-from pytest_sandbox.store import Store, stat_snapshot
+from pytest_sandbox.images.store import Store, stat_snapshot
 
 
 def make_tree(root: Path, files: int) -> int:

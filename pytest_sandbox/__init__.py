@@ -9,9 +9,8 @@
 Outside pytest, ``with Sandbox() as sb: sb.run([...])`` does the same.
 """
 
-from .cgroups.base import CgroupStats
 from .container import Container, Result
-from .errors import (
+from .core.errors import (
     BuildError,
     CgroupUnavailableError,
     CommandNotExecutableError,
@@ -33,11 +32,12 @@ from .errors import (
     SetupError,
     UserNotFoundError,
 )
+from .core.limits import Limits
+from .core.spec import BindMount
+from .host.cgroups.base import CgroupStats
 from .image import Image
-from .limits import Limits
-from .networking import Network
+from .net.networks import Network
 from .sandbox import Sandbox
-from .spec import BindMount
 
 __all__ = [
     "BindMount",

@@ -26,12 +26,12 @@ import stat
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .cleanup import remove_tree
-from .errors import BuildError, InvalidSpecError, LayerNotFoundError, SandboxTimeoutError
+from .core.errors import BuildError, InvalidSpecError, LayerNotFoundError, SandboxTimeoutError
+from .core.spec import container_path, parse_argv, parse_env, parse_timeout, parse_user
+from .host.cleanup import remove_tree
+from .host.rootfs import ContainerDirs
 from .image import History, Image, ImageConfig
-from .rootfs import ContainerDirs
-from .spec import container_path, parse_argv, parse_env, parse_timeout, parse_user
-from .store import ImageRecord, Store, copy_tree, now_rfc3339, shift_ids
+from .images.store import ImageRecord, Store, copy_tree, now_rfc3339, shift_ids
 
 if TYPE_CHECKING:
     from .container import Container
@@ -213,7 +213,7 @@ def copy_step(image: Image, src: object, dst: str) -> Image:
 
 def _copy_one_file(src: str, dest_dir: str, name: str) -> None:
     """One regular file into ``dest_dir/name``, owned by container root (store.copy_tree's rules)."""
-    from .store import copy_file_at
+    from .images.store import copy_file_at
 
     sfd = os.open(os.path.dirname(src), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     dfd = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -28,10 +28,10 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from . import registry
-from .errors import SandboxError
-from .reference import parse_reference
-from .store import Store
+from .core.errors import SandboxError
+from .core.reference import parse_reference
+from .images import registry
+from .images.store import Store
 
 
 def _store(args: argparse.Namespace) -> Store:
@@ -126,7 +126,7 @@ def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
-    from . import oci
+    from .images import archive as oci
 
     show = None if args.quiet else registry.Progress(sys.stderr, what=args.ref or "")
     image_id = oci.import_image(
@@ -137,7 +137,7 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
-    from . import oci
+    from .images import archive as oci
 
     oci.export_image(args.ref, args.dst, store=_store(args))
     out.write(f"{args.dst}\n")

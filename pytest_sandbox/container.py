@@ -16,8 +16,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .cgroups.base import CgroupStats
-from .errors import (
+from .core.errors import (
     ContainerNotRunningError,
     ContainerStateError,
     InvalidSpecError,
@@ -26,16 +25,25 @@ from .errors import (
     SandboxError,
     SandboxTimeoutError,
 )
-from .forward import Forwarder
-from .network import socket_in
-from .spec import ContainerSpec, ProcessSpec, container_path, parse_argv, parse_env, parse_timeout, parse_user
-from .units import parse_signal
+from .core.spec import (
+    ContainerSpec,
+    ProcessSpec,
+    container_path,
+    parse_argv,
+    parse_env,
+    parse_timeout,
+    parse_user,
+)
+from .core.units import parse_signal
+from .host.cgroups.base import CgroupStats
+from .net.forward import Forwarder
+from .net.netlink import socket_in
 
 if TYPE_CHECKING:
     from .image import Image
-    from .networking import Attached, Network
+    from .images.store import Store
+    from .net.networks import Attached, Network
     from .runtime import Runtime
-    from .store import Store
 
 LOG_TAIL_LINES = 20
 

@@ -1,11 +1,11 @@
 """Images: ordered read-only layer directories, stacked with overlayfs (the seed's union filesystem).
 
 An :class:`Image` is a tuple of host directories, lowest first, optionally on top of the host base
-(:mod:`pytest_sandbox.hostbase`).  Layer directories are never modified: each container gets its
+(:mod:`pytest_sandbox.host.hostbase`).  Layer directories are never modified: each container gets its
 own writable upper layer.  Layers are checked when the image is made *and* when a container
 starts (a directory may vanish in between), always before anything is created.
 
-Images also live in the local store (:mod:`pytest_sandbox.store`): ``Image.load("app:1")``,
+Images also live in the local store (:mod:`pytest_sandbox.images.store`): ``Image.load("app:1")``,
 ``image.tag("app:1")``, ``Image.pull(ref)``.  A stored image's layers are the store's layer
 directories, so an image stays "a stack of dirs".  ``from_layers`` never copies anything;
 storing happens when an image is tagged, built upon (build steps: :mod:`pytest_sandbox.build`),
@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidSpecError, LayerNotADirectoryError, LayerNotFoundError, LayerPermissionError
-from .hostbase import HostLayout
-from .spec import OverlaySpec
+from .core.errors import InvalidSpecError, LayerNotADirectoryError, LayerNotFoundError, LayerPermissionError
+from .core.spec import OverlaySpec
+from .host.hostbase import HostLayout
 
 if TYPE_CHECKING:
-    from .store import ImageRecord, Store
+    from .images.store import ImageRecord, Store
 
 PathLike = str | os.PathLike[str]
 
@@ -139,7 +139,7 @@ class Image:
     @classmethod
     def load(cls, ref: str, *, store: Store | None = None) -> Image:
         """The image ``ref`` (``name[:tag]``, ``name@sha256:..`` or ``sha256:<id>``) from the store."""
-        from .store import Store
+        from .images.store import Store
 
         st = store or Store.default()
         image_id = st.resolve_id(ref)
@@ -148,7 +148,7 @@ class Image:
     @classmethod
     def pull(cls, ref: str) -> Image:
         """Pull ``ref`` from its registry into the default store (skipping layers already there)."""
-        from .registry import pull_image
+        from .images.registry import pull_image
 
         return pull_image(ref)
 

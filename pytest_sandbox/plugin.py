@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from . import hookspecs
-from .cgroups import detect
 from .container import Container
-from .errors import InvalidSpecError
-from .ipam import parse_address_pools
+from .core.errors import InvalidSpecError
+from .host.cgroups import detect
+from .net.ipam import parse_address_pools
 from .runtime import (
     DEFAULT_UID_BASE,
     RuntimeConfig,
@@ -105,7 +105,7 @@ def pytest_configure(config: pytest.Config) -> None:
         insecure = config.getini("sandbox_insecure_registries")
         mirrors = config.getini("sandbox_registry_mirrors")
         if insecure or mirrors:
-            from . import registry
+            from .images import registry
 
             registry.configure(insecure=str(insecure), mirrors=str(mirrors))
     except InvalidSpecError as e:

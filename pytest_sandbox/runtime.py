@@ -17,18 +17,18 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import naming
-from .cgroups import detect
-from .cleanup import remove_tree
-from .client import LauncherClient
-from .errors import InvalidSpecError, NetworkError, SetupError
-from .hostbase import HostLayout, ensure_skeleton
+from .core import naming
+from .core.errors import InvalidSpecError, NetworkError, SetupError
+from .core.naming import ID_RANGE
+from .core.spec import OverlaySpec
+from .host.cgroups import detect
+from .host.cleanup import remove_tree
+from .host.hostbase import HostLayout, ensure_skeleton
 from .image import Image
-from .ipam import DEFAULT_POOLS, AddressPool, parse_address_pools
 from .launcher import trace
-from .naming import ID_RANGE
-from .networking import Networks
-from .spec import OverlaySpec
+from .launcher.client import LauncherClient
+from .net.ipam import DEFAULT_POOLS, AddressPool, parse_address_pools
+from .net.networks import Networks
 
 DEFAULT_UID_BASE = 1_000_000_000
 

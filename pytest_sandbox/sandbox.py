@@ -20,15 +20,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from . import naming
-from .cleanup import remove_tree
 from .container import Container, Result, read_logs, result_from_info
-from .errors import InvalidSpecError, LauncherError, SandboxError, SandboxTimeoutError
-from .image import Image
-from .launcher import trace
-from .networking import Attached, Network
-from .runtime import Runtime, get_runtime, require_root
-from .spec import (
+from .core import naming
+from .core.errors import InvalidSpecError, LauncherError, SandboxError, SandboxTimeoutError
+from .core.spec import (
     OPTION_NAMES,
     BindMount,
     ContainerSpec,
@@ -38,6 +33,11 @@ from .spec import (
     parse_env,
     parse_options,
 )
+from .host.cleanup import remove_tree
+from .image import Image
+from .launcher import trace
+from .net.networks import Attached, Network
+from .runtime import Runtime, get_runtime, require_root
 
 
 def _hosts_file(hostname: str) -> str:

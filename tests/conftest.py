@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox import Image
-from pytest_sandbox.cgroups.base import Cgroup
+from pytest_sandbox.host.cgroups.base import Cgroup
 from tests.e2e_support import Spawn
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
@@ -26,10 +26,10 @@ def _pure_cgroup_v2() -> bool:
     return "cgroup2" in fstypes and "cgroup" not in fstypes and os.geteuid() == 0
 
 
-# tests/cgroupv2 needs a pure cgroup v2 host (.ci/vm-tests boots one in a VM).  Elsewhere it is
+# tests/vm needs a pure cgroup v2 host (.ci/vm-tests boots one in a VM).  Elsewhere it is
 # not collected at all rather than skipped: the host suite runs in strict mode (a skip fails
 # there), and those tests do run -- in the VM, strictly too.
-collect_ignore_glob = [] if _pure_cgroup_v2() else ["cgroupv2/*"]
+collect_ignore_glob = [] if _pure_cgroup_v2() else ["vm/*"]
 
 
 def make_busybox_layer(dest: Path) -> Path:

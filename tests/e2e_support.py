@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pytest_sandbox.cgroups._fs import V1_CONTROLLERS
-from pytest_sandbox.naming import PREFIX, PROJECT_CGROUP, owner_tag, proc_stat, process_start_time
+from pytest_sandbox.core.naming import PREFIX, PROJECT_CGROUP, owner_tag, proc_stat, process_start_time
+from pytest_sandbox.host.cgroups._fs import V1_CONTROLLERS
 from pytest_sandbox.runtime import get_runtime
 
 CGROUP_ROOT = "/sys/fs/cgroup"

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_sandbox.image import History, ImageConfig
-from pytest_sandbox.store import ImageRecord, Store
+from pytest_sandbox.images.store import ImageRecord, Store
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 SERVICE = "psbx-test-registry"

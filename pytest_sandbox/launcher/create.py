@@ -9,7 +9,7 @@ Order (each step needs the one before; see DESIGN.md "How a container is born"):
    unshare it) -- a *spare* does this ahead of time, then waits for a spec -- and put stdio on
    the container's log files.
 2. (host root) private mount namespace; mount the image's overlays, /dev and /proc, and clone
-   bind sources -- see :mod:`pytest_sandbox.rootfs` for why this happens before the user
+   bind sources -- see :mod:`pytest_sandbox.host.rootfs` for why this happens before the user
    namespace exists.  /proc is mounted here because our PID namespace is owned by the host's
    user namespace: the container's root could not mount it, and cannot mount another one.
 3. unshare the user namespace; the launcher writes uid_map/gid_map (only a process with
@@ -17,7 +17,7 @@ Order (each step needs the one before; see DESIGN.md "How a container is born"):
 4. unshare mount, UTS, IPC, network and cgroup namespaces, all owned by the new user namespace,
    so the container's root has capabilities over them (it can bind port 80, set its hostname).
    A container on a private network joins instead the network namespace pytest prepared for it
-   (owned by the host's user namespace: see :mod:`pytest_sandbox.network`), in step 2, while it
+   (owned by the host's user namespace: see :mod:`pytest_sandbox.net.netlink`), in step 2, while it
    is still host root -- and mounts its /sys there, as a user namespace that does not own the
    network namespace may not mount sysfs (``net_current_may_mount``).
 5. finish the rootfs, pivot, and become init (:func:`~pytest_sandbox.launcher.init.run_init`).
@@ -32,9 +32,9 @@ import signal
 from dataclasses import dataclass
 from typing import NoReturn
 
-from .. import libc, rootfs
-from ..cgroups.base import Cgroup
-from ..spec import ContainerSpec
+from ..core.spec import ContainerSpec
+from ..host import libc, rootfs
+from ..host.cgroups.base import Cgroup
 from . import trace
 from .init import report_setup_failure, run_init
 from .protocol import write_event

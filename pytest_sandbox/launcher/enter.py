@@ -13,9 +13,9 @@ import os
 import signal
 from typing import NoReturn
 
-from .. import libc
-from ..cgroups.base import Cgroup
-from ..spec import ProcessSpec
+from ..core.spec import ProcessSpec
+from ..host import libc
+from ..host.cgroups.base import Cgroup
 from . import trace
 from .create import NAMESPACES_BUT_NET, become_namespace_root, open_stdio
 from .init import report_setup_failure

@@ -17,8 +17,8 @@ import select
 import signal
 from typing import NoReturn
 
-from ..errors import to_wire
-from ..spec import ProcessSpec
+from ..core.errors import to_wire
+from ..core.spec import ProcessSpec
 from . import trace
 from .process import launch, prepare
 from .protocol import write_event

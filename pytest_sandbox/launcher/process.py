@@ -17,8 +17,7 @@ import stat
 from dataclasses import dataclass
 from typing import NoReturn
 
-from .. import libc
-from ..errors import (
+from ..core.errors import (
     CommandNotExecutableError,
     CommandNotFoundError,
     SandboxError,
@@ -27,7 +26,8 @@ from ..errors import (
     from_wire,
     to_wire,
 )
-from ..spec import DEFAULT_PATH, ProcessSpec
+from ..core.spec import DEFAULT_PATH, ProcessSpec
+from ..host import libc
 
 # capabilities(7) numbers of podman's default set: CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID
 # SETUID SETPCAP NET_BIND_SERVICE SYS_CHROOT SETFCAP.  No SYS_ADMIN, NET_RAW, MKNOD, DAC_READ_SEARCH.

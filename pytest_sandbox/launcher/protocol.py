@@ -3,7 +3,7 @@
 Between pytest and its launcher: a ``SOCK_STREAM`` socketpair carrying frames of a 4-byte
 big-endian length followed by one UTF-8 JSON object.  Requests carry ``rid`` (request id, chosen by
 the client) and ``op``; every request gets exactly one reply ``{"rid": ..., "ok": {...}}`` or
-``{"rid": ..., "error": {...}}`` (an error dict from :func:`pytest_sandbox.errors.to_wire`).
+``{"rid": ..., "error": {...}}`` (an error dict from :func:`pytest_sandbox.core.errors.to_wire`).
 Replies may come out of order: ``wait`` is answered only when the process exits.
 
 Operations (``id`` is a container id, or ``<container id>.<n>`` for an exec):
@@ -12,7 +12,7 @@ Operations (``id`` is a container id, or ``<container id>.<n>`` for an exec):
 op         request fields                                             reply (``ok``)
 =========  =========================================================  =============================
 hello      --                                                         pid, uid_base, idmap, cgroup
-create     spec (:class:`pytest_sandbox.spec.ContainerSpec` as a      pid (host pid of the command),
+create     spec (:class:`pytest_sandbox.core.spec.ContainerSpec` as a      pid (host pid of the command),
            dict), dir (its state directory), until_exit               init_pid; with until_exit:
                                                                       the exit, as for ``wait``
 exec       id, parent, process, stdout, stderr, stdin                 pid (host pid of the command)

@@ -33,15 +33,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import libc
-from ..cgroups import detect
-from ..cgroups.base import Cgroup, CgroupBackend, CgroupStats
-from ..cleanup import remove_tree
-from ..errors import ContainerNotRunningError, SandboxError, SetupError, to_wire
-from ..limits import Limits
-from ..naming import ID_RANGE, cgroup_leaf_name, proc_stat
-from ..rootfs import ContainerDirs, mask_plan
-from ..spec import ContainerSpec, ProcessSpec
+from ..core.errors import ContainerNotRunningError, SandboxError, SetupError, to_wire
+from ..core.limits import Limits
+from ..core.naming import ID_RANGE, cgroup_leaf_name, proc_stat
+from ..core.spec import ContainerSpec, ProcessSpec
+from ..host import libc
+from ..host.cgroups import detect
+from ..host.cgroups.base import Cgroup, CgroupBackend, CgroupStats
+from ..host.cleanup import remove_tree
+from ..host.rootfs import ContainerDirs, mask_plan
 from . import protocol, trace
 from .create import LaunchContext, Pipes, first_process
 from .enter import exec_main

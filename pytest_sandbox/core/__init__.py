@@ -1,0 +1,1 @@
+"""The pure core: specs, limits, units, names, errors, references (stdlib only, no I/O)."""

@@ -1,0 +1,423 @@
+"""What a container is, validated and frozen before anything is created (pure, stdlib only).
+
+:func:`parse_options` turns the keyword arguments of ``sandbox.run``/``sandbox.start`` into a
+:class:`Options`; every mistake raises :class:`InvalidSpecError` naming the value and the fix.  The
+launcher receives a :class:`ContainerSpec` (options + the image's overlay plan + ids) as a dict.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import posixpath
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidSpecError
+from .limits import Limits
+from .naming import ID_RANGE, valid_name
+from .units import parse_size
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_ENV_KEY_RE = re.compile(r"^[^=\0]+$")
+_HOSTNAME_RE = re.compile(
+    r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$"
+)
+_USER_RE = re.compile(r"^[a-zA-Z0-9_.][a-zA-Z0-9_.-]{0,31}\$?$")
+MAX_MAPPED_ID = ID_RANGE - 1
+
+
+@dataclass(frozen=True)
+class BindMount:
+    source: str  # absolute host path
+    target: str  # absolute container path
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class TmpfsMount:
+    target: str
+    size: int | None = None
+    mode: int = 0o1777
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    workdir: str = "/"
+    user: str | None = None  # "uid", "uid:gid", "name" or "name:group"; None: root
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "argv": list(self.argv),
+            "env": [list(kv) for kv in self.env],
+            "workdir": self.workdir,
+            "user": self.user,
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> ProcessSpec:
+        return cls(
+            argv=tuple(d["argv"]),
+            env=tuple((k, v) for k, v in d["env"]),
+            workdir=d["workdir"],
+            user=d["user"],
+        )
+
+
+@dataclass(frozen=True)
+class OverlaySpec:
+    """One overlay mount: ``lowers`` are host directories, topmost first; ``target`` "" is the root."""
+
+    target: str
+    lowers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Options:
+    """The validated keyword arguments of run()/start()."""
+
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str = "/"
+    user: str | None = None
+    hostname: str | None = None
+    name: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    mounts: tuple[BindMount, ...] = ()
+    tmpfs: tuple[TmpfsMount, ...] = ()
+    timeout: float | None = None
+    read_only: bool = False
+    input: bytes | None = None
+    cgroup: bool = True
+    networks: tuple[object, ...] = ()  # pytest_sandbox.net.networks.Network objects (checked there)
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything the launcher needs to create one container."""
+
+    id: str
+    hostname: str
+    process: ProcessSpec
+    overlays: tuple[OverlaySpec, ...]
+    mounts: tuple[BindMount, ...] = ()
+    tmpfs: tuple[TmpfsMount, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    cgroup: bool = True
+    etc_files: tuple[tuple[str, str], ...] = ()
+    read_only: bool = False
+    stdin: str | None = None
+    # A network namespace prepared for the container (pytest_sandbox.net.networks), as a path the
+    # first process opens while still host root; None: the container makes its own (loopback only).
+    netns: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "hostname": self.hostname,
+            "process": self.process.to_wire(),
+            "overlays": [{"target": o.target, "lowers": list(o.lowers)} for o in self.overlays],
+            "mounts": [
+                {"source": m.source, "target": m.target, "read_only": m.read_only} for m in self.mounts
+            ],
+            "tmpfs": [{"target": t.target, "size": t.size, "mode": t.mode} for t in self.tmpfs],
+            "limits": self.limits.to_wire(),
+            "cgroup": self.cgroup,
+            "etc_files": [list(kv) for kv in self.etc_files],
+            "read_only": self.read_only,
+            "stdin": self.stdin,
+            "netns": self.netns,
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> ContainerSpec:
+        return cls(
+            id=d["id"],
+            hostname=d["hostname"],
+            process=ProcessSpec.from_wire(d["process"]),
+            overlays=tuple(OverlaySpec(o["target"], tuple(o["lowers"])) for o in d["overlays"]),
+            mounts=tuple(BindMount(m["source"], m["target"], m["read_only"]) for m in d["mounts"]),
+            tmpfs=tuple(TmpfsMount(t["target"], t["size"], t["mode"]) for t in d["tmpfs"]),
+            limits=Limits.from_wire(d["limits"]),
+            cgroup=d["cgroup"],
+            etc_files=tuple((k, v) for k, v in d["etc_files"]),
+            netns=d.get("netns"),
+            read_only=d["read_only"],
+            stdin=d["stdin"],
+        )
+
+
+def parse_argv(cmd: object) -> tuple[str, ...]:
+    if isinstance(cmd, (str, bytes)):
+        raise InvalidSpecError(
+            f"cmd={cmd!r}: pass a list of arguments, e.g. ['ls', '-l'], or a shell command as "
+            f"['sh', '-c', {cmd!r}]"
+        )
+    if not isinstance(cmd, Sequence) or not cmd:
+        raise InvalidSpecError(f"cmd={cmd!r}: expected a non-empty list of strings, e.g. ['ls', '-l']")
+    argv = []
+    for item in cmd:
+        arg = os.fspath(item) if isinstance(item, os.PathLike) else item
+        if not isinstance(arg, str):
+            raise InvalidSpecError(f"cmd={cmd!r}: argument {arg!r} is not a string")
+        if "\0" in arg:
+            raise InvalidSpecError(f"cmd={cmd!r}: argument {arg!r} contains a NUL byte")
+        argv.append(arg)
+    if not argv[0]:
+        raise InvalidSpecError(f"cmd={cmd!r}: the program name is empty")
+    return tuple(argv)
+
+
+def container_path(value: object, *, what: str) -> str:
+    """A normalised absolute path inside the container."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise InvalidSpecError(
+            f"{what}={value!r}: expected an absolute path inside the container, e.g. '/app'"
+        )
+    if "\0" in value:
+        raise InvalidSpecError(f"{what}={value!r}: contains a NUL byte")
+    if not value.startswith("/"):
+        raise InvalidSpecError(
+            f"{what}={value!r}: must be an absolute path inside the container, e.g. {'/' + value!r}"
+        )
+    norm = posixpath.normpath(value)
+    if norm.startswith("//"):
+        norm = "/" + norm.lstrip("/")
+    # /proc/self/fd/N as a working directory put runc's processes in the host's filesystem
+    # (CVE-2024-21626); no path under /proc is a sensible mount target or workdir either.
+    if norm == "/proc" or norm.startswith("/proc/"):
+        raise InvalidSpecError(f"{what}={value!r}: paths under /proc are not allowed (CVE-2024-21626)")
+    return norm
+
+
+# PYTHONUNBUFFERED: a command's stdout is a log file, so Python would block-buffer it and
+# wait_for_log(b"Serving HTTP") would wait for a flush that never comes (Docker's classic trap).
+# Pass env={"PYTHONUNBUFFERED": ""} to get buffering back.
+DEFAULT_ENV = {"PATH": DEFAULT_PATH, "PYTHONUNBUFFERED": "1"}
+
+
+def parse_env(env: object, *, base: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
+    merged: dict[str, str] = dict(DEFAULT_ENV)
+    if base:
+        merged.update(base)
+    if env is None:
+        env = {}
+    if not isinstance(env, Mapping):
+        raise InvalidSpecError(f"env={env!r}: expected a mapping of names to strings, e.g. {{'DEBUG': '1'}}")
+    for key, raw in env.items():
+        if not isinstance(key, str) or not _ENV_KEY_RE.match(key):
+            raise InvalidSpecError(
+                f"env: invalid variable name {key!r} (must be non-empty, without '=' or NUL)"
+            )
+        val = str(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else raw
+        if not isinstance(val, str) or "\0" in val:
+            raise InvalidSpecError(f"env[{key!r}]={val!r}: expected a string without NUL bytes")
+        merged[key] = val
+    return tuple(merged.items())
+
+
+def parse_user(user: object) -> str | None:
+    """``0``, ``"1000"``, ``"1000:1000"``, ``"nobody"``, ``"postgres:postgres"``; None is root."""
+    if user is None:
+        return None
+    if isinstance(user, int) and not isinstance(user, bool):
+        user = str(user)
+    if not isinstance(user, str) or not user:
+        raise InvalidSpecError(f"user={user!r}: expected 'uid', 'uid:gid', 'name' or 'name:group'")
+    parts = user.split(":")
+    if len(parts) > 2 or not all(parts):
+        raise InvalidSpecError(f"user={user!r}: expected 'uid', 'uid:gid', 'name' or 'name:group'")
+    for part in parts:
+        if part.isdigit():
+            if int(part) > MAX_MAPPED_ID:
+                raise InvalidSpecError(
+                    f"user={user!r}: id {part} is outside the container's user namespace (0-{MAX_MAPPED_ID})"
+                )
+        elif not _USER_RE.match(part):
+            raise InvalidSpecError(f"user={user!r}: {part!r} is not a valid user or group name")
+    return user
+
+
+def parse_hostname(hostname: object) -> str | None:
+    if hostname is None:
+        return None
+    if not isinstance(hostname, str) or len(hostname) > 64 or not _HOSTNAME_RE.match(hostname):
+        raise InvalidSpecError(
+            f"hostname={hostname!r}: expected letters, digits, '-' and '.', at most 64 characters (RFC 1123)"
+        )
+    return hostname
+
+
+def parse_mounts(mounts: object) -> tuple[BindMount, ...]:
+    """``{host: container}``, ``{host: (container, "ro")}``, ``["host:container[:ro]"]`` or BindMounts."""
+    if mounts is None:
+        return ()
+    items: list[tuple[object, object, object]] = []
+    if isinstance(mounts, Mapping):
+        for src, dst in mounts.items():
+            if isinstance(dst, (tuple, list)) and len(dst) == 2:
+                items.append((src, dst[0], dst[1]))
+            else:
+                items.append((src, dst, "rw"))
+    elif isinstance(mounts, Iterable) and not isinstance(mounts, (str, bytes)):
+        for m in mounts:
+            if isinstance(m, BindMount):
+                items.append((m.source, m.target, "ro" if m.read_only else "rw"))
+            elif isinstance(m, str):
+                parts = m.split(":")
+                if len(parts) not in (2, 3):
+                    raise InvalidSpecError(f"mounts: {m!r}: expected 'host_path:container_path[:ro|rw]'")
+                items.append((parts[0], parts[1], parts[2] if len(parts) == 3 else "rw"))
+            else:
+                raise InvalidSpecError(f"mounts: {m!r}: expected 'host:container[:ro]' or a BindMount")
+    else:
+        raise InvalidSpecError(f"mounts={mounts!r}: expected a mapping of host paths to container paths")
+    out = []
+    targets = set()
+    for given, dst, mode in items:
+        if mode not in ("ro", "rw"):
+            raise InvalidSpecError(f"mounts: mode {mode!r} for {given!r}: expected 'ro' or 'rw'")
+        src = os.fspath(given) if isinstance(given, os.PathLike) else given
+        if not isinstance(src, str) or not os.path.isabs(src):
+            raise InvalidSpecError(f"mounts: source {src!r} must be an absolute host path")
+        if not os.path.exists(src):
+            raise InvalidSpecError(f"mounts: source {src!r} does not exist on the host")
+        target = container_path(dst, what=f"mounts[{src!r}]")
+        if target == "/":
+            raise InvalidSpecError(
+                f"mounts: cannot mount {src!r} over the container's root; use an image layer"
+            )
+        if target in targets:
+            raise InvalidSpecError(f"mounts: two mounts target {target!r}")
+        targets.add(target)
+        out.append(BindMount(os.path.realpath(src), target, mode == "ro"))
+    return tuple(out)
+
+
+def parse_tmpfs(tmpfs: object) -> tuple[TmpfsMount, ...]:
+    """``["/run"]`` or ``{"/run": "64m"}`` (None for no size limit)."""
+    if tmpfs is None:
+        return ()
+    pairs: list[tuple[object, object]]
+    if isinstance(tmpfs, Mapping):
+        pairs = list(tmpfs.items())
+    elif isinstance(tmpfs, (str, os.PathLike)):
+        pairs = [(tmpfs, None)]
+    elif isinstance(tmpfs, Iterable):
+        pairs = [(t, None) for t in tmpfs]
+    else:
+        raise InvalidSpecError(f"tmpfs={tmpfs!r}: expected a list of paths or a mapping of path to size")
+    out = []
+    for path, size in pairs:
+        target = container_path(path, what="tmpfs")
+        if target == "/":
+            raise InvalidSpecError("tmpfs: cannot mount a tmpfs over the container's root")
+        out.append(TmpfsMount(target, None if size is None else parse_size(size, what=f"tmpfs[{target!r}]")))
+    return tuple(out)
+
+
+def parse_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise InvalidSpecError(f"timeout={timeout!r}: expected a positive number of seconds, or None")
+    return float(timeout)
+
+
+def parse_options(
+    *,
+    env: object = None,
+    workdir: object = "/",
+    user: object = None,
+    hostname: object = None,
+    name: object = None,
+    memory: object = None,
+    memory_swap: object = None,
+    cpus: object = None,
+    cpu_shares: object = None,
+    cpuset: object = None,
+    pids: object = None,
+    mounts: object = None,
+    tmpfs: object = None,
+    timeout: object = None,
+    network: object = None,
+    aliases: object = None,
+    read_only: object = False,
+    input: object = None,
+    cgroup: object = True,
+) -> Options:
+    """Validate every keyword of run()/start(); raise InvalidSpecError before anything exists."""
+    networks = _as_tuple(network)
+    if len(set(map(id, networks))) != len(networks):
+        raise InvalidSpecError(f"network={network!r}: a network is listed twice")
+    alias_names = parse_aliases(aliases)
+    if alias_names and not networks:
+        raise InvalidSpecError(f"aliases={aliases!r}: aliases are names on a network; give network= too")
+    if name is not None and (not isinstance(name, str) or not valid_name(name)):
+        raise InvalidSpecError(
+            f"name={name!r}: expected letters, digits, '_', '.', '-' (starting with a letter or digit), "
+            "at most 63 characters"
+        )
+    if not isinstance(read_only, bool):
+        raise InvalidSpecError(f"read_only={read_only!r}: expected True or False")
+    if not isinstance(cgroup, bool):
+        raise InvalidSpecError(f"cgroup={cgroup!r}: expected True or False")
+    limits = Limits.parse(
+        memory=memory, memory_swap=memory_swap, cpus=cpus, cpu_shares=cpu_shares, cpuset=cpuset, pids=pids
+    )
+    if not cgroup and not limits.is_empty():
+        raise InvalidSpecError(
+            f"cgroup=False with limits ({', '.join(limits.controllers())}): "
+            "limits need a cgroup; drop one or the other"
+        )
+    if input is not None and not isinstance(input, (bytes, bytearray, memoryview)):
+        raise InvalidSpecError(f"input={input!r}: expected bytes (use 'text'.encode())")
+    return Options(
+        env=parse_env(env),
+        workdir=container_path(workdir, what="workdir"),
+        user=parse_user(user),
+        hostname=parse_hostname(hostname),
+        name=name,
+        limits=limits,
+        mounts=parse_mounts(mounts),
+        tmpfs=parse_tmpfs(tmpfs),
+        timeout=parse_timeout(timeout),
+        read_only=read_only,
+        input=None if input is None else bytes(input),
+        cgroup=cgroup,
+        networks=networks,
+        aliases=alias_names,
+    )
+
+
+def _as_tuple(value: object) -> tuple[object, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,)
+
+
+def parse_aliases(aliases: object) -> tuple[str, ...]:
+    """More names for the container on its networks (Docker's ``--network-alias``)."""
+    if aliases is None:
+        return ()
+    items = [aliases] if isinstance(aliases, str) else aliases
+    if not isinstance(items, (list, tuple)):
+        raise InvalidSpecError(f"aliases={aliases!r}: expected a name or a list of names")
+    for a in items:
+        if not isinstance(a, str) or not valid_name(a):
+            raise InvalidSpecError(
+                f"aliases: {a!r}: expected letters, digits, '_', '.', '-' (starting with a letter or digit), "
+                "at most 63 characters"
+            )
+    return tuple(items)
+
+
+OPTION_NAMES = frozenset(inspect.signature(parse_options).parameters)

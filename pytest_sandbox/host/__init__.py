@@ -1,0 +1,1 @@
+"""One module per kernel interface: syscalls, the root filesystem, the host base, cgroups."""

@@ -1,0 +1,419 @@
+"""Building a container's root filesystem: overlays, /proc, /dev, masks, pivot_root (stdlib only).
+
+Runs in the container's first process (its PID 1), in two halves:
+
+1. :func:`mount_image` and :func:`mount_proc` -- while it is still host root, in a
+   private mount namespace owned by the host's user namespace.  Each layer is cloned as a detached
+   mount (``open_tree(OPEN_TREE_CLONE)``) and, where the filesystem supports it, *idmapped* to the
+   container's uid range (``mount_setattr(MOUNT_ATTR_IDMAP)``, Linux >= 5.12; overlayfs accepts
+   idmapped layers since 5.19), so host-root-owned files appear owned by container root and stay
+   writable through copy-up while the container's root is an unprivileged host uid.  Layers are
+   passed to overlayfs as ``/proc/self/fd/N``: no path escaping (``:``/``,`` in layer paths), and
+   the mount data stays short for deep stacks.  Idmapping needs CAP_SYS_ADMIN in the user
+   namespace of the layer's filesystem (the host's), which is why this half runs before the
+   container's user namespace exists.  User bind mounts are cloned here too, for the same reason,
+   and attached after ``pivot_root`` so their targets resolve inside the container.
+
+2. :func:`finish_rootfs` -- inside the container's user and mount namespaces.  The copied mounts
+   are *locked* (mount_namespaces(7)): ``pivot_root`` refuses a locked new root, so the rootfs is
+   first bind-mounted onto itself.  /sys is mounted *before* the old root is detached: the kernel
+   lets a user namespace mount sysfs only while a fully visible instance exists in the mount
+   namespace (``mnt_already_visible``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..core.errors import LayerNotADirectoryError, LayerNotFoundError, SetupError
+from ..core.spec import BindMount, ContainerSpec, TmpfsMount
+from . import libc
+
+# podman's defaults (containers/common pkg/config/default.go), the list reliability.md checks.
+MASKED_PATHS = (
+    "proc/acpi",
+    "proc/kcore",
+    "proc/keys",
+    "proc/latency_stats",
+    "proc/sched_debug",
+    "proc/scsi",
+    "proc/timer_list",
+    "proc/timer_stats",
+    "proc/interrupts",
+    "sys/devices/virtual/powercap",
+    "sys/firmware",
+    "sys/fs/selinux",
+)
+READONLY_PATHS = ("proc/asound", "proc/bus", "proc/fs", "proc/irq", "proc/sys", "proc/sysrq-trigger")
+# name, major, minor: the devices every container gets (runtime-tools' defaultDevices minus ptmx,
+# which is a symlink into the container's own devpts instance).
+DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0))
+DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+)
+_PROC_FLAGS = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
+
+
+@dataclass
+class ContainerDirs:
+    """The launcher's per-container state directory (host side)."""
+
+    base: str
+
+    @property
+    def rootfs(self) -> str:
+        return os.path.join(self.base, "rootfs")
+
+    def upper(self, index: int) -> str:
+        return os.path.join(self.base, f"upper.{index}")
+
+    def work(self, index: int) -> str:
+        return os.path.join(self.base, f"work.{index}")
+
+    @property
+    def stdout(self) -> str:
+        return os.path.join(self.base, "stdout")
+
+    @property
+    def stderr(self) -> str:
+        return os.path.join(self.base, "stderr")
+
+
+@dataclass
+class PreparedBind:
+    fd: int  # a detached mount (open_tree clone), attached after pivot_root
+    target: str
+    is_dir: bool
+
+
+def _layer_fd(path: str, idmap_fd: int | None, index: int, attach_at: str) -> int:
+    """An O_PATH fd of a read-only (idmapped where possible) clone of one layer directory.
+
+    The clone is attached at ``attach_at`` (in our private mount namespace; the overlay is then
+    mounted on top of the stack): Linux 6.1 (Debian 12's, checked in the VM) refuses layers on
+    detached mounts ("overlayfs: failed to clone lowerpath": clone_private_mount wants a mount of
+    the caller's namespace); 6.18 accepts them, but attaching costs one syscall and works on both.
+    """
+    try:
+        # NOFOLLOW: a layer (or a layer's /usr) that is a symlink would clone whatever it names.
+        fd = libc.open_tree(path, libc.OPEN_TREE_CLONE | libc.OPEN_TREE_CLOEXEC | libc.AT_SYMLINK_NOFOLLOW)
+    except SetupError as e:
+        if e.errno == errno.ENOENT:
+            raise LayerNotFoundError(
+                f"layer {index}: {path!r} does not exist", path=path, errno=e.errno
+            ) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        raise LayerNotADirectoryError(
+            f"layer {index}: {path!r} is not a directory", path=path, errno=errno.ENOTDIR
+        )
+    try:
+        _try_idmap(fd, idmap_fd, libc.MOUNT_ATTR_RDONLY, path)
+        libc.move_mount_fd(fd, attach_at, what=path)
+    finally:
+        os.close(fd)
+    return os.open(attach_at, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _try_idmap(fd: int, idmap_fd: int | None, attrs: int, path: str, *, recursive: bool = False) -> None:
+    """Idmap the detached mount ``fd`` to the container's range and set ``attrs`` (read-only).
+
+    ``recursive``: the tree's submounts too -- a read-only bind must not have writable mounts
+    under it.  Idmapping falls back to the top mount alone, then to none, where a filesystem
+    cannot be idmapped (9p, overlayfs, tmpfs < 6.3, NFS...): files there keep their host owners
+    and look like "nobody" inside, still usable.  ``attrs`` are always applied to the whole tree.
+    """
+    tree = libc.AT_EMPTY_PATH | (libc.AT_RECURSIVE if recursive else 0)
+    if idmap_fd is not None:
+        for flags in dict.fromkeys((tree, libc.AT_EMPTY_PATH)):
+            try:
+                libc.mount_setattr(fd, libc.MOUNT_ATTR_IDMAP, userns_fd=idmap_fd, flags=flags, what=path)
+                break
+            except SetupError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
+    if attrs:
+        libc.mount_setattr(fd, attrs, flags=tree, what=path)
+
+
+def _mkdir_owned(path: str, uid: int) -> None:
+    with libc.named("mkdir", path):
+        os.mkdir(path, 0o755)
+    with libc.named("chown", path):
+        os.chown(path, uid, uid)
+
+
+def mount_image(
+    spec: ContainerSpec, dirs: ContainerDirs, idmap_fd: int | None, root_uid: int
+) -> list[PreparedBind]:
+    """Half 1 (host root, private mount namespace): overlays at ``dirs.rootfs`` and bind clones."""
+    with libc.named("mkdir", dirs.rootfs):
+        os.mkdir(dirs.rootfs, 0o755)
+    for index, overlay in enumerate(spec.overlays):
+        upper, work = dirs.upper(index), dirs.work(index)
+        _mkdir_owned(upper, root_uid)
+        with libc.named("mkdir", work):
+            os.mkdir(work, 0o700)
+        if index == 0:
+            _write_etc_files(upper, spec.etc_files, root_uid)
+        target = dirs.rootfs if not overlay.target else _plain_dir(dirs.rootfs, overlay.target)
+        _mount_overlay(target, overlay.lowers, upper, work, idmap_fd)
+    _make_dev(_plain_dir(dirs.rootfs, "dev"), root_uid)
+    return [_clone_bind(m, idmap_fd) for m in spec.mounts]
+
+
+def _make_dev(dev: str, root_uid: int) -> None:
+    """The container's /dev: a small tmpfs with real device nodes, made while still host root.
+
+    A tmpfs mounted from the host's user namespace may hold device nodes (one mounted inside a
+    user namespace is always ``nodev``), so ``mknod`` here replaces six bind mounts of the host's
+    nodes.  The container cannot add nodes: mknod needs CAP_MKNOD in the *host's* namespace.
+    """
+    libc.mount(
+        "tmpfs",
+        dev,
+        "tmpfs",
+        libc.MS_NOSUID | libc.MS_NOEXEC,
+        f"mode=755,size=65536k,uid={root_uid},gid={root_uid}",
+    )
+    for name, major, minor in DEVICES:
+        path = os.path.join(dev, name)
+        with libc.named("mknod", path):
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        with libc.named("chmod", path):
+            os.chmod(path, 0o666)  # mknod's mode went through the umask
+        with libc.named("chown", path):
+            os.chown(path, root_uid, root_uid)
+    for sub in ("pts", "shm", "mqueue"):
+        with libc.named("mkdir", os.path.join(dev, sub)):
+            os.mkdir(os.path.join(dev, sub), 0o755)
+    for name, target in DEV_LINKS:
+        link = os.path.join(dev, name)
+        with libc.named("symlink", link):
+            os.symlink(target, link)
+        with libc.named("lchown", link):
+            os.lchown(link, root_uid, root_uid)
+
+
+def _mount_overlay(target: str, lowers: Iterable[str], upper: str, work: str, idmap_fd: int | None) -> None:
+    fds: list[int] = []
+    try:
+        for i, path in enumerate(lowers):
+            fds.append(_layer_fd(path, idmap_fd, i, target))
+        with libc.named("open", upper):
+            ufd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        with libc.named("open", work):
+            wfd = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        fds += [ufd, wfd]
+        lowerdir = ":".join(f"/proc/self/fd/{fd}" for fd in fds[:-2])
+        data = f"lowerdir={lowerdir},upperdir=/proc/self/fd/{ufd},workdir=/proc/self/fd/{wfd}"
+        # volatile (Linux >= 5.10): the upper layer is thrown away with the container, so skip
+        # its syncs.
+        libc.mount("overlay", target, "overlay", 0, data + ",volatile")
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _write_etc_files(upper: str, files: Iterable[tuple[str, str]], root_uid: int) -> None:
+    files = list(files)
+    if not files:
+        return
+    etc = os.path.join(upper, "etc")
+    _mkdir_owned(etc, root_uid)
+    for name, content in files:
+        path = os.path.join(etc, name)
+        with libc.named("open", path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            with libc.named("write", path):
+                os.write(fd, content.encode())
+            with libc.named("fchown", path):
+                os.fchown(fd, root_uid, root_uid)
+        finally:
+            os.close(fd)
+
+
+def _plain_dir(root: str, rel: str) -> str:
+    """``root/rel`` after checking that no component is a symlink or a non-directory.
+
+    Setup runs before any container process exists, so nothing can swap a component between this
+    check and the mount; what we guard against is an *image* that ships ``/proc`` or ``/usr`` as a
+    symlink to a host path (runc CVE-2019-19921, CVE-2023-27561).
+    """
+    path = root
+    for part in rel.strip("/").split("/"):
+        path = os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            with libc.named("mkdir", path):
+                os.mkdir(path, 0o755)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            raise SetupError(
+                f"/{rel} in the image is {kind}; it must be mounted on an ordinary directory",
+                call="mount",
+                path="/" + rel,
+                errno=errno.ENOTDIR,
+                hint="fix the image layer that replaces it",
+            )
+    return path
+
+
+def _clone_bind(m: BindMount, idmap_fd: int | None) -> PreparedBind:
+    try:
+        fd = libc.open_tree(m.source, libc.OPEN_TREE_CLONE | libc.OPEN_TREE_CLOEXEC | libc.AT_RECURSIVE)
+    except SetupError as e:
+        raise SetupError(
+            f"mounts: cannot bind {m.source!r}: {os.strerror(e.errno or 0)}",
+            call="open_tree",
+            path=m.source,
+            errno=e.errno or 0,
+        ) from None
+    _try_idmap(fd, idmap_fd, libc.MOUNT_ATTR_RDONLY if m.read_only else 0, m.source, recursive=True)
+    return PreparedBind(fd, m.target, stat.S_ISDIR(os.fstat(fd).st_mode))
+
+
+def mount_proc(rootfs: str) -> None:
+    """The container's /proc, mounted by its PID 1 while still host root (see launcher.create)."""
+    libc.mount("proc", _plain_dir(rootfs, "proc"), "proc", _PROC_FLAGS)
+
+
+def mount_sysfs(rootfs: str) -> None:
+    """/sys, read-only, for the network namespace we are in (host root: see launcher.create)."""
+    libc.mount("sysfs", _plain_dir(rootfs, "sys"), "sysfs", _PROC_FLAGS | libc.MS_RDONLY)
+
+
+def mask_plan() -> list[tuple[str, bool]]:
+    """(path, is_directory) of each masked path this kernel has; computed once per launcher."""
+    plan = []
+    for rel in MASKED_PATHS:
+        try:
+            plan.append((rel, stat.S_ISDIR(os.lstat("/" + rel).st_mode)))
+        except OSError:
+            continue
+    return plan
+
+
+def finish_rootfs(
+    spec: ContainerSpec,
+    binds: list[PreparedBind],
+    masks: list[tuple[str, bool]],
+    *,
+    cgroup2: bool,
+    sysfs: bool = True,
+) -> None:
+    """Half 2 (PID 1, container namespaces): system mounts, masks, pivot_root, user mounts.
+
+    Starts in the container's state directory (``rootfs/`` is relative to it): as an unprivileged
+    host uid we could not walk the state directory's absolute path.
+    """
+    libc.mount("rootfs", "rootfs", None, libc.MS_BIND | libc.MS_REC)  # an unlocked new root
+    with libc.named("chdir", "rootfs"):
+        os.chdir("rootfs")
+    _forbid_nested_user_namespaces()
+    if sysfs:  # else mount_sysfs did, before the user namespace
+        libc.mount("sysfs", _plain_dir(".", "sys"), "sysfs", _PROC_FLAGS | libc.MS_RDONLY)
+    if cgroup2:
+        with contextlib.suppress(SetupError):
+            libc.mount("cgroup2", "sys/fs/cgroup", "cgroup2", _PROC_FLAGS | libc.MS_RDONLY)
+    _mount_dev_filesystems()
+    _mask_paths(masks)
+    libc.pivot_root(".", ".")
+    libc.umount2(".", libc.MNT_DETACH)
+    with libc.named("chdir", "/"):
+        os.chdir("/")
+    user_targets = {t.target for t in spec.tmpfs} | {b.target for b in binds}
+    if "/tmp" not in user_targets:
+        _mount_tmpfs(TmpfsMount("/tmp"))
+    for t in spec.tmpfs:
+        _mount_tmpfs(t)
+    for b in binds:
+        _attach_bind(b)
+    if spec.read_only:
+        # Every overlay of the image: on the host base /usr (and /lib* where not usr-merged) are
+        # overlays of their own, not part of the root mount.  (One hidden under a user's mount
+        # is out of reach; by path we would hit the user's mount instead.)
+        overlays = ["/" + o.target for o in spec.overlays if o.target]
+        for target in ["/"] + [t for t in overlays if t not in user_targets]:
+            libc.mount_setattr(libc.AT_FDCWD, libc.MOUNT_ATTR_RDONLY, path=target, flags=0)
+
+
+def _forbid_nested_user_namespaces() -> None:
+    """Creating user namespaces inside reaches kernel code written for root (CVE-2022-0185 class).
+
+    Limit 0 in the container's namespace forbids it below, as bwrap --disable-userns does; /proc/sys
+    becomes read-only right after, so the container cannot raise it again.
+    """
+    limit = "proc/sys/user/max_user_namespaces"
+    with libc.named("open", limit):
+        fd = os.open(limit, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        with libc.named("write", limit):
+            os.write(fd, b"0")
+    finally:
+        os.close(fd)
+
+
+def _mount_dev_filesystems() -> None:
+    """The parts of /dev that must belong to the container's own namespaces."""
+    libc.mount(
+        "devpts", "dev/pts", "devpts", libc.MS_NOSUID | libc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"
+    )
+    libc.mount(
+        "shm", "dev/shm", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC, "mode=1777,size=65536k"
+    )
+    libc.mount("mqueue", "dev/mqueue", "mqueue", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
+
+
+def _mask_paths(masks: list[tuple[str, bool]]) -> None:
+    for rel, is_dir in masks:
+        try:
+            if is_dir:
+                libc.mount("tmpfs", rel, "tmpfs", libc.MS_RDONLY | _PROC_FLAGS, "size=0,mode=0555")
+            else:
+                libc.mount("dev/null", rel, None, libc.MS_BIND)
+        except SetupError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+    for rel in READONLY_PATHS:
+        try:
+            libc.mount(rel, rel, None, libc.MS_BIND | libc.MS_REC)
+        except SetupError as e:
+            if e.errno == errno.ENOENT:
+                continue
+            raise
+        # mount_setattr changes only the bits asked for, so the locked nosuid/nodev/noexec of
+        # procfs stay as they are (a MS_REMOUNT would have to repeat them or fail with EPERM).
+        libc.mount_setattr(libc.AT_FDCWD, libc.MOUNT_ATTR_RDONLY, path=rel, flags=libc.AT_RECURSIVE)
+
+
+def _mount_tmpfs(t: TmpfsMount) -> None:
+    with libc.named("mkdir", t.target):
+        os.makedirs(t.target, exist_ok=True)
+    data = f"mode={t.mode:o}" + (f",size={t.size}" if t.size is not None else "")
+    libc.mount("tmpfs", t.target, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, data)
+
+
+def _attach_bind(b: PreparedBind) -> None:
+    # After pivot_root, symlinks in the target resolve inside the container's root.
+    with libc.named("mkdir", b.target):
+        os.makedirs(b.target if b.is_dir else os.path.dirname(b.target), exist_ok=True)
+    if not b.is_dir and not os.path.lexists(b.target):
+        with libc.named("open", b.target):
+            os.close(os.open(b.target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    libc.move_mount_fd(b.fd, b.target)
+    os.close(b.fd)

@@ -1,0 +1,1 @@
+"""Images: layers, the store, layer tars, OCI archives and registries."""

@@ -1,0 +1,276 @@
+"""The pytest side of the launcher: spawn it, talk to it from any thread, notice when it dies.
+
+One :class:`LauncherClient` per pytest process (and so per xdist worker).  Requests may come from
+any thread; a reader thread matches replies to requests by id (replies can arrive out of order:
+``wait`` is answered when the process exits).  The launcher is started lazily, in its own session
+(so a Ctrl-C aimed at pytest's process group lets pytest tear down first), with the socket as its
+only inherited fd.  If it dies, every pending call fails with :class:`LauncherError` quoting the
+tail of its log, and the next call starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import weakref
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from ..core.errors import LauncherError, SetupError, from_wire
+from . import protocol
+
+_BOOTSTRAP = (
+    "import sys, types\n"
+    # Import the launcher's modules without running pytest_sandbox/__init__.py (which would pull
+    # in the public API and third-party packages): a bare parent package pointing at our files.
+    "pkg = types.ModuleType('pytest_sandbox'); pkg.__path__ = [sys.argv[1]]\n"
+    "sys.modules['pytest_sandbox'] = pkg\n"
+    "from pytest_sandbox.launcher.server import main\n"
+    "main(sys.argv[2:])\n"
+)
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_TIMEOUT = 30.0
+
+
+def make_private_dir(path: str) -> None:
+    """Create ``path`` (mode 0700), or accept it only if it is already ours and private.
+
+    Its parent is world-writable (/dev/shm, /tmp) and its name predictable (pid and start time
+    are in /proc): another user could create it first, with symlinks inside, and have root
+    work in a directory that user controls.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+        return
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise SetupError(
+            f"{path} exists and is not a private directory of uid {os.geteuid()} "
+            f"(owner {st.st_uid}, mode {stat.filemode(st.st_mode)}); refusing to use it",
+            call="mkdir",
+            path=path,
+            errno=17,
+            hint="another user may have created it; remove it, or set PYTEST_SANDBOX_STATE_DIR",
+        )
+
+
+_clients: weakref.WeakSet[LauncherClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client._abandon_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class LauncherClient:
+    def __init__(self, *, state_dir: str, owner: str, uid_base: int, cgroup_root: str) -> None:
+        self.state_dir = state_dir
+        self.owner = owner
+        self.uid_base = uid_base
+        self.cgroup_root = cgroup_root
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pending: dict[int, Future[dict[str, Any]]] = {}
+        self._next_rid = 1
+        self.info: dict[str, Any] = {}
+        self._dead: LauncherError | None = None
+        _clients.add(self)
+
+    def _abandon_after_fork(self) -> None:
+        """In a child forked from our process (multiprocessing, os.fork in a test): let go.
+
+        The socket is only close-on-exec, so a forked child holds it too, and the launcher would
+        not see EOF -- and so not clean up -- until that child exited as well, even if pytest was
+        SIGKILLed.  Locks are replaced, not taken: another thread may have held them at the fork.
+        """
+        sock, self._sock, self._proc = self._sock, None, None
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._pending = {}
+        self._dead = LauncherError("this process was forked from the one that started the launcher")
+        if sock is not None:
+            sock.close()
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.state_dir, "launcher.log")
+
+    @property
+    def pid(self) -> int | None:
+        """The launcher's pid while it runs."""
+        return self._proc.pid if self._proc and self._sock is not None else None
+
+    def fileno(self) -> int:
+        """Our end of the launcher socket (-1 when not connected)."""
+        sock = self._sock
+        return sock.fileno() if sock is not None else -1
+
+    def ensure_started(self) -> dict[str, Any]:
+        with self._lock:
+            if self._sock is None:
+                self._start()
+            return self.info
+
+    def _start(self) -> None:
+        make_private_dir(self.state_dir)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            fd = os.open(
+                self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+            with open(fd, "ab") as log:
+                self._proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-I",
+                        "-S",
+                        "-c",
+                        _BOOTSTRAP,
+                        PACKAGE_DIR,
+                        "--fd",
+                        str(theirs.fileno()),
+                        "--owner",
+                        self.owner,
+                        "--state-dir",
+                        self.state_dir,
+                        "--uid-base",
+                        str(self.uid_base),
+                        "--cgroup-root",
+                        self.cgroup_root,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    pass_fds=[theirs.fileno()],
+                    start_new_session=True,
+                    cwd="/",
+                )
+        finally:
+            theirs.close()
+        ours.settimeout(START_TIMEOUT)
+        try:
+            hello = protocol.recv(ours)
+        except (OSError, ValueError) as e:
+            hello = None
+            reason = str(e)
+        else:
+            reason = "it exited"
+        ours.settimeout(None)
+        if hello is None or "error" in hello:
+            ours.close()
+            self._reap()
+            if hello is not None:
+                raise from_wire(hello["error"])
+            raise LauncherError(f"the sandbox launcher did not start ({reason}){self._log_tail()}")
+        self.info = hello["ok"]
+        self._sock = ours
+        self._dead = None
+        threading.Thread(
+            target=self._read_loop, args=(ours,), name="psbx-launcher-reader", daemon=True
+        ).start()
+
+    def _read_loop(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                message = protocol.recv(sock)
+            except (OSError, ValueError):
+                message = None
+            if message is None:
+                break
+            with self._lock:
+                future = self._pending.pop(int(message.get("rid", -1)), None)
+            if future is None:
+                continue
+            if "error" in message:
+                future.set_exception(from_wire(message["error"]))
+            else:
+                future.set_result(message.get("ok") or {})
+        with self._lock:
+            if self._sock is sock:
+                self._sock = None
+                self._dead = LauncherError(f"the sandbox launcher exited{self._log_tail()}")
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            future.set_exception(self._dead or LauncherError("the sandbox launcher exited"))
+        sock.close()
+        self._reap()
+
+    def _reap(self) -> None:
+        proc = self._proc
+        if proc is not None:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 2000))
+                tail = f.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
+        return f"; its log ({self.log_path}) ends with:\n{tail}" if tail else ""
+
+    def submit(self, op: str, **fields: Any) -> Future[dict[str, Any]]:
+        """Send a request; the future holds the reply (or the typed error)."""
+        self.ensure_started()
+        future: Future[dict[str, Any]] = Future()
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                raise self._dead or LauncherError("the sandbox launcher is not running")
+            rid = self._next_rid
+            self._next_rid += 1
+            self._pending[rid] = future
+        message = {"rid": rid, "op": op, **fields}
+        try:
+            with self._send_lock:
+                protocol.send(sock, message)
+        except OSError as e:
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise LauncherError(f"cannot reach the sandbox launcher: {e}{self._log_tail()}") from None
+        return future
+
+    def call(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        future = self.submit(op, **fields)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            raise TimeoutError(f"launcher request {op!r} did not finish in {timeout} s") from None
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Ask the launcher to clean up and exit; wait for it."""
+        with self._lock:
+            sock, proc = self._sock, self._proc
+        if sock is None or proc is None:
+            return
+        with contextlib.suppress(LauncherError, TimeoutError, OSError):
+            self.call("shutdown", timeout=timeout)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        with self._lock:
+            if self._sock is sock:
+                self._sock = None
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)

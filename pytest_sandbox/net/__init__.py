@@ -1,0 +1,1 @@
+"""Private networks: netlink (pyroute2), the network thread, subnets, published ports."""

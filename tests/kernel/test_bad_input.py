@@ -1,0 +1,384 @@
+"""Bad input is refused before anything exists (reliability.md section 4, checklist items 39-42).
+
+Every value in :data:`CASES` must make ``sandbox.run`` *and* ``sandbox.start`` raise the typed
+error -- which is also the builtin a caller would catch (ValueError, FileNotFoundError,
+NotADirectoryError) -- with a message quoting the bad value, and must leave no trace: no new entry
+in the runtime's state directory, no request to the launcher (so no cgroup, no process, no mount).
+The autouse leak check (conftest.py) independently checks processes, cgroups, state and mounts.
+Errors only the kernel side can detect (a missing command, an unknown user) must leave nothing
+behind either, once the handle is closed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_sandbox import (
+    CommandNotExecutableError,
+    CommandNotFoundError,
+    Image,
+    InvalidSpecError,
+    LayerNotADirectoryError,
+    LayerNotFoundError,
+    Sandbox,
+    SandboxError,
+    UserNotFoundError,
+)
+from pytest_sandbox.core.errors import CgroupUnavailableError, LauncherError, SetupError, from_wire, to_wire
+from pytest_sandbox.core.naming import PROJECT_CGROUP
+from pytest_sandbox.runtime import Runtime, get_runtime
+
+Call = Callable[[Sandbox, str, Path], object]
+
+
+def _opts(**kwargs: Any) -> Call:
+    """A call of run()/start() with valid ['true'] and the given (bad) options."""
+    return lambda sb, method, _tmp: getattr(sb, method)(["true"], **kwargs)
+
+
+def _cmd(cmd: object) -> Call:
+    return lambda sb, method, _tmp: getattr(sb, method)(cmd)
+
+
+def _image(make: Callable[[Path], Image | object]) -> Call:
+    return lambda sb, method, tmp: getattr(sb, method)(["true"], image=make(tmp))
+
+
+def _layer(tmp: Path, name: str = "layer") -> Path:
+    path = tmp / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _vanished_layer(tmp: Path) -> Image:
+    """An image whose layer existed when the Image was made, and is gone at start."""
+    layer = _layer(tmp, "vanishing")
+    image = Image.from_layers(layer)
+    layer.rmdir()
+    return image
+
+
+def _file_layer(tmp: Path) -> Image:
+    (tmp / "a-file").write_text("not a directory")
+    return Image.from_layers(tmp / "a-file")
+
+
+def _nested(tmp: Path) -> Image:
+    outer = _layer(tmp, "outer")
+    return Image.from_layers(outer, _layer(outer, "inner"))
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    call: Call
+    error: type[SandboxError]
+    builtin: type[Exception]
+    quoted: str  # must appear in the message; "{tmp}" is replaced by the test's tmp_path
+
+
+CASES = [
+    # sizes and limits
+    Case("memory-unit", _opts(memory="64q"), InvalidSpecError, ValueError, "memory='64q'"),
+    Case("memory-word", _opts(memory="abc"), InvalidSpecError, ValueError, "memory='abc'"),
+    Case("memory-empty", _opts(memory=""), InvalidSpecError, ValueError, "memory=''"),
+    Case("memory-negative", _opts(memory=-1), InvalidSpecError, ValueError, "memory=-1"),
+    Case("memory-negative-str", _opts(memory="-1"), InvalidSpecError, ValueError, "memory='-1'"),
+    Case("memory-zero", _opts(memory=0), InvalidSpecError, ValueError, "memory=0"),
+    Case("memory-below-min", _opts(memory="1m"), InvalidSpecError, ValueError, "memory='1m'"),
+    Case("memory-overflow", _opts(memory=10**30), InvalidSpecError, ValueError, f"memory={10**30}"),
+    Case("memory-exponent", _opts(memory="1e9"), InvalidSpecError, ValueError, "memory='1e9'"),
+    Case("memory-float", _opts(memory=1.5e9), InvalidSpecError, ValueError, "memory=1500000000.0"),
+    Case(
+        "swap-below-memory",
+        _opts(memory="64m", memory_swap="32m"),
+        InvalidSpecError,
+        ValueError,
+        "memory_swap='32m'",
+    ),
+    Case("swap-without-memory", _opts(memory_swap="1g"), InvalidSpecError, ValueError, "memory_swap='1g'"),
+    Case("cpus-zero", _opts(cpus=0), InvalidSpecError, ValueError, "cpus=0"),
+    Case("cpus-negative", _opts(cpus=-1), InvalidSpecError, ValueError, "cpus=-1"),
+    Case("cpus-word", _opts(cpus="x"), InvalidSpecError, ValueError, "cpus='x'"),
+    Case("cpus-too-many", _opts(cpus=1000), InvalidSpecError, ValueError, "cpus=1000"),
+    Case("cpu-shares-one", _opts(cpu_shares=1), InvalidSpecError, ValueError, "cpu_shares=1"),
+    Case("pids-zero", _opts(pids=0), InvalidSpecError, ValueError, "pids=0"),
+    Case("pids-one", _opts(pids=1), InvalidSpecError, ValueError, "pids=1"),
+    Case("pids-negative", _opts(pids=-1), InvalidSpecError, ValueError, "pids=-1"),
+    Case("cpuset-offline", _opts(cpuset="99"), InvalidSpecError, ValueError, "cpuset='99'"),
+    Case("cpuset-reversed", _opts(cpuset="1-0"), InvalidSpecError, ValueError, "cpuset='1-0'"),
+    Case(
+        "cgroup-off-with-limits",
+        _opts(cgroup=False, memory="64m"),
+        InvalidSpecError,
+        ValueError,
+        "cgroup=False",
+    ),
+    # images and layers
+    Case(
+        "layer-missing",
+        _image(lambda t: Image.from_layers(t / "missing")),
+        LayerNotFoundError,
+        FileNotFoundError,
+        "{tmp}/missing",
+    ),
+    Case("layer-vanished", _image(_vanished_layer), LayerNotFoundError, FileNotFoundError, "{tmp}/vanishing"),
+    Case("layer-is-file", _image(_file_layer), LayerNotADirectoryError, NotADirectoryError, "{tmp}/a-file"),
+    Case("layers-nested", _image(_nested), InvalidSpecError, ValueError, "{tmp}/outer/inner"),
+    Case(
+        "layers-duplicate",
+        _image(lambda t: Image.from_layers(_layer(t), _layer(t))),
+        InvalidSpecError,
+        ValueError,
+        "{tmp}/layer",
+    ),
+    Case("image-not-an-image", _image(lambda t: "debian:12"), InvalidSpecError, ValueError, "'debian:12'"),
+    # mounts
+    Case(
+        "mount-source-missing",
+        _opts(mounts={"/nonexistent/psbx": "/data"}),
+        InvalidSpecError,
+        ValueError,
+        "'/nonexistent/psbx'",
+    ),
+    Case(
+        "mount-source-relative",
+        _opts(mounts={"relative/dir": "/data"}),
+        InvalidSpecError,
+        ValueError,
+        "'relative/dir'",
+    ),
+    Case("mount-over-root", _opts(mounts={"/usr": "/"}), InvalidSpecError, ValueError, "'/usr'"),
+    Case("mount-mode", _opts(mounts=["/usr:/data:rx"]), InvalidSpecError, ValueError, "'rx'"),
+    Case("tmpfs-size", _opts(tmpfs={"/run": "lots"}), InvalidSpecError, ValueError, "'lots'"),
+    Case("tmpfs-root", _opts(tmpfs=["/"]), InvalidSpecError, ValueError, "tmpfs"),
+    # process
+    Case("workdir-relative", _opts(workdir="app"), InvalidSpecError, ValueError, "workdir='app'"),
+    Case(
+        "workdir-proc",
+        _opts(workdir="/proc/self/fd/3"),
+        InvalidSpecError,
+        ValueError,
+        "workdir='/proc/self/fd/3'",
+    ),
+    Case("workdir-empty", _opts(workdir=""), InvalidSpecError, ValueError, "workdir=''"),
+    Case("cmd-string", _cmd("ls -l"), InvalidSpecError, ValueError, "cmd='ls -l'"),
+    Case("cmd-empty", _cmd([]), InvalidSpecError, ValueError, "cmd=[]"),
+    Case("cmd-none", _cmd(None), InvalidSpecError, ValueError, "cmd=None"),
+    Case("cmd-not-str", _cmd(["sleep", 1]), InvalidSpecError, ValueError, "argument 1"),
+    Case("cmd-empty-program", _cmd(["", "x"]), InvalidSpecError, ValueError, "cmd=['', 'x']"),
+    Case("cmd-nul", _cmd(["echo", "a\0b"]), InvalidSpecError, ValueError, "'a\\x00b'"),
+    Case("env-key-equals", _opts(env={"A=B": "1"}), InvalidSpecError, ValueError, "'A=B'"),
+    Case("env-key-empty", _opts(env={"": "1"}), InvalidSpecError, ValueError, "''"),
+    Case("env-value-none", _opts(env={"A": None}), InvalidSpecError, ValueError, "env['A']=None"),
+    Case("env-not-mapping", _opts(env=["A=1"]), InvalidSpecError, ValueError, "env=['A=1']"),
+    Case("user-three-parts", _opts(user="a:b:c"), InvalidSpecError, ValueError, "user='a:b:c'"),
+    Case("user-empty", _opts(user=""), InvalidSpecError, ValueError, "user=''"),
+    Case("user-unmapped", _opts(user=70000), InvalidSpecError, ValueError, "user='70000'"),
+    Case("user-bad-name", _opts(user="bad user"), InvalidSpecError, ValueError, "user='bad user'"),
+    Case("hostname-chars", _opts(hostname="bad_host!"), InvalidSpecError, ValueError, "hostname='bad_host!'"),
+    Case("hostname-long", _opts(hostname="a" * 65), InvalidSpecError, ValueError, "hostname='aaaa"),
+    Case("name-chars", _opts(name="bad name"), InvalidSpecError, ValueError, "name='bad name'"),
+    Case("timeout-zero", _opts(timeout=0), InvalidSpecError, ValueError, "timeout=0"),
+    Case("timeout-negative", _opts(timeout=-1), InvalidSpecError, ValueError, "timeout=-1"),
+    Case("timeout-str", _opts(timeout="5"), InvalidSpecError, ValueError, "timeout='5'"),
+    Case("input-str", _opts(input="text"), InvalidSpecError, ValueError, "input='text'"),
+    Case("network", _opts(network="bridge"), InvalidSpecError, ValueError, "network='bridge'"),
+    Case("read-only-str", _opts(read_only="yes"), InvalidSpecError, ValueError, "read_only='yes'"),
+]
+
+
+def _state(rt: Runtime) -> list[str]:
+    try:
+        return sorted(os.listdir(rt.state_dir))
+    except FileNotFoundError:
+        return []
+
+
+def _leaves(rt: Runtime) -> list[str]:
+    """Every cgroup directory under this process's owner group, in every hierarchy."""
+    out: list[str] = []
+    root = rt.config.cgroup_root
+    for h in ["", *sorted(os.listdir(root))]:
+        group = os.path.join(root, h, PROJECT_CGROUP, rt.owner)
+        for base, dirs, _files in os.walk(group):
+            out.extend(os.path.join(base, d) for d in dirs)
+    return out
+
+
+def _is_empty(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return not f.read().split()
+    except FileNotFoundError:
+        return False  # removed meanwhile
+    except OSError:
+        return True
+
+
+def _orphaned_cgroups(rt: Runtime, settle: float = 2.0) -> list[str]:
+    """Cgroup leaves without any process: left behind.
+
+    Live containers and the launcher's *spare* (a first process waiting, already attached, for the
+    next container's spec) hold a process; a leaf being prepared is empty for a few milliseconds,
+    a leaked one forever -- so empty leaves are polled for ``settle`` seconds before they count.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        empty = sorted(p for p in _leaves(rt) if _is_empty(p))
+        if not empty or time.monotonic() >= deadline:
+            return empty
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def launcher_requests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The operations sent to the (real, started) launcher during the test."""
+    rt = get_runtime()
+    rt.info()  # start it now, so its own files are in the "before" listing
+    sent: list[str] = []
+    real_submit = rt.client.submit
+
+    def recording_submit(op: str, **fields: Any) -> Future[dict[str, Any]]:
+        sent.append(op)
+        return real_submit(op, **fields)
+
+    monkeypatch.setattr(rt.client, "submit", recording_submit)
+    return sent
+
+
+@pytest.mark.parametrize("method", ["run", "start"])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_refused_before_anything_exists(
+    case: Case, method: str, tmp_path: Path, launcher_requests: list[str]
+) -> None:
+    """Each bad value raises its typed error (also the builtin), quoting the value; nothing is created."""
+    rt = get_runtime()
+    state_before = _state(rt)
+    with Sandbox() as sb:
+        with pytest.raises(case.error) as e:
+            case.call(sb, method, tmp_path)
+        assert sb.containers == []
+    assert isinstance(e.value, case.builtin)
+    assert case.quoted.format(tmp=tmp_path) in str(e.value)
+    # No request reached the launcher: it created no cgroup, process, mount or directory for us.
+    assert launcher_requests == [], "bad input reached the launcher"
+    assert _state(rt) == state_before
+    assert _orphaned_cgroups(rt, settle=0.5) == []
+
+
+def test_misspelled_option_is_refused(sandbox: Sandbox, launcher_requests: list[str]) -> None:
+    """An unknown keyword (a typo like memroy=) is an InvalidSpecError naming it and listing the
+    options, never silently ignored; so is one given as a default (a marker's)."""
+    with pytest.raises(InvalidSpecError, match=r"unknown option 'memroy'; the options are: image, .*memory"):
+        sandbox.run(["true"], memroy="64m")
+    with pytest.raises(InvalidSpecError, match="unknown option 'cpu'"):
+        Sandbox(defaults={"cpu": 1}).run(["true"])
+    assert launcher_requests == []
+
+
+def test_timeout_is_for_run_not_start(sandbox: Sandbox, launcher_requests: list[str]) -> None:
+    """start() runs in the background: a timeout= there would be silently meaningless, so it is
+    refused with where to put it instead."""
+    with pytest.raises(
+        InvalidSpecError, match=r"timeout=5: start\(\) runs in the background; give the timeout to wait"
+    ):
+        sandbox.start(["sleep", "10"], timeout=5)
+    assert launcher_requests == []
+
+
+def test_duplicate_name_refused(sandbox: Sandbox) -> None:
+    """A second container with a live container's name is refused before it is created."""
+    c = sandbox.start(["sleep", "100"], name="web")
+    rt = get_runtime()
+    before = _state(rt)
+    with pytest.raises(InvalidSpecError, match="name='web': a container with this name already exists"):
+        sandbox.start(["sleep", "100"], name="web")
+    assert _state(rt) == before
+    assert sandbox.containers == [c]
+
+
+def test_closed_handle_refuses_work() -> None:
+    """A closed handle (its fixture scope ended) refuses new containers; closing twice is silent."""
+    sb = Sandbox()
+    sb.close()
+    sb.close()
+    with pytest.raises(SandboxError, match="closed"):
+        sb.run(["true"])
+
+
+# ------------------------------------------------------------- errors only the container can detect
+
+
+@pytest.mark.parametrize(
+    ("cmd", "user", "error", "quoted"),
+    [
+        (["/no/such/cmd"], None, CommandNotFoundError, "/no/such/cmd"),
+        (["psbx-no-such-program"], None, CommandNotFoundError, "psbx-no-such-program"),
+        (["/etc"], None, CommandNotExecutableError, "/etc"),
+        (["true"], "nosuchuser", UserNotFoundError, "nosuchuser"),
+    ],
+)
+def test_kernel_side_errors_leave_nothing(
+    cmd: list[str], user: str | None, error: type[SetupError], quoted: str, launcher_requests: list[str]
+) -> None:
+    """A command or user only the container can look up: typed error, and nothing left once closed."""
+    rt = get_runtime()
+    state_before = _state(rt)
+    for method in ("run", "start"):
+        with Sandbox() as sb:
+            with pytest.raises(error) as e:
+                getattr(sb, method)(cmd, user=user)
+            assert quoted in str(e.value)
+            assert sb.containers == []
+        assert _state(rt) == state_before
+    assert launcher_requests.count("create") == 2  # the check really happened in the container
+    assert _orphaned_cgroups(rt) == []
+
+
+# --------------------------------------------------------------------------------- the error tree
+
+
+@pytest.mark.parametrize(
+    ("error", "builtin"),
+    [
+        (InvalidSpecError("x"), ValueError),
+        (LayerNotFoundError("x", path="/l", errno=2), FileNotFoundError),
+        (LayerNotADirectoryError("x", path="/l", errno=20), NotADirectoryError),
+        (CommandNotFoundError("x", call="execve", path="/p", errno=2), FileNotFoundError),
+        (CommandNotExecutableError("x", call="execve", path="/p", errno=13), PermissionError),
+        (UserNotFoundError("x", path="/etc/passwd", errno=2), LookupError),
+        (CgroupUnavailableError("x", hint="delegate it"), OSError),
+        (LauncherError("x"), OSError),
+    ],
+)
+def test_errors_are_builtins_and_cross_the_wire(error: SandboxError, builtin: type[Exception]) -> None:
+    """Each error is also the builtin callers catch, and survives the launcher protocol intact."""
+    assert isinstance(error, builtin)
+    assert isinstance(error, SandboxError)
+    back = from_wire(to_wire(error))
+    assert type(back) is type(error)
+    assert back.message == error.message
+    assert back.hint == error.hint
+    assert getattr(back, "filename", None) == getattr(error, "filename", None)
+
+
+def test_exit_code_conventions() -> None:
+    """Docker's conventions: 125 setup failed, 126 not executable, 127 not found."""
+    assert SetupError("x").exit_code == 125
+    assert CommandNotExecutableError("x").exit_code == 126
+    assert CommandNotFoundError("x").exit_code == 127
+
+
+def test_hint_is_shown() -> None:
+    """A hint is part of the message users see."""
+    shown = str(SetupError("mount failed", hint="enable overlayfs"))
+    assert shown == "mount failed\n  hint: enable overlayfs"

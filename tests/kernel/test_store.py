@@ -1,0 +1,643 @@
+"""The local image store: references, layers from directories (copy, digest, stat-snapshot cache),
+image records and tags, prune, atomic xdist-safe writes.  Each test has its own store (tmp_path)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+
+from pytest_sandbox import Image, InvalidSpecError, Sandbox
+from pytest_sandbox.core import naming
+from pytest_sandbox.core.errors import ImageNotFoundError, LayerNotFoundError
+from pytest_sandbox.core.reference import Reference, parse_digest, parse_reference
+from pytest_sandbox.image import History, ImageConfig
+from pytest_sandbox.images import layertar
+from pytest_sandbox.images import store as store_mod
+from pytest_sandbox.images.store import ImageRecord, Store, stat_snapshot
+
+# -- references -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "normal"),
+    [
+        ("app", Reference(None, "app"), "app:latest"),
+        ("app:1", Reference(None, "app", "1"), "app:1"),
+        ("user/app:1.4.2", Reference(None, "user/app", "1.4.2"), "user/app:1.4.2"),
+        ("localhost/app", Reference("localhost", "app"), "localhost/app:latest"),
+        ("localhost:5000/a/b:v_1", Reference("localhost:5000", "a/b", "v_1"), "localhost:5000/a/b:v_1"),
+        ("registry.example.com/x-y__z.w", Reference("registry.example.com", "x-y__z.w"), None),
+        ("127.0.0.1:5000/app:Tag", Reference("127.0.0.1:5000", "app", "Tag"), "127.0.0.1:5000/app:Tag"),
+        (
+            "app@sha256:" + "a" * 64,
+            Reference(None, "app", None, "sha256:" + "a" * 64),
+            "app@sha256:" + "a" * 64,
+        ),
+    ],
+)
+def test_reference_parses_and_normalises(text: str, expected: Reference, normal: str | None) -> None:
+    ref = parse_reference(text)
+    assert ref == expected
+    assert str(ref) == (normal or f"{text}:latest")
+    assert parse_reference(str(ref)).name == ref.name
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "../x",
+        "sha256:../../x",
+        "a/../b",
+        "/abs",
+        "a//b",
+        "App",
+        "app:",
+        ":tag",
+        "app:-x",
+        "app:" + "t" * 129,
+        "app name",
+        "app\n",
+        "café",
+        "a" * 256,
+        "app@sha256:../x",
+        "app@sha256:" + "A" * 64,
+        "bad_host:5000/app",
+        "-app",
+        "app.",
+    ],
+)
+def test_reference_refused_before_any_filesystem_access(text: str, tmp_path: Path) -> None:
+    with pytest.raises(InvalidSpecError):
+        parse_reference(text)
+    st = Store(tmp_path / "store")
+    with pytest.raises(InvalidSpecError):
+        st.resolve(text) if text else st.tag(text, "sha256:" + "0" * 64)
+    with pytest.raises(InvalidSpecError):
+        Image.host_base().tag(text, store=st)
+    for call in (st.remove, st.untag):
+        with pytest.raises(InvalidSpecError):
+            call(text)
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize(
+    "text", ["sha256:", "sha256:abc", "sha256:../../x", "md5:" + "0" * 32, "sha256:" + "g" * 64]
+)
+def test_digests_are_strict(text: str, tmp_path: Path) -> None:
+    with pytest.raises(InvalidSpecError):
+        parse_digest(text)
+    st = Store(tmp_path / "store")
+    calls = [st.layer_path, st.has_layer, st.get_image]
+    if text.startswith("sha256:"):  # "md5:0000" is a valid name:tag
+        calls += [st.resolve, st.remove]
+    for call in calls:
+        with pytest.raises(InvalidSpecError):
+            call(text)
+    assert not (tmp_path / "store").exists()
+
+
+# -- layers from directories ---------------------------------------------------------------------
+
+
+def _rich_tree(root: Path) -> Path:
+    """Files, a setuid binary, symlinks, a hardlink pair, a fifo, a whiteout, an opaque dir, owners."""
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "conf").write_text("a=1\n")
+    (root / "bin").mkdir()
+    tool = root / "bin" / "tool"
+    tool.write_bytes(b"\x7fELF" + os.urandom(5000))
+    os.chmod(tool, 0o4755)
+    (root / "bin" / "alias").symlink_to("tool")
+    os.link(tool, root / "bin" / "hard")
+    (root / "link-out").symlink_to("/etc/shadow")  # kept as a symlink, never followed
+    os.mkfifo(root / "fifo")
+    os.mknod(root / "gone", stat.S_IFCHR | 0o600, 0)  # a whiteout
+    (root / "opaque").mkdir()
+    os.setxattr(root / "opaque", "trusted.overlay.opaque", b"y")
+    os.setxattr(root / "etc" / "conf", "user.note", b"kept")
+    (root / "home" / "app").mkdir(parents=True)
+    (root / "home" / "app" / "data").write_text("mine")
+    os.chown(root / "home" / "app", 1000, 1000)
+    os.lchown(root / "home" / "app" / "data", 1000, 2000)
+    os.utime(root / "etc" / "conf", ns=(1_000_000_000, 1_500_000_000_000_000_000))
+    return root
+
+
+def test_add_layer_dir_copies_everything_and_digests_like_layertar(tmp_path: Path) -> None:
+    src = _rich_tree(tmp_path / "src")
+    st = Store(tmp_path / "store")
+    info = st.add_layer_dir(src, created_by="test")
+    diff = Path(st.layer_path(info.digest))
+    assert info.digest == layertar.digest_dir(str(src)).diff_id == layertar.digest_dir(str(diff)).diff_id
+    assert info.path == str(diff)
+    assert info.created_by == "test"
+    assert info.size > 0
+    assert (diff / "etc" / "conf").read_text() == "a=1\n"
+    assert stat.S_IMODE(os.stat(diff / "bin" / "tool").st_mode) == 0o4755
+    assert os.readlink(diff / "bin" / "alias") == "tool"
+    assert os.readlink(diff / "link-out") == "/etc/shadow"
+    assert os.stat(diff / "bin" / "hard").st_ino == os.stat(diff / "bin" / "tool").st_ino
+    assert stat.S_ISFIFO(os.lstat(diff / "fifo").st_mode)
+    wh = os.lstat(diff / "gone")
+    assert stat.S_ISCHR(wh.st_mode)
+    assert wh.st_rdev == 0
+    assert os.getxattr(diff / "opaque", "trusted.overlay.opaque") == b"y"
+    assert os.getxattr(diff / "etc" / "conf", "user.note") == b"kept"
+    data = os.lstat(diff / "home" / "app" / "data")
+    assert (data.st_uid, data.st_gid) == (1000, 2000)
+    assert os.stat(diff / "etc" / "conf").st_mtime_ns == 1_500_000_000_000_000_000
+    meta = json.loads((diff.parent / "meta.json").read_text())
+    assert meta["digest"] == info.digest
+    assert meta["created_by"] == "test"
+    assert set(meta) == {"digest", "parent", "created", "created_by", "size"}
+    assert st.layer_info(info.digest) == info
+    assert st.layer_digest_of(str(diff)) == info.digest
+    assert st.layer_digest_of(str(src)) is None
+    # nothing left in tmp/
+    assert [p for p in (tmp_path / "store" / "tmp").rglob("*") if not p.is_dir()] == []
+
+
+def _bytes_read() -> int:
+    """This process's read()/pread() bytes so far (``rchar``), whatever the page cache holds."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def test_unchanged_dir_is_a_hit_that_reads_no_contents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = _rich_tree(tmp_path / "src")
+    (src / "big").write_bytes(os.urandom(4 << 20))
+    st = Store(tmp_path / "store")
+    first = st.add_layer_dir(src)
+    before = _bytes_read()
+    assert st.add_layer_dir(src) == first
+    assert _bytes_read() - before < 64 << 10  # the cache entry and meta.json, not the 4 MiB file
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("layer content was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(layertar, "digest_dir", forbidden)
+        m.setattr(store_mod, "copy_tree", forbidden)
+        m.setattr(store_mod, "copy_file_at", forbidden)
+        assert st.add_layer_dir(src) == first
+        assert Store(tmp_path / "store").add_layer_dir(src) == first  # another process's view
+        # a layer directory of the store itself is recognised by its path
+        assert st.add_layer_dir(st.layer_path(first.digest)).digest == first.digest
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "rewrite-same-size",
+        "chmod",
+        "chown",
+        "xattr",
+        "new-file",
+        "rename",
+        "delete",
+        "symlink-target",
+        "touch-mtime",
+    ],
+)
+def test_changed_dir_is_stored_again(tmp_path: Path, change: str) -> None:
+    src = _rich_tree(tmp_path / "src")
+    st = Store(tmp_path / "store")
+    first = st.add_layer_dir(src)
+    conf = src / "etc" / "conf"
+    if change == "rewrite-same-size":
+        with open(conf, "r+b") as f:  # in place: same inode, same size
+            f.write(b"b")
+    elif change == "chmod":
+        os.chmod(conf, 0o600)
+    elif change == "chown":
+        os.chown(conf, 5, 5)
+    elif change == "xattr":
+        os.setxattr(conf, "user.note", b"changed")
+    elif change == "new-file":
+        (src / "etc" / "new").write_text("")
+    elif change == "rename":
+        conf.rename(src / "etc" / "conf2")
+    elif change == "delete":
+        conf.unlink()
+    elif change == "symlink-target":
+        (src / "bin" / "alias").unlink()
+        (src / "bin" / "alias").symlink_to("hard")
+    elif change == "touch-mtime":
+        os.utime(conf, ns=(0, 7_000_000_000))
+    second = st.add_layer_dir(src)
+    assert second.digest != first.digest
+    assert second.digest == layertar.digest_dir(str(src)).diff_id
+    assert st.has_layer(first.digest)
+
+
+def test_stat_snapshot_changes_with_ctime_only(tmp_path: Path) -> None:
+    src = _rich_tree(tmp_path / "src")
+    before = stat_snapshot(str(src))
+    assert stat_snapshot(str(src)) == before
+    os.utime(src / "etc" / "conf", ns=(5, os.stat(src / "etc" / "conf").st_mtime_ns))  # atime only
+    # utime changes the ctime: a write we cannot see otherwise (mtime put back) is still seen
+    assert stat_snapshot(str(src)) != before
+
+
+def test_bad_layer_dirs_are_refused_before_anything_is_created(tmp_path: Path) -> None:
+    st = Store(tmp_path / "store")
+    with pytest.raises(LayerNotFoundError):
+        st.add_layer_dir(tmp_path / "missing")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError):
+        st.add_layer_dir(tmp_path / "file")
+    with pytest.raises(InvalidSpecError):
+        st.add_layer_dir("/")
+    assert not (tmp_path / "store").exists()
+
+
+def test_device_nodes_other_than_whiteouts_are_refused(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    os.mknod(src / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    st = Store(tmp_path / "store")
+    with pytest.raises(InvalidSpecError, match="device node"):
+        st.add_layer_dir(src)
+    assert os.listdir(tmp_path / "store" / "layers" / "sha256") == []
+
+
+def test_dead_owners_tmp_is_swept(tmp_path: Path) -> None:
+    dead = tmp_path / "store" / "tmp" / "psbx-999999999-1" / "half"
+    dead.mkdir(parents=True)
+    (dead / "f").write_text("x")
+    alive = tmp_path / "store" / "tmp" / "not-an-owner"
+    alive.mkdir()
+    st = Store(tmp_path / "store")
+    st.add_layer_dir(_rich_tree(tmp_path / "src"))
+    assert not dead.parent.exists()
+    assert alive.exists()
+
+
+# -- images, tags, prune ---------------------------------------------------------------------
+
+
+def _layer(tmp_path: Path, name: str, content: str) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    (d / f"{name}.txt").write_text(content)
+    return d
+
+
+def test_tag_load_many_tags_untag_remove(tmp_path: Path) -> None:
+    st = Store(tmp_path / "store")
+    a, b = _layer(tmp_path, "a", "A"), _layer(tmp_path, "b", "B")
+    config = ImageConfig(env=(("K", "v"),), workdir="/w", user="1000", cmd=("sh",))
+    image = Image((str(a), str(b)), False, config)
+    tagged = image.tag("user/app:1", store=st)
+    assert tagged.image_id is not None
+    assert tagged.store == st
+    assert tagged.config == config
+    assert tagged.host is False
+    assert [os.path.basename(os.path.dirname(p)) for p in tagged.layers] == [
+        d[7:] for d in st.get_image(tagged.image_id).layers
+    ]
+    assert Path(tagged.layers[1], "b.txt").read_text() == "B"
+    same = image.tag("user/app:latest", store=st)
+    assert same.image_id == tagged.image_id
+    image.tag("other", store=st)
+    assert st.refs() == {
+        "user/app:1": tagged.image_id,
+        "user/app:latest": tagged.image_id,
+        "other:latest": tagged.image_id,
+    }
+    loaded = Image.load("user/app", store=st)
+    assert loaded == tagged
+    assert loaded.image_id == tagged.image_id
+    assert Image.load(tagged.image_id, store=st) == tagged
+    assert Image.load(f"user/app@{tagged.image_id}", store=st) == tagged
+    listed = st.images()
+    assert [(s.id, s.refs) for s in listed] == [
+        (tagged.image_id, ("other:latest", "user/app:1", "user/app:latest"))
+    ]
+    record = listed[0].record
+    assert record.host_base is False
+    assert [h.created_by for h in record.history] == ["layer", "layer"]
+    assert st.untag("other") == tagged.image_id
+    assert st.remove("user/app:1") == ["user/app:1"]
+    assert st.has_image(tagged.image_id)  # one tag left
+    assert st.remove("user/app") == ["user/app:latest"]
+    assert not st.has_image(tagged.image_id)
+    with pytest.raises(ImageNotFoundError, match="no image 'user/app:latest'") as err:
+        Image.load("user/app", store=st)
+    assert isinstance(err.value, LookupError)
+    assert "pull" in err.value.hint
+
+
+def test_prune_removes_unreferenced_layers_only(tmp_path: Path) -> None:
+    st = Store(tmp_path / "store")
+    a, b, c = (_layer(tmp_path, n, n) for n in "abc")
+    Image.from_layers(a, b, base=None, store=st).tag("keep:1")
+    drop = Image.from_layers(c, base=None, store=st).tag("drop:1")
+    digest_c = st.layer_digest_of(drop.layers[0])
+    st.remove("drop:1")
+    assert st.prune() == [digest_c]
+    assert not os.path.exists(drop.layers[0])
+    assert Path(Image.load("keep:1", store=st).layers[1], "b.txt").read_text() == "b"
+    assert st.prune() == []
+    # a layer is stored again after a prune
+    again = Image.from_layers(c, base=None, store=st).tag("drop:2")
+    assert Path(again.layers[0], "c.txt").read_text() == "c"
+
+
+def test_corrupt_record_is_refused(tmp_path: Path) -> None:
+    st = Store(tmp_path / "store")
+    image = Image.from_layers(_layer(tmp_path, "a", "A"), base=None, store=st).tag("x")
+    assert image.image_id is not None
+    path = tmp_path / "store" / "images" / "sha256" / (image.image_id[7:] + ".json")
+    path.write_bytes(path.read_bytes().replace(b'"host_base":false', b'"host_base":true '))
+    with pytest.raises(ImageNotFoundError, match="corrupt"):
+        Image.load("x", store=st)
+
+
+def test_record_round_trip_and_id_is_content(tmp_path: Path) -> None:
+    st = Store(tmp_path / "store")
+    info = st.add_layer_dir(_layer(tmp_path, "a", "A"))
+    record = ImageRecord(
+        layers=(info.digest,),
+        config=ImageConfig(env=(("A", "1"),), entrypoint=("/bin/sh", "-c")),
+        host_base=True,
+        created="2024-01-01T00:00:00Z",
+        history=(
+            {"created": "2024-01-01T00:00:00Z", "created_by": "x"},
+            History(created_by="ENV", empty_layer=True),
+        ),  # type: ignore[arg-type]
+    )
+    image_id = st.put_image(record)
+    assert image_id == record.id
+    assert st.get_image(image_id) == record
+    assert ImageRecord.from_json(json.loads(record.encode())) == record
+    with pytest.raises(ImageNotFoundError):
+        st.put_image(ImageRecord(layers=("sha256:" + "1" * 64,)))
+    with pytest.raises(InvalidSpecError):
+        ImageRecord(layers=("sha256:../x",))
+
+
+def test_images_on_the_host_base_are_stored_without_the_host(tmp_path: Path) -> None:
+    st = Store(tmp_path / "store")
+    layer = _layer(tmp_path, "a", "from the layer")
+    Image.from_layers(layer, store=st).tag("onhost:1")
+    record = st.resolve("onhost:1")
+    assert record.host_base is True
+    assert len(record.layers) == 1
+    bare = Image.host_base().tag("hostonly", store=st)
+    assert st.resolve("hostonly").layers == ()
+    assert bare.host is True
+    loaded = Image.load("onhost:1", store=st)
+    assert loaded.host is True
+    with Sandbox() as sb:
+        r = sb.run(["sh", "-c", "cat /a.txt; test -x /usr/bin/env && echo host"], image=loaded)
+    assert r.stdout == b"from the layerhost\n"
+
+
+def test_default_store_is_under_the_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_sandbox import runtime
+
+    monkeypatch.setattr(runtime, "_config", runtime.RuntimeConfig(data_root=str(tmp_path / "data")))
+    assert Store.default().root == str(tmp_path / "data" / "store")
+    image = Image.from_layers(_layer(tmp_path, "a", "A"), base=None).tag("indefault")
+    assert image.store == Store(tmp_path / "data" / "store")
+    assert Image.load("indefault").image_id == image.image_id
+
+
+def test_open_layer_tar_is_the_digested_tar(tmp_path: Path) -> None:
+    st = Store(tmp_path / "store")
+    info = st.add_layer_dir(_rich_tree(tmp_path / "src"))
+    with st.open_layer_tar(info.digest) as f:
+        data = f.read()
+    import hashlib
+
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == info.digest
+    other = Store(tmp_path / "other")
+    with st.open_layer_tar(info.digest) as f:
+        again = other.add_layer_tar(f, expected_diff_id=info.digest)
+    assert again.digest == info.digest
+    with st.open_layer_tar(info.digest) as f, pytest.raises(InvalidSpecError, match="mismatch"):
+        Store(tmp_path / "third").add_layer_tar(f, expected_diff_id="sha256:" + "0" * 64)
+    assert os.listdir(tmp_path / "third" / "layers" / "sha256") == []
+
+
+# -- two processes, one build ------------------------------------------------------------------
+
+_WORKER = textwrap.dedent(
+    """
+    import os, sys, time
+    from pytest_sandbox import Image
+    from pytest_sandbox.images.store import Store
+    store, layer, gate = sys.argv[1:4]
+    while not os.path.exists(gate):
+        time.sleep(0.001)
+    image = (
+        Image.from_layers(layer, base=None, store=Store(store))
+        .run(["sh", "-c", "sleep 0.3; cat /proc/sys/kernel/random/uuid > /built-by"])
+        .tag("raced:1")
+    )
+    print(image.image_id)
+    """
+)
+
+
+def test_two_processes_build_the_same_image_once(tmp_path: Path, busybox_layer: Path) -> None:
+    """As two xdist workers would: both start at once; the step runs once, both get one image."""
+    gate = tmp_path / "gate"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(tmp_path / "store"), str(busybox_layer), str(gate)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    gate.write_text("")
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+        outs.append(out.decode().strip())
+    assert outs[0] == outs[1]
+    st = Store(tmp_path / "store")
+    assert len(st.images()) == 2  # the base and the built image: built once
+    assert len(os.listdir(tmp_path / "store" / "layers" / "sha256")) == 2
+    assert Path(Image.load("raced:1", store=st).layers[-1], "built-by").read_text().count("-") == 4
+
+
+# -- crash safety, privacy, error paths -----------------------------------------------------------
+
+_CRASHER = textwrap.dedent(
+    """
+    import os, sys
+    from pytest_sandbox import Image
+    from pytest_sandbox.images.store import Store
+    store, layer, where = sys.argv[1:4]
+    st = Store(store)
+    image = Image.from_layers(layer, base=None, store=st)
+    if where == "refs.json":
+        image = image.save()  # the layer and the record are stored; the tag's write will die
+    real_rename = os.rename
+
+    def die_before_rename(src, dst, *args, **kwargs):
+        if where in str(dst):
+            os._exit(9)  # as a SIGKILL would: no finally, no cleanup
+        return real_rename(src, dst, *args, **kwargs)
+
+    os.rename = die_before_rename
+    if where == "refs.json":
+        st.tag("crashed:1", image.image_id)
+    else:
+        st.add_layer_dir(layer)
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["refs.json", "layers/sha256"])
+def test_a_crash_mid_write_leaves_nothing_visible_and_is_swept(tmp_path: Path, where: str) -> None:
+    """A process dies between writing and renaming: nothing half-made is visible, and the next
+    user of the store removes its leftovers (they are in its owner directory, not loose)."""
+    layer = _layer(tmp_path, "a", "A" * 100_000)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    root = tmp_path / "store"
+    p = subprocess.run([sys.executable, "-c", _CRASHER, str(root), str(layer), where], check=False, env=env)
+    assert p.returncode == 9
+    leftovers = [q for q in (root / "tmp").rglob("*") if not q.is_dir()]
+    assert leftovers, "the crash should have left its work in tmp/"
+    st = Store(root)
+    assert st.refs() == {}
+    if where != "refs.json":
+        assert os.listdir(root / "layers" / "sha256") == []
+    st.images()  # any use of the store sweeps the dead owner's work
+    st.add_layer_dir(_layer(tmp_path, "b", "B"))
+    assert [q.name for q in (root / "tmp").iterdir()] == [naming.owner_tag()]
+    assert [q for q in (root / "tmp").rglob("*") if not q.is_dir()] == []
+
+
+def test_a_live_owners_work_is_never_swept(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        work = tmp_path / "store" / "tmp" / naming.owner_tag(sleeper.pid) / "tmpwork"
+        work.mkdir(parents=True)
+        (work / "half").write_text("in progress")
+        Store(tmp_path / "store").add_layer_dir(_layer(tmp_path, "a", "A"))
+        assert (work / "half").read_text() == "in progress"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    Store(tmp_path / "store").add_layer_dir(_layer(tmp_path, "b", "B"))
+    assert not work.parent.exists()  # its owner is dead now
+
+
+def test_the_store_is_private_to_its_owner(tmp_path: Path) -> None:
+    """Layers hold setuid-root programs: another host user must not reach them, even with the data
+    root in a world-readable place (and a store root made 0755 earlier is tightened)."""
+    public = Path(tempfile.mkdtemp(prefix="psbx-test-public-", dir="/tmp"))
+    try:
+        os.chmod(public, 0o755)
+        (public / "store").mkdir(mode=0o755)
+        st = Store(public / "store")
+        info = st.add_layer_dir(_rich_tree(tmp_path / "src"))
+        tool = Path(st.layer_path(info.digest), "bin", "tool")
+        assert os.stat(tool).st_mode & 0o4000
+        assert stat.S_IMODE(os.stat(public / "store").st_mode) == 0o700
+        other = subprocess.run(["test", "-x", str(tool)], check=False, user=65534, group=65534)
+        assert other.returncode != 0  # nobody cannot even see it
+    finally:
+        shutil.rmtree(public)
+
+
+def test_copy_tree_errors_leak_no_fd(tmp_path: Path) -> None:
+    src = _rich_tree(tmp_path / "src")
+    (tmp_path / "exists").mkdir()
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileExistsError):
+        store_mod.copy_tree(str(src), str(tmp_path / "exists"))
+    os.mknod(src / "etc" / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    with pytest.raises(InvalidSpecError, match="device node"):
+        store_mod.copy_tree(str(src), str(tmp_path / "dest"))  # refused deep in the walk
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+@pytest.mark.parametrize("xattr", ["trusted.overlay.metacopy", "trusted.overlay.redirect"])
+def test_overlay_entries_that_need_their_lower_layers_are_refused(tmp_path: Path, xattr: str) -> None:
+    """A metacopy file has no data of its own, a redirected directory no contents: copied without
+    the mark, they would be stored silently wrong."""
+    src = _layer(tmp_path, "a", "")
+    os.setxattr(src / "a.txt", xattr, b"" if xattr.endswith("metacopy") else b"/elsewhere")
+    st = Store(tmp_path / "store")
+    with pytest.raises(InvalidSpecError, match=re.escape(xattr)) as err:
+        st.add_layer_dir(src)
+    assert "metacopy=off" in err.value.hint
+    assert os.listdir(tmp_path / "store" / "layers" / "sha256") == []
+
+
+def test_a_tag_never_names_an_image_removed_meanwhile(tmp_path: Path) -> None:
+    """tag() checks the record under the store lock that remove() and prune() hold to delete it."""
+    st = Store(tmp_path / "store")
+    image = Image.from_layers(_layer(tmp_path, "a", "A"), base=None, store=st).save()
+    assert image.image_id is not None
+    errors: list[BaseException] = []
+
+    def tag() -> None:
+        try:
+            st.tag("late:1", image.image_id)  # type: ignore[arg-type]
+        except ImageNotFoundError as e:
+            errors.append(e)
+
+    with st._lock():  # as remove() does: the tagger waits for the lock ...
+        tagger = threading.Thread(target=tag)
+        tagger.start()
+        time.sleep(0.3)
+        os.unlink(tmp_path / "store" / "images" / "sha256" / (image.image_id[7:] + ".json"))
+    tagger.join(10)
+    assert st.refs() == {}  # ... and then finds the record gone
+    assert len(errors) == 1
+
+
+def test_two_pulls_of_one_layer_extract_it_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = Store(tmp_path / "src")
+    info = src.add_layer_dir(_rich_tree(tmp_path / "tree"))
+    with src.open_layer_tar(info.digest) as f:
+        data = f.read()
+    calls = []
+    real = layertar.extract_layer_tar
+
+    def slow_extract(stream: BinaryIO, dest: str) -> layertar.LayerDigest:
+        calls.append(dest)
+        time.sleep(0.3)  # both workers are inside add_layer_tar at once
+        return real(stream, dest)
+
+    monkeypatch.setattr(layertar, "extract_layer_tar", slow_extract)
+    dst = tmp_path / "dst"
+    got: list[str] = []
+
+    def pull() -> None:
+        got.append(Store(dst).add_layer_tar(io.BytesIO(data), expected_diff_id=info.digest).digest)
+
+    workers = [threading.Thread(target=pull) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    assert got == [info.digest, info.digest]
+    assert len(calls) == 1
