@@ -51,68 +51,14 @@ class Limits:
         pids: object = None,
     ) -> Limits:
         """Validate the user's words; raise :class:`InvalidSpecError` naming the bad value."""
-        mem = None
-        if memory is not None:
-            mem = parse_size(memory, what="memory")
-            if mem == 0:
-                raise InvalidSpecError("memory=0: 0 is not a limit; leave memory unset for no limit")
-            if mem < MIN_MEMORY:
-                raise InvalidSpecError(
-                    f"memory={memory!r}: minimum memory limit allowed is {format_size(MIN_MEMORY)} "
-                    "(the container's init and the command's loader need it)"
-                )
-        swap = None
-        if memory_swap is not None:
-            if mem is None:
-                raise InvalidSpecError(
-                    f"memory_swap={memory_swap!r}: set memory too; "
-                    "memory_swap is the total of memory and swap"
-                )
-            if memory_swap in (-1, "-1"):
-                swap = UNLIMITED
-            else:
-                swap = parse_size(memory_swap, what="memory_swap")
-                if swap < mem:
-                    raise InvalidSpecError(
-                        f"memory_swap={memory_swap!r}: must be at least memory={memory!r} "
-                        "(it is the total of memory and swap); use -1 for unlimited swap"
-                    )
-        elif mem is not None:
-            swap = mem  # swap off by default: OOM is deterministic
-        quota = None
-        if cpus is not None:
-            n = parse_cpus(cpus, online=len(online_cpus()))
-            quota = max(1000, round(n * CPU_PERIOD_US))
-        shares = None
-        if cpu_shares is not None:
-            if (
-                isinstance(cpu_shares, bool)
-                or not isinstance(cpu_shares, int)
-                or not MIN_CPU_SHARES <= cpu_shares <= MAX_CPU_SHARES
-            ):
-                raise InvalidSpecError(
-                    f"cpu_shares={cpu_shares!r}: expected an int from {MIN_CPU_SHARES} to {MAX_CPU_SHARES} "
-                    "(1024 is the default weight)"
-                )
-            shares = cpu_shares
-        cpus_set = None
-        if cpuset is not None:
-            cpus_set = parse_cpuset(cpuset, online=online_cpus())
-        npids = None
-        if pids is not None:
-            if isinstance(pids, bool) or not isinstance(pids, int) or pids < MIN_PIDS:
-                raise InvalidSpecError(
-                    f"pids={pids!r}: expected an int of at least {MIN_PIDS} (the container's init counts as "
-                    "one task); leave pids unset for no limit"
-                )
-            npids = pids
+        mem = None if memory is None else _parse_memory(memory)
         return cls(
             memory=mem,
-            memory_swap=swap,
-            cpu_quota_us=quota,
-            cpu_shares=shares,
-            cpuset=cpus_set,
-            pids=npids,
+            memory_swap=_parse_memory_swap(memory_swap, mem, memory),
+            cpu_quota_us=None if cpus is None else _parse_cpu_quota(cpus),
+            cpu_shares=None if cpu_shares is None else _parse_cpu_shares(cpu_shares),
+            cpuset=None if cpuset is None else parse_cpuset(cpuset, online=online_cpus()),
+            pids=None if pids is None else _parse_pids(pids),
         )
 
     @property
@@ -141,3 +87,61 @@ class Limits:
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Limits:
         return cls(**data)
+
+
+def _parse_memory(memory: object) -> int:
+    mem = parse_size(memory, what="memory")
+    if mem == 0:
+        raise InvalidSpecError("memory=0: 0 is not a limit; leave memory unset for no limit")
+    if mem < MIN_MEMORY:
+        raise InvalidSpecError(
+            f"memory={memory!r}: minimum memory limit allowed is {format_size(MIN_MEMORY)} "
+            "(the container's init and the command's loader need it)"
+        )
+    return mem
+
+
+def _parse_memory_swap(memory_swap: object, mem: int | None, memory: object) -> int | None:
+    """Docker's memory + swap total; ``memory`` is the user's word, ``mem`` its bytes."""
+    if memory_swap is None:
+        return mem  # swap off by default: OOM is deterministic (None when memory is unset too)
+    if mem is None:
+        raise InvalidSpecError(
+            f"memory_swap={memory_swap!r}: set memory too; memory_swap is the total of memory and swap"
+        )
+    if memory_swap in (-1, "-1"):
+        return UNLIMITED
+    swap = parse_size(memory_swap, what="memory_swap")
+    if swap < mem:
+        raise InvalidSpecError(
+            f"memory_swap={memory_swap!r}: must be at least memory={memory!r} "
+            "(it is the total of memory and swap); use -1 for unlimited swap"
+        )
+    return swap
+
+
+def _parse_cpu_quota(cpus: object) -> int:
+    n = parse_cpus(cpus, online=len(online_cpus()))
+    return max(1000, round(n * CPU_PERIOD_US))
+
+
+def _parse_cpu_shares(cpu_shares: object) -> int:
+    if (
+        isinstance(cpu_shares, bool)
+        or not isinstance(cpu_shares, int)
+        or not MIN_CPU_SHARES <= cpu_shares <= MAX_CPU_SHARES
+    ):
+        raise InvalidSpecError(
+            f"cpu_shares={cpu_shares!r}: expected an int from {MIN_CPU_SHARES} to {MAX_CPU_SHARES} "
+            "(1024 is the default weight)"
+        )
+    return cpu_shares
+
+
+def _parse_pids(pids: object) -> int:
+    if isinstance(pids, bool) or not isinstance(pids, int) or pids < MIN_PIDS:
+        raise InvalidSpecError(
+            f"pids={pids!r}: expected an int of at least {MIN_PIDS} (the container's init counts as "
+            "one task); leave pids unset for no limit"
+        )
+    return pids

@@ -258,46 +258,52 @@ def parse_mounts(mounts: object) -> tuple[BindMount, ...]:
     """``{host: container}``, ``{host: (container, "ro")}``, ``["host:container[:ro]"]`` or BindMounts."""
     if mounts is None:
         return ()
-    items: list[tuple[object, object, object]] = []
-    if isinstance(mounts, Mapping):
-        for src, dst in mounts.items():
-            if isinstance(dst, (tuple, list)) and len(dst) == 2:
-                items.append((src, dst[0], dst[1]))
-            else:
-                items.append((src, dst, "rw"))
-    elif isinstance(mounts, Iterable) and not isinstance(mounts, (str, bytes)):
-        for m in mounts:
-            if isinstance(m, BindMount):
-                items.append((m.source, m.target, "ro" if m.read_only else "rw"))
-            elif isinstance(m, str):
-                parts = m.split(":")
-                if len(parts) not in (2, 3):
-                    raise InvalidSpecError(f"mounts: {m!r}: expected 'host_path:container_path[:ro|rw]'")
-                items.append((parts[0], parts[1], parts[2] if len(parts) == 3 else "rw"))
-            else:
-                raise InvalidSpecError(f"mounts: {m!r}: expected 'host:container[:ro]' or a BindMount")
-    else:
-        raise InvalidSpecError(f"mounts={mounts!r}: expected a mapping of host paths to container paths")
     out = []
     targets = set()
-    for given, dst, mode in items:
-        if mode not in ("ro", "rw"):
-            raise InvalidSpecError(f"mounts: mode {mode!r} for {given!r}: expected 'ro' or 'rw'")
-        src = os.fspath(given) if isinstance(given, os.PathLike) else given
-        if not isinstance(src, str) or not os.path.isabs(src):
-            raise InvalidSpecError(f"mounts: source {src!r} must be an absolute host path")
-        if not os.path.exists(src):
-            raise InvalidSpecError(f"mounts: source {src!r} does not exist on the host")
-        target = container_path(dst, what=f"mounts[{src!r}]")
-        if target == "/":
-            raise InvalidSpecError(
-                f"mounts: cannot mount {src!r} over the container's root; use an image layer"
-            )
-        if target in targets:
-            raise InvalidSpecError(f"mounts: two mounts target {target!r}")
-        targets.add(target)
-        out.append(BindMount(os.path.realpath(src), target, mode == "ro"))
+    for given, dst, mode in _mount_items(mounts):
+        mount = _bind_mount(given, dst, mode)
+        if mount.target in targets:
+            raise InvalidSpecError(f"mounts: two mounts target {mount.target!r}")
+        targets.add(mount.target)
+        out.append(mount)
     return tuple(out)
+
+
+def _mount_items(mounts: object) -> list[tuple[object, object, object]]:
+    """Each accepted shape of ``mounts`` as (source, target, mode) triples, not yet checked."""
+    if isinstance(mounts, Mapping):
+        return [
+            (src, dst[0], dst[1]) if isinstance(dst, (tuple, list)) and len(dst) == 2 else (src, dst, "rw")
+            for src, dst in mounts.items()
+        ]
+    if isinstance(mounts, Iterable) and not isinstance(mounts, (str, bytes)):
+        return [_mount_item(m) for m in mounts]
+    raise InvalidSpecError(f"mounts={mounts!r}: expected a mapping of host paths to container paths")
+
+
+def _mount_item(m: object) -> tuple[object, object, object]:
+    if isinstance(m, BindMount):
+        return (m.source, m.target, "ro" if m.read_only else "rw")
+    if isinstance(m, str):
+        parts = m.split(":")
+        if len(parts) not in (2, 3):
+            raise InvalidSpecError(f"mounts: {m!r}: expected 'host_path:container_path[:ro|rw]'")
+        return (parts[0], parts[1], parts[2] if len(parts) == 3 else "rw")
+    raise InvalidSpecError(f"mounts: {m!r}: expected 'host:container[:ro]' or a BindMount")
+
+
+def _bind_mount(given: object, dst: object, mode: object) -> BindMount:
+    if mode not in ("ro", "rw"):
+        raise InvalidSpecError(f"mounts: mode {mode!r} for {given!r}: expected 'ro' or 'rw'")
+    src = os.fspath(given) if isinstance(given, os.PathLike) else given
+    if not isinstance(src, str) or not os.path.isabs(src):
+        raise InvalidSpecError(f"mounts: source {src!r} must be an absolute host path")
+    if not os.path.exists(src):
+        raise InvalidSpecError(f"mounts: source {src!r} does not exist on the host")
+    target = container_path(dst, what=f"mounts[{src!r}]")
+    if target == "/":
+        raise InvalidSpecError(f"mounts: cannot mount {src!r} over the container's root; use an image layer")
+    return BindMount(os.path.realpath(src), target, mode == "ro")
 
 
 def parse_tmpfs(tmpfs: object) -> tuple[TmpfsMount, ...]:

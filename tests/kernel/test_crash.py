@@ -282,6 +282,35 @@ def _remove_fake_groups(groups: list[str]) -> None:
             os.rmdir(group)
 
 
+def _fake_crashed_state_dirs(tmpdir: Path, owners: tuple[str, ...]) -> None:
+    """The state dirs a crashed run leaves: a container's overlay work dir and a launcher log."""
+    for name in owners:
+        work = tmpdir / name / "c-0123456789ab" / "work" / "work"
+        work.mkdir(parents=True)
+        work.chmod(0)  # what overlayfs leaves: d---------
+        (tmpdir / name / "launcher.log").write_text("crashed\n")
+
+
+def _leave_in_containers(pid: int, owner_groups: list[str]) -> None:
+    """A process the crashed run left behind, in its container's leaf in every hierarchy."""
+    for group in owner_groups:
+        Path(group, "psbx-c-0123456789ab", "cgroup.procs").write_text(str(pid))
+
+
+def _run_one_container_session(project: Path, tmpdir: Path) -> None:
+    """A whole pytest session that starts one container: its start sweeps what dead owners left."""
+    write_child_project(project, {"test_one.py": ONE_CONTAINER})
+    nxt = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_one.py"],
+        cwd=project,
+        env=child_env(tmpdir),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert nxt.returncode == 0, nxt.stdout.decode() + nxt.stderr.decode()
+
+
 def test_next_session_sweeps_dead_owners_and_spares_live_ones(tmp_path: Path, children: Children) -> None:
     """A crashed run's state dir and cgroup group (owner pid dead, or pid reused with another start
     time) are removed by the next session's start -- a leftover process in them killed -- while a
@@ -302,11 +331,7 @@ def test_next_session_sweeps_dead_owners_and_spares_live_ones(tmp_path: Path, ch
     dead = f"psbx-{_dead_pid()}-4242"
     reused = f"psbx-{os.getpid()}-{(process_start_time(os.getpid()) or 0) + 1}"  # our pid, another start
     assert reused != owner_tag()
-    for name in (dead, reused):
-        work = tmpdir / name / "c-0123456789ab" / "work" / "work"
-        work.mkdir(parents=True)
-        work.chmod(0)  # what overlayfs leaves: d---------
-        (tmpdir / name / "launcher.log").write_text("crashed\n")
+    _fake_crashed_state_dirs(tmpdir, (dead, reused))
     groups: list[str] = []
     leftover: subprocess.Popen[bytes] | None = None
     try:
@@ -314,24 +339,11 @@ def test_next_session_sweeps_dead_owners_and_spares_live_ones(tmp_path: Path, ch
             assert live_cgroups
             groups = _make_fake_owner_cgroups(dead, live_cgroups)
             groups += _make_fake_owner_cgroups(reused, live_cgroups)
-            # A process the crashed run left behind, in its container's leaf in every hierarchy.
             leftover = subprocess.Popen(["sleep", "1000"])
-            for group in groups:
-                if os.path.basename(group) == dead:
-                    Path(group, "psbx-c-0123456789ab", "cgroup.procs").write_text(str(leftover.pid))
+            _leave_in_containers(leftover.pid, [g for g in groups if os.path.basename(g) == dead])
         leftover_proc = ident(leftover.pid) if leftover else None
 
-        sweeper_dir = tmp_path / "next"
-        write_child_project(sweeper_dir, {"test_one.py": ONE_CONTAINER})
-        nxt = subprocess.run(
-            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_one.py"],
-            cwd=sweeper_dir,
-            env=child_env(tmpdir),
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        assert nxt.returncode == 0, nxt.stdout.decode() + nxt.stderr.decode()
+        _run_one_container_session(tmp_path / "next", tmpdir)
 
         assert state_dirs(tmpdir) == [live_owner], "the sweep missed a dead owner or removed the live one"
         assert not [g for g in groups if os.path.exists(g)], "dead owners' cgroup groups were not swept"
