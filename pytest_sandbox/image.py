@@ -20,14 +20,19 @@ import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .core.errors import InvalidSpecError, LayerNotADirectoryError, LayerNotFoundError, LayerPermissionError
+
+# The model types live in the pure core; re-exported here, where users have always found them.
+from .core.imagemodel import History, ImageConfig, ImageRecord
 from .core.spec import OverlaySpec
 from .host.hostbase import HostLayout
 
 if TYPE_CHECKING:
-    from .images.store import ImageRecord, Store
+    from .images.store import Store
+
+__all__ = ["DEFAULT_BASE", "History", "Image", "ImageConfig", "PathLike", "check_layer"]
 
 PathLike = str | os.PathLike[str]
 
@@ -38,43 +43,6 @@ class _Default:
 
 
 DEFAULT_BASE = _Default()
-
-
-@dataclass(frozen=True)
-class ImageConfig:
-    """What an image says about how to run it (OCI config's Env, WorkingDir, User, Cmd, Entrypoint).
-
-    The options of run()/start() override it: ``env`` key by key, ``workdir`` and ``user`` whole.
-    """
-
-    env: tuple[tuple[str, str], ...] = ()
-    workdir: str | None = None
-    user: str | None = None
-    cmd: tuple[str, ...] = ()
-    entrypoint: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class History:
-    """One build step of an image (OCI config ``history``); ``empty_layer`` for config-only steps."""
-
-    created: str = ""
-    created_by: str = ""
-    empty_layer: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"created": self.created, "created_by": self.created_by}
-        if self.empty_layer:
-            data["empty_layer"] = True
-        return data
-
-    @classmethod
-    def from_json(cls, data: Any) -> History:
-        if not isinstance(data, dict):
-            raise InvalidSpecError(f"history entry {data!r}: expected a mapping")
-        return cls(
-            str(data.get("created") or ""), str(data.get("created_by") or ""), bool(data.get("empty_layer"))
-        )
 
 
 @dataclass(frozen=True)

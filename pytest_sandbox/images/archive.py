@@ -44,11 +44,11 @@ from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Protocol
 
 from ..core.errors import InvalidSpecError, LayerTarError
+from ..core.imagemodel import History, ImageConfig, ImageRecord
 from ..core.reference import Reference, is_digest, parse_reference
-from ..image import History, ImageConfig
 from .layertar import HashingWriter as _HashingWriter
 from .layertar import tar_files
-from .store import ImageRecord, Store
+from .store import Store
 
 # Media types (OCI image-spec and Docker's image manifest v2 schema 2), public for registry.py.
 MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -43,7 +43,6 @@ import os
 import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO
 
 from filelock import FileLock
@@ -56,14 +55,32 @@ from ..core.errors import (
     LayerNotFoundError,
     LayerTarError,
 )
+
+# The records live in the pure core (the store, the archives and Image share them); the store
+# re-exports them as its vocabulary.
+from ..core.imagemodel import ImageRecord, LayerInfo, StoredImage, canonical_json
 from ..core.reference import Reference, is_digest, parse_digest, parse_reference
 from ..host.cleanup import remove_tree
-from ..image import History, ImageConfig
+
+__all__ = [
+    "OVERFLOW_ID",
+    "IdMap",
+    "ImageRecord",
+    "LayerInfo",
+    "Store",
+    "StoredImage",
+    "copy_file_at",
+    "copy_tree",
+    "file_snapshot",
+    "now_rfc3339",
+    "shift_ids",
+    "stat_snapshot",
+    "write_atomic",
+]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _KEEP_OVERLAY_XATTRS = frozenset({"trusted.overlay.opaque"})
 _REFUSED_OVERLAY_XATTRS = frozenset({"trusted.overlay.metacopy", "trusted.overlay.redirect"})
-RECORD_SCHEMA = 1
 
 
 def now_rfc3339() -> str:
@@ -72,112 +89,6 @@ def now_rfc3339() -> str:
 
 def _sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-# -- records -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One stored layer: its digest (diff_id), where its directory is, and its metadata."""
-
-    digest: str
-    path: str
-    parent: str | None = None
-    created: str = ""
-    created_by: str = ""
-    size: int = 0
-    tar_digest: str = ""  # the diff_id of the tar we write for it (see Store.tar_digest)
-
-
-def config_to_json(config: ImageConfig) -> dict[str, Any]:
-    return {
-        "env": [[k, v] for k, v in config.env],
-        "workdir": config.workdir,
-        "user": config.user,
-        "cmd": list(config.cmd),
-        "entrypoint": list(config.entrypoint),
-    }
-
-
-def config_from_json(data: Mapping[str, Any]) -> ImageConfig:
-    return ImageConfig(
-        env=tuple((str(k), str(v)) for k, v in data.get("env") or ()),
-        workdir=data.get("workdir") or None,
-        user=data.get("user") or None,
-        cmd=tuple(str(x) for x in data.get("cmd") or ()),
-        entrypoint=tuple(str(x) for x in data.get("entrypoint") or ()),
-    )
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """An image as the store keeps it: layer digests (bottom first), config, base, history.
-
-    ``history`` may be given as dicts ``{created, created_by[, empty_layer]}``; entries that are
-    not ``empty_layer`` match the layers one to one, bottom first.  ``parent`` is the image a
-    build step or commit started from (kept so ``prune`` keeps the ancestors of tagged images).
-    """
-
-    layers: tuple[str, ...] = ()
-    config: ImageConfig = field(default_factory=ImageConfig)
-    host_base: bool = False
-    created: str = ""
-    history: tuple[History, ...] = ()
-    parent: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(parse_digest(d, what="layer") for d in self.layers))
-        object.__setattr__(
-            self,
-            "history",
-            tuple(h if isinstance(h, History) else History.from_json(h) for h in self.history),
-        )
-        if self.parent is not None:
-            parse_digest(self.parent, what="parent image")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": RECORD_SCHEMA,
-            "layers": list(self.layers),
-            "config": config_to_json(self.config),
-            "host_base": self.host_base,
-            "created": self.created,
-            "history": [h.to_json() for h in self.history],
-            "parent": self.parent,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ImageRecord:
-        return cls(
-            layers=tuple(data.get("layers") or ()),
-            config=config_from_json(data.get("config") or {}),
-            host_base=bool(data.get("host_base")),
-            created=str(data.get("created") or ""),
-            history=tuple(History.from_json(h) for h in data.get("history") or ()),
-            parent=data.get("parent") or None,
-        )
-
-    def encode(self) -> bytes:
-        return _canonical(self.to_json())
-
-    @property
-    def id(self) -> str:
-        """The image id: ``sha256:`` of the record's canonical JSON."""
-        return "sha256:" + _sha256_hex(self.encode())
-
-
-@dataclass(frozen=True)
-class StoredImage:
-    """An entry of :meth:`Store.images`: the image id, its record and the tags naming it."""
-
-    id: str
-    record: ImageRecord
-    refs: tuple[str, ...]
 
 
 # -- stat snapshots ------------------------------------------------------------------------
@@ -643,7 +554,7 @@ class Store:
             if tar_digest is not None and tar_digest != digest:
                 meta["tar_digest"] = tar_digest
             with open(os.path.join(tmp, "meta.json"), "wb") as f:
-                f.write(_canonical(meta))
+                f.write(canonical_json(meta))
             os.chmod(tmp, 0o755)
             try:
                 os.rename(tmp, final)  # tempdir()'s cleanup then finds nothing to remove
@@ -731,7 +642,7 @@ class Store:
 
     def _dir_cache_put(self, key: str, snap: str, digest: str) -> None:
         self._write_atomic(
-            self._dir_cache_path(key), _canonical({"key": key, "snapshot": snap, "digest": digest})
+            self._dir_cache_path(key), canonical_json({"key": key, "snapshot": snap, "digest": digest})
         )
 
     def add_layer_tar(
@@ -1000,7 +911,7 @@ class Store:
 
     @staticmethod
     def build_key(parent: str, step: str, inputs: Sequence[Any]) -> str:
-        return _sha256_hex(_canonical([parent, step, list(inputs)]))
+        return _sha256_hex(canonical_json([parent, step, list(inputs)]))
 
     def _build_path(self, key: str) -> str:
         return self._p("cache", "build", key)
