@@ -4,7 +4,7 @@
 the launcher, cgroup directories of this process, container state directories, host mounts named
 psbx, the interfaces in the session's hub network namespace and its subnet leases, this process's fds
 and threads -- before and after every test, and fails the test on any
-difference (reliability.md section 3.6).  With ``PYTEST_SANDBOX_STRICT=1`` (set by .ci/run), a
+difference.  With ``PYTEST_SANDBOX_STRICT=1`` (set by .ci/run), a
 skipped test is reported as a failure: in CI, as root, every kernel-level test must run.
 """
 

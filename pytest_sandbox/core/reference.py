@@ -10,8 +10,8 @@ The grammar is the distribution project's (``reference/regexp.go``)::
     digest     := "sha256:" 64 lowercase hex digits   (the only algorithm we store)
 
 So ``../x``, ``sha256:../../x``, ``a//b``, ``UPPER`` and the empty string are refused with
-:class:`InvalidSpecError` (reliability.md item 37: identifiers are checked before they become
-paths).  ``str(ref)`` is the normal form: ``name`` becomes ``name:latest``.
+:class:`InvalidSpecError` (identifiers are checked before they become paths).  ``str(ref)`` is the
+normal form: ``name`` becomes ``name:latest``.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from ..core.errors import LayerNotADirectoryError, LayerNotFoundError, SetupErro
 from ..core.spec import BindMount, ContainerSpec, TmpfsMount
 from . import libc
 
-# podman's defaults (containers/common pkg/config/default.go), the list reliability.md checks.
+# podman's defaults (containers/common pkg/config/default.go).
 MASKED_PATHS = (
     "proc/acpi",
     "proc/kcore",

@@ -6,7 +6,7 @@ The upstream socket is *created* inside the container's network namespace (on ``
 :mod:`pytest_sandbox.net.netthread`), so no route, bridge address or firewall rule on the host is
 needed, nothing of ours is visible in the host's namespace, and every xdist worker gets its own
 ports from the kernel (bind to port 0).  Only the published port is reachable from the host; the
-container still cannot reach the host (reliability.md item 20: no ``route_localnet``).
+container still cannot reach the host (no ``route_localnet``: CVE-2020-8558).
 """
 
 from __future__ import annotations

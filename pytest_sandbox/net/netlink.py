@@ -5,7 +5,7 @@ that make a network).  Everything here runs on ``psbx-net`` (:mod:`pytest_sandbo
 pyroute2 0.9 opens one netlink socket per *thread* per object, in the namespace the thread is in
 at that moment, so each object is made and used on that one thread, in a known namespace.
 
-Layout (DESIGN.md "Networks"): no object of ours is in the host's namespace.
+Layout (docs/architecture.md, "Networks"): no object of ours is in the host's namespace.
 
 * The **hub** is a network namespace this process creates and holds by fd only (never a bind
   mount under /run/netns): when the process dies, even by SIGKILL, the kernel frees it and every
@@ -81,8 +81,13 @@ def _write_sysctls(pairs: Sequence[tuple[str, str]]) -> None:
 
 
 def _ipr() -> IPRoute:
-    from pyroute2 import IPRoute
-
+    try:
+        from pyroute2 import IPRoute
+    except ImportError as e:  # a dependency of the package; missing only from a broken install
+        raise NetworkError(
+            f"private networks need the pyroute2 package, which cannot be imported ({e})",
+            hint="pip install pyroute2 (it is a dependency of pytest-sandbox: reinstall it)",
+        ) from e
     return IPRoute()
 
 

@@ -1,4 +1,4 @@
-"""Bad input is refused before anything exists (reliability.md section 4, checklist items 39-42).
+"""Bad input is refused before anything exists.
 
 Every value in :data:`CASES` must make ``sandbox.run`` *and* ``sandbox.start`` raise the typed
 error -- which is also the builtin a caller would catch (ValueError, FileNotFoundError,

@@ -8,7 +8,7 @@ report file) while it still runs, none of which pytester offers.
 
 The private TMPDIR matters: the child's state directory ``$TMPDIR/psbx-<pid>-<start>`` is then
 invisible to every other session's sweeper, so if it disappears, the child's own launcher removed
-it.  reliability.md section 3 and checklist items 24-26.
+it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fault injection at every step of a container's setup, on the real kernel (reliability.md item 27).
+"""Fault injection at every step of a container's setup, on the real kernel.
 
 bubblewrap's way: ``strace -e inject=SYSCALL:error=ERRNO:when=N`` makes one syscall fail in the
 processes that build a container, and each test checks what the user sees and what is left:

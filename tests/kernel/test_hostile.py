@@ -1,15 +1,15 @@
 """What a hostile (or merely careless) container and image can do to the host: nothing that lasts.
 
-- reliability.md item 28: a container fills its writable layer with what trips up cleanup code --
+- a container fills its writable layer with what trips up cleanup code --
   ``chmod 000`` trees, files of many owners, 10,000 files, 200-deep nesting, hard links, fifos,
   sockets, setuid/sticky/mode-0 files, whiteouts and opaque directories over lower layers -- and
   the state directory is still removed completely, with nothing in the launcher's log.
-- item 31: 300 create/destroy cycles leave the pytest process's fds and threads and the launcher's
+- 300 create/destroy cycles leave the pytest process's fds and threads and the launcher's
   fds exactly where they were, and the launcher's RSS within a small tolerance.
-- item 34 (CVE-2019-19921, CVE-2023-27561): an image whose /proc, /dev, /sys or /usr is a symlink
+- (CVE-2019-19921, CVE-2023-27561): an image whose /proc, /dev, /sys or /usr is a symlink
   (absolute into a host canary, relative climbing out, dangling) is refused with a SetupError
   saying it must be an ordinary directory, and the canary does not change by a byte.
-- item 14 (CVE-2019-5736): inside, /proc/<pid>/exe and /proc/<pid>/mem of PID 1 (a fork of the
+- (CVE-2019-5736): inside, /proc/<pid>/exe and /proc/<pid>/mem of PID 1 (a fork of the
   host's Python) cannot be opened for writing, nor PID 1 ptraced, and the host's Python binaries
   keep their sha256.
 """
@@ -44,7 +44,7 @@ def _launcher_log() -> bytes:
         return b""
 
 
-# -- item 28: hostile upper-layer contents --------------------------------------------------------
+# -- hostile upper-layer contents ------------------------------------------------------------------
 
 HOSTILE = r"""
 import fcntl, glob, os, shutil, socket, stat, struct, sys, time
@@ -201,7 +201,7 @@ def test_hostile_upper_layer_is_removed_completely(sandbox: Sandbox) -> None:
     assert b"Traceback" not in log, log.decode(errors="replace")
 
 
-# -- item 31: resource stability ------------------------------------------------------------------
+# -- resource stability ----------------------------------------------------------------------------
 
 
 def _count(path: str) -> int:
@@ -270,7 +270,7 @@ def test_300_cycles_leak_no_fds_threads_or_memory(busybox_image: Image) -> None:
     assert grown < 512, f"the launcher's RSS grew by {grown} KiB over 300 containers"
 
 
-# -- item 34: the rootfs's mount points must be ordinary directories ------------------------------
+# -- the rootfs's mount points must be ordinary directories ----------------------------------------
 
 
 def _snapshot(root: Path) -> list[tuple[Any, ...]]:
@@ -377,7 +377,7 @@ def test_symlinked_etc_gets_the_generated_files_inside(
     assert b"Read-only file system" in r.stderr, r
 
 
-# -- item 14: the host's Python cannot be written or ptraced from inside ---------------------------
+# -- the host's Python cannot be written or ptraced from inside ------------------------------------
 
 PROBE = r"""
 import ctypes, errno, json, os, sys, time

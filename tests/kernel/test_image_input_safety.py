@@ -1,4 +1,4 @@
-"""Hostile layer tars are refused or confined (reliability.md CVE items 12-15, checklist 32-33).
+"""Hostile layer tars are refused or confined.
 
 - CVE-2014-9356 / CVE-2014-6407: ``../``, ``a/../../x``, a symlink then a
   write through it (also 41-deep chains, relative targets, whiteouts and opaque markers through

@@ -1,5 +1,5 @@
 """Isolation, proved against the real kernel: namespaces, pivot_root, /proc, /dev, /sys, masks,
-privileges and fd hygiene (reliability.md section 6, items 1 and 4-15).
+privileges and fd hygiene.
 
 Every test looks at the container from the inside *and* compares with what the host sees, so that
 it fails if the property is broken, not only if a command errors.  The busybox image is used where

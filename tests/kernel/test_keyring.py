@@ -1,4 +1,4 @@
-"""The invoker's keys stay out of containers (reliability.md, "keyring leak"; runc joins a fresh
+"""The invoker's keys stay out of containers (a "keyring leak"; runc joins a fresh
 session keyring for the same reason): neither the command nor an exec can find a key that the
 pytest process holds in its session keyring."""
 

@@ -2,7 +2,7 @@
 
 Each test asks for a limit through the public API, runs something that pushes against it, and
 checks what the kernel recorded (the container's own cgroup accounting), not what pytest_sandbox
-believes it asked for.  reliability.md checklist items 16-19 and 21.
+believes it asked for.
 """
 
 from __future__ import annotations

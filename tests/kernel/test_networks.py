@@ -337,6 +337,24 @@ def test_a_closed_network_cannot_be_joined(sandbox: Sandbox) -> None:
         sandbox.run(["true"], network=net)
 
 
+def test_without_pyroute2_a_network_is_a_network_error() -> None:
+    """pyroute2 is a dependency; a broken install that lacks it gets a NetworkError that says so
+    from sandbox.network(), not a ModuleNotFoundError from the network thread."""
+    code = (
+        "import sys; sys.modules['pyroute2'] = None\n"
+        "from pytest_sandbox import Sandbox\n"
+        "from pytest_sandbox.core.errors import NetworkError\n"
+        "with Sandbox() as sb:\n"
+        "    try:\n"
+        "        sb.network()\n"
+        "    except NetworkError as e:\n"
+        "        print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, check=True)
+    assert b"need the pyroute2 package" in out.stdout, out
+    assert b"pip install pyroute2" in out.stdout, out
+
+
 def test_an_explicit_subnet_and_a_full_one(sandbox: Sandbox) -> None:
     net = sandbox.network(subnet="10.99.7.0/29")  # .1 kept free: .2 - .6 for containers
     assert str(net.subnet) == "10.99.7.0/29"

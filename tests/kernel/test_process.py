@@ -1,9 +1,9 @@
 """The process lifecycle on the real kernel: PID 1, exit codes, signals, stop, exec, timeouts, logs.
 
 Every test starts real containers through the ``sandbox`` fixture (host base image unless noted);
-nothing is mocked.  Covers reliability.md checklist items 2 (reaping and exit status), 3 (signal
-delivery and stop escalation), 40 (command and workdir errors) and 42 (API misuse), plus the
-exec, run(timeout=), input= and readiness-wait contracts.
+nothing is mocked.  Covers reaping and exit status, signal delivery and stop escalation, command
+and workdir errors and API misuse, plus the exec, run(timeout=), input= and readiness-wait
+contracts.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The container's root filesystem against the real kernel: layer stacking, layer immutability,
 per-container upper layers, the host base, bind and tmpfs mounts, read-only roots, and the
-process's env / workdir / user / hostname (reliability.md section 6, items 28-34 where they apply).
+process's env / workdir / user / hostname.
 
 Layers are compared byte for byte (content, mode, owner, times, inode, xattrs) before and after
 containers write to them, so a write that leaked through overlayfs into a lower layer -- or onto
@@ -144,7 +144,7 @@ def test_layer_directories_never_change(sandbox: Sandbox, busybox_layer: Path, t
     layers leave every layer directory identical (content, metadata, inodes, xattrs).
 
     Lower layers are shared by every container of the image (and by xdist workers); one leaked
-    write, whiteout or opaque-dir xattr would corrupt all later tests (reliability.md item 30).
+    write, whiteout or opaque-dir xattr would corrupt all later tests.
     """
     layer = make_layer(
         tmp_path / "layer",

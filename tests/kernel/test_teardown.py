@@ -4,7 +4,7 @@ The workloads here try to outlive their container the ways real programs do: bac
 a ``setsid`` double-forked daemon, processes started by ``exec``, a process hidden in a sub-cgroup
 that is then frozen and locked (``chmod 000``), and commands that ignore SIGTERM.  Survivors are
 looked for on the host by PID namespace and by ``(pid, start time)``, so a recycled pid neither
-passes for a survivor nor hides one.  reliability.md checklist items 22, 23 and 27.
+passes for a survivor nor hides one.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Threads: the API is used from many threads at once, and the pytest process never forks.
 
 pytest processes are multi-threaded (xdist's execnet, user threads), so the runtime forks only in
-its single-threaded launcher.  These tests pin that design (DESIGN.md "How a container is born")
-and reliability.md checklist item 44: concurrent containers from 8 threads, containers outliving
+its single-threaded launcher.  These tests pin that design (docs/architecture.md, "How a container is
+born") and its reliability: concurrent containers from 8 threads, containers outliving
 the thread that started them (the PR_SET_PDEATHSIG pitfall: it fires when the *thread* that
 forked exits), 8 threads racing stop/kill/exec on one container, no fork() in the pytest process
 (so no Python 3.12 "fork() in a multi-threaded process" DeprecationWarning under -W error).

@@ -2,8 +2,7 @@
 
 No kernel, no containers: each test pins one documented semantic (Docker/go-units compatible sizes,
 podman's signal wording, "no swap" by default, minimum memory and pids, 0 is never "unlimited")
-so a change to it fails here first.  Reliability checklist item 39 (size strings) and the
-semantics table of section 4.
+so a change to it fails here first.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ tests that start containers with limits (through the fixture, the marker, thread
 stop).  Every generated test records its worker's pid, owner tag, launcher pid and the host pids of
 its containers; after the run the host is checked for each of them.  Plain subprocess rather than
 ``pytester``: the run needs a private state directory (env) so that what is found afterwards can
-only be this run's.  The thread tests run in-process.  reliability.md checklist items 43-44.
+only be this run's.  The thread tests run in-process.
 """
 
 from __future__ import annotations

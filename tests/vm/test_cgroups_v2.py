@@ -1,6 +1,6 @@
 """cgroup v2 backend on a real unified hierarchy (a small subset: it runs in an emulated VM).
 
-Run it from the host with /work/shared/vmtest/run-in-vm (see that README); on any host that is not
+Run it from the host with .ci/vm-tests, which boots such a VM; on any host that is not
 pure cgroup v2 with root, every test here skips.  Workloads are plain processes forked here.
 """
 
