@@ -1,3 +1,5 @@
+# Long module: the v1 backend's whole contract on the real kernel, over one module-scoped backend
+# and owner group; split, each part would make its own.
 """cgroup backends on the real kernel (v1 hierarchies, as on this host) plus the pure helpers.
 
 The workloads are plain processes this test forks itself (the container runtime is written

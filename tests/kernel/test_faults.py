@@ -1,3 +1,5 @@
+# Long module: the fault matrix injects a fault at each call of the module-scoped reference run,
+# traced by the strace harness defined here; split, each part would trace its own.
 """Fault injection at every step of a container's setup, on the real kernel.
 
 bubblewrap's way: ``strace -e inject=SYSCALL:error=ERRNO:when=N`` makes one syscall fail in the

@@ -1,3 +1,5 @@
+# Long module: every isolation property of a container in one place (namespaces, root
+# filesystem, privileges, fds), so that a missing one shows.
 """Isolation, proved against the real kernel: namespaces, pivot_root, /proc, /dev, /sys, masks,
 privileges and fd hygiene.
 

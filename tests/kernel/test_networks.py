@@ -1,3 +1,5 @@
+# Long module: one subject, private networks, whose tests share the server commands and
+# connect probes defined here; the review section keeps each defect beside its test.
 """Private networks: real bridges and veths in the session's hub namespace, real TCP between
 containers, published ports reached from this process, readiness waits, and isolation.
 

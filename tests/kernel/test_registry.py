@@ -1,3 +1,5 @@
+# Long module: its registries, token server and proxy are module-scoped fixtures; split,
+# each part would start its own.
 """The registry client against real registries (Debian's docker-registry) on loopback.
 
 Protocol tests build their blobs and manifests here; the pull/push tests go through the store.

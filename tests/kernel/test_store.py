@@ -1,3 +1,5 @@
+# Long module: the store's whole contract (references, layers, records and tags, two writers,
+# crash safety) in one place; its sections split off cleanly if it grows further.
 """The local image store: references, layers from directories (copy, digest, stat-snapshot cache),
 image records and tags, prune, atomic xdist-safe writes.  Each test has its own store (tmp_path)."""
 
