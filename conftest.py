@@ -1,129 +1,20 @@
-"""Project-wide test setup: a leak check around every test, and strict skips in CI.
+"""Project-wide test setup, for every tier: strict skips in CI, and the markers.
 
-``leak_check`` (autouse) snapshots what pytest_sandbox may leave on the host -- processes under
-the launcher, cgroup directories of this process, container state directories, host mounts named
-psbx, the interfaces in the session's hub network namespace and its subnet leases, this process's fds
-and threads -- before and after every test, and fails the test on any
-difference.  With ``PYTEST_SANDBOX_STRICT=1`` (set by .ci/run), a
-skipped test is reported as a failure: in CI, as root, every kernel-level test must run.
+With ``PYTEST_SANDBOX_STRICT=1`` (set by .ci/run and .ci/vm-tests), a skipped test is reported as
+a failure: in CI every test of the tier being run must run (as root, every kernel-level test; as
+an unprivileged user, every unit test).  This file needs nothing but pytest: the leak check and the
+busybox fixtures belong to the kernel tiers (tests/kernel_fixtures.py, imported by the conftest.py
+of tests/kernel, tests/vm and examples), never to tests/unit.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-import time
-from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from collections.abc import Generator
 
 import pytest
 
-from pytest_sandbox.core.naming import PROJECT_CGROUP
-from pytest_sandbox.runtime import get_runtime
-from tests.e2e_support import children, comm, descendants
-
 STRICT = os.environ.get("PYTEST_SANDBOX_STRICT") == "1"
-
-
-LAUNCHER_PARTS = ("psbx-cleaner", "psbx-spare")
-
-
-def _is_spare_cgroup(path: str) -> bool:
-    try:
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            pids = [int(x) for x in f.read().split()]
-    except OSError:
-        return False
-    return bool(pids) and all(comm(p) == "psbx-spare" for p in pids)
-
-
-@dataclass(frozen=True)
-class LeakSnapshot:
-    processes: frozenset[str]
-    cgroups: frozenset[str]
-    state: frozenset[str]
-    mounts: frozenset[str]
-    networks: frozenset[str]
-    fds: int
-    threads: frozenset[str]  # "name #n": a second psbx-net (a leaked Networks) counts too
-
-    @classmethod
-    def take(cls) -> LeakSnapshot:
-        rt = get_runtime()
-        # The hub namespace and the psbx-net thread live as long as the session: made before the
-        # first snapshot, so their fds and thread are part of every "before".
-        hub = rt.networks.hub
-        spares = rt.networks.spare_links()  # namespaces made ahead for a network's next start
-        networks = {f"link {n}" for n in hub.link_names() if n != "lo" and n not in spares}
-        networks |= {f"lease {s}" for s in rt.networks.leases.mine()}
-        # Nothing of ours belongs in the host's own namespace at all (not only the hub's).
-        networks |= {f"host link {n}" for n in os.listdir("/sys/class/net") if n.startswith("psbx")}
-        launcher = rt.client.pid
-        procs: set[str] = set()
-        if launcher:
-            # The launcher's long-lived helpers are part of it: the cleaner, and the spare (a
-            # container's first process forked ahead of time, waiting in its own cgroup).
-            procs = {f"{p} {comm(p)}" for p, _ in descendants(launcher) if comm(p) not in LAUNCHER_PARTS}
-        # And this process's own children (a second launcher, a server a test forgot), zombies too.
-        procs |= {f"{p} {comm(p)} (child)" for p in children(os.getpid()) if p != launcher}
-        cgroups: set[str] = set()
-        for root, dirs, _files in _walk_cgroups(rt.owner, rt.config.cgroup_root):
-            cgroups.update(os.path.join(root, d) for d in dirs if not _is_spare_cgroup(os.path.join(root, d)))
-        try:
-            state = {e for e in os.listdir(rt.state_dir) if e != "launcher.log"}
-        except FileNotFoundError:
-            state = set()
-        with open("/proc/self/mountinfo") as f:
-            mounts = {line.split()[4] for line in f if "psbx" in line}
-        names = sorted(t.name for t in threading.enumerate() if t.name != "psbx-launcher-reader")
-        threads = {f"{name} #{names[:i].count(name) + 1}" for i, name in enumerate(names)}
-        fds = set(os.listdir("/proc/self/fd")) - {str(rt.client.fileno())}
-        return cls(
-            frozenset(procs),
-            frozenset(cgroups),
-            frozenset(state),
-            frozenset(mounts),
-            frozenset(networks),
-            len(fds),
-            frozenset(threads),
-        )
-
-    def diff(self, later: LeakSnapshot) -> list[str]:
-        problems = []
-        for name in ("processes", "cgroups", "state", "mounts", "networks", "threads"):
-            extra = getattr(later, name) - getattr(self, name)
-            if extra:
-                problems.append(f"{name} left behind: {sorted(extra)}")
-        if later.fds > self.fds:
-            problems.append(f"file descriptors: {self.fds} before, {later.fds} after")
-        return problems
-
-
-def _walk_cgroups(owner: str, cgroup_root: str) -> Iterator[tuple[str, list[str], list[str]]]:
-    try:
-        hierarchies = os.listdir(cgroup_root)
-    except OSError:
-        return
-    for h in ["", *hierarchies]:
-        group = os.path.join(cgroup_root, h, PROJECT_CGROUP, owner)
-        if os.path.isdir(group):
-            yield from os.walk(group)
-
-
-@pytest.fixture(autouse=True)
-def leak_check(request: pytest.FixtureRequest) -> Generator[None, None, None]:
-    if request.node.get_closest_marker("no_leak_check"):
-        yield
-        return
-    before = LeakSnapshot.take()
-    yield
-    problems: list[str] = []
-    for _ in range(50):  # processes may take a moment to be reaped after a kill
-        problems = before.diff(LeakSnapshot.take())
-        if not problems:
-            return
-        time.sleep(0.02)
-    pytest.fail("leak check: " + "; ".join(problems), pytrace=False)
 
 
 def pytest_configure(config: pytest.Config) -> None:

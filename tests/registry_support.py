@@ -34,7 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pytest_sandbox.image import History, ImageConfig
+from pytest_sandbox.images.registry import RegistrySettings
 from pytest_sandbox.images.store import ImageRecord, Store
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
@@ -408,3 +411,19 @@ def make_image(store: Store, busybox_layer: Path, tmp_path: Path, ref: str) -> I
     )
     store.tag(ref, store.put_image(record))
     return record
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No proxy, mirror, insecure list or Docker credentials from the environment of the test run
+    (autouse in the modules that import it)."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("PYTEST_SANDBOX_INSECURE_REGISTRIES", raising=False)
+    monkeypatch.delenv("PYTEST_SANDBOX_REGISTRY_MIRRORS", raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
+
+
+def insecure(*hosts: str) -> RegistrySettings:
+    """Settings that list ``hosts`` as insecure (plain http), and nothing else."""
+    return RegistrySettings.parse(",".join(hosts))

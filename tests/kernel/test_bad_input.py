@@ -32,7 +32,7 @@ from pytest_sandbox import (
     SandboxError,
     UserNotFoundError,
 )
-from pytest_sandbox.core.errors import CgroupUnavailableError, LauncherError, SetupError, from_wire, to_wire
+from pytest_sandbox.core.errors import SetupError
 from pytest_sandbox.core.naming import PROJECT_CGROUP
 from pytest_sandbox.runtime import Runtime, get_runtime
 
@@ -345,40 +345,3 @@ def test_kernel_side_errors_leave_nothing(
 
 
 # --------------------------------------------------------------------------------- the error tree
-
-
-@pytest.mark.parametrize(
-    ("error", "builtin"),
-    [
-        (InvalidSpecError("x"), ValueError),
-        (LayerNotFoundError("x", path="/l", errno=2), FileNotFoundError),
-        (LayerNotADirectoryError("x", path="/l", errno=20), NotADirectoryError),
-        (CommandNotFoundError("x", call="execve", path="/p", errno=2), FileNotFoundError),
-        (CommandNotExecutableError("x", call="execve", path="/p", errno=13), PermissionError),
-        (UserNotFoundError("x", path="/etc/passwd", errno=2), LookupError),
-        (CgroupUnavailableError("x", hint="delegate it"), OSError),
-        (LauncherError("x"), OSError),
-    ],
-)
-def test_errors_are_builtins_and_cross_the_wire(error: SandboxError, builtin: type[Exception]) -> None:
-    """Each error is also the builtin callers catch, and survives the launcher protocol intact."""
-    assert isinstance(error, builtin)
-    assert isinstance(error, SandboxError)
-    back = from_wire(to_wire(error))
-    assert type(back) is type(error)
-    assert back.message == error.message
-    assert back.hint == error.hint
-    assert getattr(back, "filename", None) == getattr(error, "filename", None)
-
-
-def test_exit_code_conventions() -> None:
-    """Docker's conventions: 125 setup failed, 126 not executable, 127 not found."""
-    assert SetupError("x").exit_code == 125
-    assert CommandNotExecutableError("x").exit_code == 126
-    assert CommandNotFoundError("x").exit_code == 127
-
-
-def test_hint_is_shown() -> None:
-    """A hint is part of the message users see."""
-    shown = str(SetupError("mount failed", hint="enable overlayfs"))
-    assert shown == "mount failed\n  hint: enable overlayfs"

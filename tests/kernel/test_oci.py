@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -28,16 +27,12 @@ from pytest_sandbox import Image, InvalidSpecError, Sandbox
 from pytest_sandbox.core.errors import LayerTarError
 from pytest_sandbox.image import History, ImageConfig
 from pytest_sandbox.images.archive import (
-    Transport,
-    config_from_record,
     export_docker_archive,
     export_image,
     export_oci_layout,
     import_docker_archive,
     import_image,
     import_oci_layout,
-    parse_transport,
-    record_from_config,
 )
 from pytest_sandbox.images.store import ImageRecord, Store
 from tests.layertar_support import tree
@@ -262,57 +257,6 @@ def test_skopeo_copied_layout_with_index_is_imported(
 # -- the pieces -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("oci:/x/layout", Transport("oci", "/x/layout", None)),
-        ("oci:rel/layout:v1.0", Transport("oci", "rel/layout", "v1.0")),
-        ("oci:/l:name:tag", Transport("oci", "/l", "name:tag")),
-        ("docker-archive:/x/a.tar", Transport("docker-archive", "/x/a.tar", None)),
-        ("docker-archive:a.tar:user/app:2", Transport("docker-archive", "a.tar", "user/app:2")),
-    ],
-)
-def test_parse_transport(text: str, expected: Transport) -> None:
-    assert parse_transport(text) == expected
-    assert str(expected) == text
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "",
-        "oci",
-        "oci:",
-        "docker:app",
-        "dir:/x",
-        "oci:/l:../x",
-        "oci:/l:-bad",
-        "docker-archive:a.tar:UP",
-        "oci:\0",
-    ],
-)
-def test_parse_transport_refuses(text: str) -> None:
-    with pytest.raises(InvalidSpecError):
-        parse_transport(text)
-
-
-def test_config_and_record_round_trip() -> None:
-    record = ImageRecord(
-        layers=("sha256:" + "a" * 64, "sha256:" + "b" * 64),
-        config=ImageConfig(
-            env=(("A", "1"), ("B", "x=y")), workdir="/w", user="1000:1000", cmd=("c",), entrypoint=("e", "-x")
-        ),
-        created="2024-01-01T00:00:00Z",
-        history=(History("t", "one"), History("t", "env", True), History("t", "two")),
-    )
-    config = config_from_record(record)
-    assert config["rootfs"] == {"type": "layers", "diff_ids": list(record.layers)}
-    assert config["config"]["Env"] == ["A=1", "B=x=y"]
-    assert config["history"][1] == {"created": "t", "created_by": "env", "empty_layer": True}
-    assert record_from_config(config) == record
-    assert record_from_config(json.loads(json.dumps(config))).id == record.id
-
-
 def test_host_base_images_are_not_exported(store: Store, tmp_path: Path) -> None:
     layer = tmp_path / "l"
     (layer / "etc").mkdir(parents=True)
@@ -323,22 +267,6 @@ def test_host_base_images_are_not_exported(store: Store, tmp_path: Path) -> None
     with pytest.raises(InvalidSpecError, match="host base"):
         export_docker_archive(store, "onhost:1", str(tmp_path / "out.tar"))
     assert not (tmp_path / "out.tar").exists()
-
-
-@pytest.mark.parametrize(
-    ("config", "message"),
-    [
-        ({"rootfs": {"type": "layers", "diff_ids": ["sha256:../../x"]}}, "diff_id"),
-        ({"rootfs": {"type": "layers", "diff_ids": ["sha512:" + "a" * 128]}}, "diff_id"),
-        ({"rootfs": {"type": "other", "diff_ids": []}}, "rootfs"),
-        ({"os": "windows", "rootfs": {"type": "layers", "diff_ids": []}}, "only linux"),
-        ({"rootfs": {"type": "layers", "diff_ids": []}, "config": {"Env": "A=1"}}, "Env"),
-        ({"rootfs": {"type": "layers", "diff_ids": []}, "config": {"Cmd": [1]}}, "Cmd"),
-    ],
-)
-def test_record_from_config_refuses_bad_configs(config: dict[str, object], message: str) -> None:
-    with pytest.raises(InvalidSpecError, match=message):
-        record_from_config(config)
 
 
 # -- progress, and what registry.py reuses ----------------------------------------------------
@@ -404,21 +332,6 @@ def test_import_reports_progress_per_layer(store: Store, tmp_path: Path) -> None
     _check_progress(calls, [f"docker-archive:{tmp_path / 'a.tar.gz'}", *diff_ids])
 
 
-def test_media_types_and_hashing_writer_are_public() -> None:
-    from pytest_sandbox.images import archive as oci
-
-    assert oci.MANIFEST_TYPES == (oci.MEDIA_MANIFEST, oci.DOCKER_MANIFEST)
-    assert oci.INDEX_TYPES == (oci.MEDIA_INDEX, oci.DOCKER_MANIFEST_LIST)
-    assert oci.CONFIG_TYPES == (oci.MEDIA_CONFIG, oci.DOCKER_CONFIG)
-    assert {oci.MEDIA_LAYER_GZIP, oci.DOCKER_LAYER_GZIP, oci.DOCKER_LAYER} <= set(oci.LAYER_TYPES)
-    out = io.BytesIO()
-    sink = oci.HashingWriter(out)
-    sink.write(b"abc")
-    assert out.getvalue() == b"abc"
-    assert sink.digest().diff_id == "sha256:" + hashlib.sha256(b"abc").hexdigest()
-    assert sink.digest().size == 3
-
-
 def test_annotations_that_are_not_an_object_do_not_crash(store: Store, tmp_path: Path) -> None:
     """``"annotations": "x"`` in index.json raised AttributeError; now it is an image without a tag."""
     ref, _ = _small_image(store, tmp_path)
@@ -445,24 +358,6 @@ def test_later_truncated_blob_stores_nothing(store: Store, tmp_path: Path) -> No
         import_image(f"oci:{tmp_path / 'layout'}:v1", "x:1", store=other)
     layers = Path(other.root) / "layers" / "sha256"
     assert not layers.exists() or os.listdir(layers) == []
-
-
-def test_docker_archive_repo_tags_must_be_a_list(tmp_path: Path) -> None:
-    """``"RepoTags": "app:10"`` picked the image for ``:app:1`` (a substring test on a string)."""
-    layer = io.BytesIO()
-    with tarfile.open(fileobj=layer, mode="w") as t:
-        info = tarfile.TarInfo("f")
-        t.addfile(info, io.BytesIO(b""))
-    diff_id = "sha256:" + hashlib.sha256(layer.getvalue()).hexdigest()
-    config = json.dumps({"os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
-    manifest = json.dumps([{"Config": "c.json", "RepoTags": "app:10", "Layers": ["l.tar"]}]).encode()
-    with tarfile.open(tmp_path / "a.tar", "w") as t:
-        for name, data in (("l.tar", layer.getvalue()), ("c.json", config), ("manifest.json", manifest)):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    with pytest.raises(InvalidSpecError, match="no image tagged 'app:1'"):
-        import_image(f"docker-archive:{tmp_path / 'a.tar'}:app:1", None, store=Store(tmp_path / "s"))
 
 
 def test_an_image_imported_from_umoci_exports_again_and_runs_after_a_round_trip(
