@@ -40,7 +40,8 @@ from .net.forward import Forwarder
 from .net.netlink import socket_in
 
 if TYPE_CHECKING:
-    from .image import Image
+    from .core.layerstack import ImageLike
+    from .image import Image  # commit's return type: see commit() for why container may name it
     from .images.store import Store
     from .net.networks import Attached, Network
     from .runtime import Runtime
@@ -135,7 +136,7 @@ class Container:
         self,
         runtime: Runtime,
         spec: ContainerSpec,
-        image: Image,
+        image: ImageLike,
         directory: str,
         *,
         name: str | None,
@@ -150,7 +151,7 @@ class Container:
         self._network_closed = False  # set (under _lock) before remove() closes the fds above
         self._client = runtime.client
         self.spec = spec
-        self.image = image
+        self.image = image  # what it was started from (an Image, or a bare LayerStack)
         self.dir = directory
         self.id = spec.id
         self.name = name or spec.id
@@ -253,7 +254,11 @@ class Container:
         Deletions are kept as whiteouts; files are owned by the container's ids (not the host's).
         The image's config is kept.  Stop the container first for a consistent snapshot.
         """
-        from .build import commit_container
+        # The one upward import of the composition layer, made late on purpose: commit returns an
+        # Image, and the image facade builds on containers (image.run starts one); a top-level
+        # import would make container <-> image a cycle.  (pyproject's import-linter contracts and
+        # tests/unit/test_import_graph.py allow exactly this edge.)
+        from .image import commit_container
 
         if self._removed:
             raise ContainerNotRunningError(f"container {self.name} was removed; commit before removing it")

@@ -16,23 +16,25 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import stat
-from collections.abc import Iterable, Mapping, Sequence
+import shlex
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .core.errors import InvalidSpecError, LayerNotADirectoryError, LayerNotFoundError, LayerPermissionError
+from . import build
+from .core.errors import InvalidSpecError
 
 # The model types live in the pure core; re-exported here, where users have always found them.
 from .core.imagemodel import History, ImageConfig, ImageRecord
-from .core.spec import OverlaySpec
-from .host.hostbase import HostLayout
+from .core.layerstack import ImageLike, LayerStack
+from .host.overlays import check_layer, check_layers, check_not_nested
+from .images.layers import check_state_dir, child_record, commit_upper, record_of
+from .images.store import Store
 
 if TYPE_CHECKING:
-    from .images.store import Store
+    from .container import Container
 
-__all__ = ["DEFAULT_BASE", "History", "Image", "ImageConfig", "PathLike", "check_layer"]
+__all__ = ["DEFAULT_BASE", "History", "Image", "ImageConfig", "PathLike", "check_layer", "commit_container"]
 
 PathLike = str | os.PathLike[str]
 
@@ -99,7 +101,7 @@ class Image:
             image = cls(
                 base.layers + layers, base.host, base.config, base.history + added, store=store or base.store
             )
-        _check_not_nested(image.layers)
+        check_not_nested(image.layers)
         return image
 
     # -- the store -------------------------------------------------------------------------
@@ -107,8 +109,6 @@ class Image:
     @classmethod
     def load(cls, ref: str, *, store: Store | None = None) -> Image:
         """The image ``ref`` (``name[:tag]``, ``name@sha256:..`` or ``sha256:<id>``) from the store."""
-        from .images.store import Store
-
         st = store or Store.default()
         image_id = st.resolve_id(ref)
         return cls.from_record(st.get_image(image_id), st, image_id)
@@ -132,17 +132,26 @@ class Image:
             image_id=image_id or record.id,
         )
 
+    def layer_stack(self) -> LayerStack:
+        """What a container of this image is made of (what sandbox.run(image=) reads)."""
+        return LayerStack(self.layers, self.host, self.config)
+
     def save(self, *, store: Store | None = None) -> Image:
         """This image, stored (layers copied in unless they are already there): it has an image_id."""
-        from .build import save_image
-
-        return save_image(self, store)
+        st = self._store(store)
+        if self._stored_in(st):
+            return self
+        record = self._record(st)
+        return Image.from_record(record, st, st.put_image(record))
 
     def tag(self, ref: str, *, store: Store | None = None) -> Image:
         """Store this image and name it ``ref`` (``name[:tag]``); the stored image."""
-        from .build import tag_image
-
-        return tag_image(self, ref, store)
+        Store.check_tag(ref)  # before anything is stored
+        saved = self.save(store=store)
+        assert saved.store is not None
+        assert saved.image_id is not None
+        saved.store.tag(ref, saved.image_id)
+        return saved
 
     # -- build steps (each returns a new image; cached on parent, step and inputs) ---------
 
@@ -152,124 +161,88 @@ class Image:
         As Dockerfile's COPY: a directory's *contents* go into ``dst``; a file goes to ``dst``,
         or into it when ``dst`` ends with ``/``.
         """
-        from .build import copy_step
-
-        return copy_step(self, src, dst)
+        st = self._store()
+        return self._with_layer(st, build.copy_step(st, src, dst))
 
     def env(self, env: Mapping[str, str] | None = None, /, **kwargs: str) -> Image:
         """The image with environment variables set (``.env(K="v")`` or ``.env({"K": "v"})``)."""
-        from .build import env_step
-
-        return env_step(self, {**(env or {}), **kwargs})
+        return self._with_config(*build.env_config(self.config, {**(env or {}), **kwargs}))
 
     def workdir(self, path: str) -> Image:
         """The image with its working directory set (absolute, inside the container)."""
-        from .build import workdir_step
-
-        return workdir_step(self, path)
+        return self._with_config(*build.workdir_config(self.config, path))
 
     def user(self, user: str | int) -> Image:
         """The image with its default user set (``"1000"``, ``"1000:1000"``, ``"app"``...)."""
-        from .build import user_step
-
-        return user_step(self, user)
+        return self._with_config(*build.user_config(self.config, user))
 
     def run(self, cmd: Sequence[str], *, timeout: float | None = None) -> Image:
         """Run ``cmd`` in a container of this image; what it wrote becomes a new layer.
 
         Deletions become whiteouts.  A command that fails raises BuildError with its output.
         """
-        from .build import run_step
-
-        return run_step(self, cmd, timeout=timeout)
+        step = build.run_step(cmd, timeout=timeout)
+        return self._with_layer(self._store(), step)
 
     def check(self) -> None:
         """Raise a typed error if any layer is gone or unreadable (before a container starts)."""
-        for i, layer in enumerate(self.layers):
-            check_layer(layer, i)
-
-    def overlays(self, skeleton: str | None, layout: HostLayout | None) -> tuple[OverlaySpec, ...]:
-        """The overlay mounts that build this image's rootfs; lowers are listed topmost first.
-
-        A layer that appears twice (stored images repeat the empty layer of metadata-only steps)
-        is mounted once, at its topmost place: overlayfs refuses the same lower twice (ELOOP),
-        and the lower copy adds nothing -- every entry and whiteout it has, the upper copy has.
-        """
-        top_first = tuple(dict.fromkeys(reversed(self.layers)))
-        if not self.host:
-            return (OverlaySpec("", top_first),)
-        if skeleton is None or layout is None:
-            raise ValueError("an image on the host base needs the host skeleton and layout")
-        plan = [OverlaySpec("", (*top_first, skeleton))]
-        for name in layout.dirs:
-            own = tuple(_system_subdir(layer, name) for layer in top_first)
-            plan.append(OverlaySpec(name, (*(d for d in own if d), "/" + name)))
-        return tuple(plan)
+        check_layers(self.layer_stack())
 
     def __repr__(self) -> str:
         base = "host base" if self.host else "no base"
         return f"Image({', '.join(repr(x) for x in self.layers)}{', ' if self.layers else ''}{base})"
 
+    # -- storing -----------------------------------------------------------------------------
 
-def _system_subdir(layer: str, name: str) -> str:
-    """``layer/name`` if the layer adds to the host's /name; "" if it has no such entry.
+    def _store(self, store: Store | None = None) -> Store:
+        return store or self.store or Store.default()
 
-    On the host base, /usr (and the like) is an overlay of its own whose lowest layer is the
-    host's; what a layer puts there must be a directory.  A symlink would be followed on the host
-    when the layer is mounted -- ``usr -> /root`` in a lower layer, hidden in the merged view by
-    a real ``usr/`` above it, would mount the host's /root into the container.  (lstat, not
-    isdir: never follow it.)
-    """
-    path = os.path.join(layer, name)
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return ""
-    if not stat.S_ISDIR(mode):
-        kind = "a symlink" if stat.S_ISLNK(mode) else "not a directory"
-        raise InvalidSpecError(
-            f"layer {layer!r}: /{name} is {kind}; on the host base /{name} is the host's, and a layer "
-            f"may only add to it with a directory (or use base=None for an image of its own)"
+    def _stored_in(self, store: Store) -> bool:
+        return self.image_id is not None and self.store == store and store.has_image(self.image_id)
+
+    def _record(self, store: Store) -> ImageRecord:
+        """This image's store record, storing its layer directories first (cached by stat snapshot)."""
+        if self._stored_in(store):
+            assert self.image_id is not None
+            return store.get_image(self.image_id)
+        return record_of(store, self.layer_stack(), self.history, self.parent_id)
+
+    def _with_config(self, config: ImageConfig, created_by: str) -> Image:
+        return dataclasses.replace(
+            self,
+            config=config,
+            history=(*self.history, History(created_by=created_by, empty_layer=True)),
+            image_id=None,
+            parent_id=self.image_id or self.parent_id,
         )
-    return path
+
+    def _with_layer(self, store: Store, step: build.LayerStep) -> Image:
+        parent = self._record(store)
+        image_id = build.add_layer(store, parent, store.put_image(parent), step)
+        return Image.from_record(store.get_image(image_id), store, image_id)
 
 
-def check_layer(path: PathLike, index: int) -> str:
-    """The absolute, resolved path of one layer directory, or a typed error naming it."""
-    raw = os.fspath(path)
-    if not isinstance(raw, str) or not raw:
-        raise InvalidSpecError(f"layer {index}: {path!r} is not a directory path")
-    real = os.path.realpath(raw)
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        raise LayerNotFoundError(f"layer {index}: {raw!r} does not exist", path=raw, errno=2) from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise LayerNotADirectoryError(
-            f"layer {index}: {raw!r} is not a directory (a layer is a directory holding a filesystem tree)",
-            path=raw,
-            errno=20,
-        )
-    if not os.access(real, os.R_OK | os.X_OK):
-        raise LayerPermissionError(
-            f"layer {index}: {raw!r} cannot be read by uid {os.geteuid()}", path=raw, errno=13
-        )
-    if real == "/":
-        raise InvalidSpecError(
-            f"layer {index}: {raw!r} is the host's root; use the default host base instead of stacking '/'"
-        )
-    return real
+def _as_image(source: ImageLike) -> Image:
+    """The image a container was started from (a bare LayerStack becomes an unstored image)."""
+    if isinstance(source, Image):
+        return source
+    stack = source.layer_stack()
+    return Image(stack.layers, stack.host, stack.config)
 
 
-def _check_not_nested(layers: Iterable[str]) -> None:
-    """overlayfs refuses layers inside one another (ELOOP); say which, before the kernel does."""
-    paths = [Path(p) for p in layers]
-    for i, a in enumerate(paths):
-        for j, b in enumerate(paths):
-            if i < j and a == b:
-                raise InvalidSpecError(f"layers {i} and {j} are the same directory ({str(a)!r})")
-            if i != j and a != b and b.is_relative_to(a):
-                raise InvalidSpecError(
-                    f"layer {j} ({str(b)!r}) is inside layer {i} ({str(a)!r}); "
-                    "overlayfs needs disjoint layers"
-                )
+def commit_container(container: Container, ref: str, *, uid_base: int, store: Store | None = None) -> Image:
+    """``docker commit``: the container's writable layer on top of its image, tagged ``ref``."""
+    Store.check_tag(ref)
+    check_state_dir(container.name, container.dir)  # before the parent image is stored
+    base = _as_image(container.image)
+    st = base._store(store)
+    parent = base._record(st)
+    parent_id = st.put_image(parent)
+    line = f"commit {container.name}: {shlex.join(container.spec.process.argv)}"
+    digest = commit_upper(
+        st, container.dir, container.spec, uid_base=uid_base, parent=parent, created_by=line
+    )
+    record = child_record(parent, parent_id, digest, line)
+    image_id = st.put_image(record)
+    st.tag(ref, image_id)
+    return Image.from_record(record, st, image_id)

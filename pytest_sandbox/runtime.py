@@ -19,12 +19,13 @@ from typing import Any
 
 from .core import naming
 from .core.errors import InvalidSpecError, NetworkError, SetupError
+from .core.layerstack import LayerStack
 from .core.naming import ID_RANGE
 from .core.spec import OverlaySpec
 from .host.cgroups import detect
 from .host.cleanup import remove_tree
 from .host.hostbase import HostLayout, ensure_skeleton
-from .image import Image
+from .host.overlays import plan_overlays
 from .launcher import trace
 from .launcher.client import LauncherClient
 from .net.ipam import DEFAULT_POOLS, AddressPool, parse_address_pools
@@ -136,13 +137,13 @@ class Runtime:
         self._sweep_once()
         return self.client.ensure_started()
 
-    def overlays(self, image: Image) -> tuple[OverlaySpec, ...]:
-        if not image.host:
-            return image.overlays(None, None)
+    def overlays(self, stack: LayerStack) -> tuple[OverlaySpec, ...]:
+        if not stack.host:
+            return plan_overlays(stack, None)
         with self._lock:
             if self._skeleton is None:
                 self._skeleton = ensure_skeleton(self.config.data_root)
-        return image.overlays(*self._skeleton)
+        return plan_overlays(stack, self._skeleton)
 
     @property
     def networks(self) -> Networks:

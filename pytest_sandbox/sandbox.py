@@ -23,6 +23,7 @@ from typing import Any
 from .container import Container, Result, read_logs, result_from_info
 from .core import naming
 from .core.errors import InvalidSpecError, LauncherError, SandboxError, SandboxTimeoutError
+from .core.layerstack import ImageLike, LayerStack
 from .core.spec import (
     OPTION_NAMES,
     BindMount,
@@ -34,7 +35,7 @@ from .core.spec import (
     parse_options,
 )
 from .host.cleanup import remove_tree
-from .image import Image
+from .host.overlays import check_layers
 from .launcher import trace
 from .net.networks import Attached, Network
 from .runtime import Runtime, get_runtime, require_root
@@ -53,9 +54,9 @@ def _check_networks(networks: tuple[object, ...]) -> tuple[Network, ...]:
     return tuple(n for n in networks if isinstance(n, Network))
 
 
-def _with_image_config(options: Options, given: Mapping[str, Any], image: Image) -> Options:
+def _with_image_config(options: Options, given: Mapping[str, Any], stack: LayerStack) -> Options:
     """The image's Env/WorkingDir/User under what the call (or marker) gave: env key by key."""
-    config = image.config
+    config = stack.config
     changes: dict[str, Any] = {}
     if config.env:
         changes["env"] = parse_env(given.get("env"), base=dict(config.env))
@@ -70,7 +71,7 @@ def _with_image_config(options: Options, given: Mapping[str, Any], image: Image)
 class _Planned:
     spec: ContainerSpec
     options: Options
-    image: Image
+    image: ImageLike  # what the caller gave (Container.commit builds on it)
     directory: str
     attached: Attached | None = None  # its networks, until it is removed
 
@@ -128,7 +129,7 @@ class Sandbox:
             self._networks.append(network)
         return network
 
-    def run(self, cmd: object, *, image: Image | None = None, **opts: Any) -> Result:
+    def run(self, cmd: object, *, image: ImageLike | None = None, **opts: Any) -> Result:
         """Run ``cmd`` to completion in a fresh container and return its :class:`Result`.
 
         ``timeout`` (seconds) kills the container and raises :class:`SandboxTimeoutError` carrying
@@ -176,7 +177,7 @@ class Sandbox:
             )
         return result
 
-    def start(self, cmd: object, *, image: Image | None = None, **opts: Any) -> Container:
+    def start(self, cmd: object, *, image: ImageLike | None = None, **opts: Any) -> Container:
         """Start ``cmd`` in a fresh container in the background; the :class:`Container`."""
         if "timeout" in opts:
             raise InvalidSpecError(
@@ -244,7 +245,7 @@ class Sandbox:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _plan(self, cmd: object, image: Image | None, opts: Mapping[str, Any]) -> _Planned:
+    def _plan(self, cmd: object, image: ImageLike | None, opts: Mapping[str, Any]) -> _Planned:
         """Validate everything, then make the container's state directory (the first thing created)."""
         if self._closed:
             raise SandboxError("this sandbox handle is closed (its fixture scope has ended)")
@@ -258,11 +259,12 @@ class Sandbox:
             )
         image = image if image is not None else default_image
         if image is None:
-            image = Image.host_base()
-        elif not isinstance(image, Image):
+            image = LayerStack()  # the host base
+        elif not isinstance(image, ImageLike):
             raise InvalidSpecError(f"image={image!r}: expected an Image, e.g. Image.from_layers(path)")
-        options = _with_image_config(parse_options(**merged), merged, image)
-        image.check()
+        stack = image.layer_stack()
+        options = _with_image_config(parse_options(**merged), merged, stack)
+        check_layers(stack)
         # A removed container's name is free again (a service restarted under its name).
         if options.name is not None and any(
             c.name == options.name and not c.removed for c in self.containers
@@ -276,7 +278,7 @@ class Sandbox:
             id=cid,
             hostname=hostname,
             process=ProcessSpec(argv=argv, env=options.env, workdir=options.workdir, user=options.user),
-            overlays=rt.overlays(image),
+            overlays=rt.overlays(stack),
             mounts=options.mounts,
             tmpfs=options.tmpfs,
             limits=options.limits,

@@ -12,6 +12,7 @@ import pytest
 from pytest_sandbox import Image, InvalidSpecError, Sandbox
 from pytest_sandbox import build as build_mod
 from pytest_sandbox.core.errors import BuildError, LayerNotFoundError
+from pytest_sandbox.images import layers as layers_mod
 from pytest_sandbox.images import layertar
 from pytest_sandbox.images import store as store_mod
 from pytest_sandbox.images.store import Store, stat_snapshot
@@ -98,7 +99,7 @@ def test_unchanged_rebuild_is_a_cache_hit_touching_no_content(
         m.setattr(layertar, "digest_dir", forbidden)
         m.setattr(store_mod, "copy_tree", forbidden)
         m.setattr(build_mod, "copy_tree", forbidden)
-        m.setattr(build_mod, "capture_upper", forbidden)
+        m.setattr(layers_mod, "capture_upper", forbidden)
         m.setattr(Sandbox, "start", forbidden)
         before = _bytes_read()
         second = _build(busybox_layer, app_dir, store)

@@ -1,0 +1,131 @@
+"""Layers as the store keeps them: records of layer stacks, and a container's writable layer captured.
+
+Build steps (:mod:`pytest_sandbox.build`) and ``Container.commit`` both turn a container's upper
+(writable) directory into a new stored layer with :func:`commit_upper`: deletions there are
+overlayfs whiteouts already; files belong to the container's host ids (``uid_base + N``) and are
+shifted back to N; the files the launcher writes itself (``/etc/hostname``, ``/etc/hosts``) and
+the empty mount points the setup made are left out.  Both then put the layer on top of the image
+the container ran with (:func:`child_record`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+
+from ..core.errors import LayerNotFoundError
+from ..core.imagemodel import History, ImageRecord
+from ..core.layerstack import LayerStack
+from ..core.spec import ContainerSpec
+from ..host.cleanup import remove_tree
+from ..host.rootfs import ContainerDirs
+from .store import Store, copy_tree, now_rfc3339, shift_ids
+
+# Directories the container's setup makes in its upper layer, always covered by a mount.
+MOUNT_POINTS = ("dev", "proc", "sys", "tmp")
+
+
+def stack_of(store: Store, record: ImageRecord) -> LayerStack:
+    """The layer stack a stored record describes: the store's layer directories, lowest first."""
+    return LayerStack(tuple(store.layer_path(d) for d in record.layers), record.host_base, record.config)
+
+
+def record_of(store: Store, stack: LayerStack, history: Sequence[History], parent: str | None) -> ImageRecord:
+    """The store record of ``stack``, storing its layer directories first (cached by stat snapshot)."""
+    digests: list[str] = []
+    for path in stack.layers:
+        own = store.layer_digest_of(path)
+        digests.append(own or store.add_layer_dir(path, parent=digests[-1] if digests else None).digest)
+    steps = list(history)
+    missing = len(digests) - sum(not h.empty_layer for h in steps)
+    if missing > 0:  # a stack made directly from directories: its lowest layers have no history
+        steps[:0] = [History(created_by="layer")] * missing
+    created = max((h.created for h in steps), default="")
+    return ImageRecord(tuple(digests), stack.config, stack.host, created, tuple(steps), parent=parent)
+
+
+def child_record(parent: ImageRecord, parent_id: str, digest: str, created_by: str) -> ImageRecord:
+    """``parent`` with one more layer on top, made now by ``created_by``."""
+    now = now_rfc3339()
+    return ImageRecord(
+        (*parent.layers, digest),
+        parent.config,
+        parent.host_base,
+        now,
+        (*parent.history, History(now, created_by)),
+        parent_id,
+    )
+
+
+def make_parents(root: str, rel: str, mtime_ns: int) -> str:
+    """``root/rel``'s missing directories, 0755 and owned by container root, with a fixed mtime."""
+    path = root
+    made = []
+    for part in [p for p in rel.split("/") if p]:
+        path = os.path.join(path, part)
+        if not os.path.lexists(path):
+            os.mkdir(path, 0o755)
+            os.chmod(path, 0o755)
+            os.chown(path, 0, 0)
+            made.append(path)
+    for p in made:
+        os.utime(p, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+    return path
+
+
+def check_state_dir(name: str, directory: str) -> None:
+    """A typed error if a container's state directory (its upper layer) is gone."""
+    if not os.path.isdir(directory):
+        raise LayerNotFoundError(
+            f"container {name}: its state directory {directory!r} is gone", path=directory, errno=2
+        )
+
+
+def capture_upper(directory: str, spec: ContainerSpec, dest: str, *, uid_base: int) -> None:
+    """Copy the upper layer(s) of the container in ``directory`` to ``dest`` as one layer directory.
+
+    On the host base, /usr (and the like) are overlays of their own with their own upper
+    directory: those go under ``usr/`` (...) in the layer.  Host ids ``uid_base + N`` become N.
+    """
+    dirs = ContainerDirs(directory)
+    ids = shift_ids(uid_base)
+    etc_files = {"etc/" + name for name, _ in spec.etc_files}
+    copy_tree(dirs.upper(0), dest, ids=ids, skip=etc_files.__contains__)
+    # Directories the setup made in the upper layer (mount points; /etc for the files above):
+    # always covered by a mount, or left empty.  Empty and not opaque, they carry nothing.
+    for name in ("etc", *MOUNT_POINTS):
+        path = os.path.join(dest, name)
+        with contextlib.suppress(OSError):  # absent, not empty or not a directory: kept
+            if not os.listdir(path) and _xattr(path, "trusted.overlay.opaque") != b"y":
+                os.rmdir(path)
+    for index, overlay in enumerate(spec.overlays):
+        if index == 0 or not overlay.target:
+            continue
+        upper = dirs.upper(index)
+        if not os.path.isdir(upper) or not os.listdir(upper):
+            continue
+        rel = overlay.target.strip("/")
+        where = os.path.join(dest, rel)
+        if os.path.lexists(where):
+            remove_tree(where)  # hidden in the container by this overlay: its upper is what was seen
+        make_parents(dest, os.path.dirname(rel), 0)
+        copy_tree(upper, where, ids=ids)
+
+
+def commit_upper(
+    store: Store, directory: str, spec: ContainerSpec, *, uid_base: int, parent: ImageRecord, created_by: str
+) -> str:
+    """The digest of a new stored layer holding what the container in ``directory`` wrote."""
+    check_state_dir(spec.id, directory)
+    with store.tempdir() as tmp:
+        capture_upper(directory, spec, os.path.join(tmp, "diff"), uid_base=uid_base)
+        top = parent.layers[-1] if parent.layers else None
+        return store.add_prepared_layer(tmp, created_by=created_by, parent=top).digest
+
+
+def _xattr(path: str, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError:
+        return None
