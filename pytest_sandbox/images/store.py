@@ -43,9 +43,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import IO, Any, BinaryIO
-
-from filelock import FileLock
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from ..core import naming
 from ..core.errors import (
@@ -61,6 +59,10 @@ from ..core.errors import (
 from ..core.imagemodel import ImageRecord, LayerInfo, StoredImage, canonical_json
 from ..core.reference import Reference, is_digest, parse_digest, parse_reference
 from ..host.cleanup import remove_tree
+
+if TYPE_CHECKING:
+    from filelock import FileLock
+
 
 __all__ = [
     "OVERFLOW_ID",
@@ -448,6 +450,10 @@ class Store:
     def _lock(self, key: str | None = None) -> FileLock:
         self._ensure()
         path = self._p("lock") if key is None else self._p("locks", _sha256_hex(key.encode())[:32] + ".lock")
+        # Imported on first use, as hostbase and ipam do: `import pytest_sandbox` needs only the
+        # stdlib (a non-root caller gets its clear SetupError even where filelock is missing).
+        from filelock import FileLock
+
         return FileLock(path)
 
     def _owner_tmp(self) -> str:
