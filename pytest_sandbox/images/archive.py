@@ -20,84 +20,67 @@ lowest layer is this host.  Layers are written as gzip (deterministic: no name, 
 OCI layouts and uncompressed into docker archives, as ``docker save`` does.
 
 Imports take an optional ``progress(layer, bytes_done, bytes_total)`` callback (:data:`Progress`)
-for the command line's progress display.  The media types and :class:`HashingWriter` are public
-for :mod:`pytest_sandbox.images.registry`.
+for the command line's progress display.  What an OCI layout shares with a registry -- media
+types, descriptors, platform selection, digest checks, the verifying reader, the gzip writer,
+config <-> record -- is :mod:`pytest_sandbox.images.manifest`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import gzip
-import hashlib
 import io
 import json
 import os
-import platform
 import re
+import shutil
 import stat
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, BinaryIO, Protocol
+from typing import IO, Any, BinaryIO
 
 from ..core.errors import InvalidSpecError, LayerTarError
-from ..core.imagemodel import History, ImageConfig, ImageRecord
-from ..core.reference import Reference, is_digest, parse_reference
-from .layertar import HashingWriter as _HashingWriter
+from ..core.imagemodel import ImageRecord, canonical_json, sha256_digest
+from ..core.reference import Reference, parse_reference
+from ..host.fstree import AtomicFile, write_atomic
 from .layertar import tar_files
+from .manifest import (
+    CHUNK,
+    INDEX_TYPES,
+    LAYER_TYPES,
+    MANIFEST_TYPES,
+    MEDIA_CONFIG,
+    MEDIA_INDEX,
+    MEDIA_LAYER_GZIP,
+    MEDIA_MANIFEST,
+    REF_NAME,
+    Descriptor,
+    Readable,
+    VerifiedReader,
+    config_from_record,
+    gzip_blob,
+    layer_created_by,
+    loads_json,
+    record_from_config,
+    select_platform,
+)
 from .store import Store
 
-# Media types (OCI image-spec and Docker's image manifest v2 schema 2), public for registry.py.
-MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
-MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar"
-MEDIA_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
-DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-INDEX_TYPES = (MEDIA_INDEX, DOCKER_MANIFEST_LIST)
-MANIFEST_TYPES = (MEDIA_MANIFEST, DOCKER_MANIFEST)
-CONFIG_TYPES = (MEDIA_CONFIG, DOCKER_CONFIG)
-# the layer media types imported: plain and gzip tars (zstd and others are refused)
-LAYER_TYPES = (
-    MEDIA_LAYER,
-    MEDIA_LAYER_GZIP,
-    "application/vnd.oci.image.layer.nondistributable.v1.tar",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    DOCKER_LAYER,
-    DOCKER_LAYER_GZIP,
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-)
-REF_NAME = "org.opencontainers.image.ref.name"
 MAX_JSON = 8 << 20
-_CHUNK = 1 << 20
 # the ref.name annotation grammar of the image spec (annotations.md)
 _TAG_RE = re.compile(
     r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*(?:/[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*)*"
 )
-HashingWriter = _HashingWriter
-"""A sink that sha256-hashes and counts what is written (``.digest()``), passing it on to ``out``."""
 PROGRESS_STEP = 1 << 20  # a progress callback hears of every MiB read, and of the end
 Progress = Callable[[str, int, int], None]
 """``progress(layer, bytes_done, bytes_total)``: ``layer`` is the layer's blob digest (OCI layout),
 its diff_id (docker archive) or the archive's name while a gzip archive is decompressed; called
 with ``bytes_done == 0`` first, then at least every :data:`PROGRESS_STEP` bytes, and with
 ``bytes_done == bytes_total`` once it is done (at once for a layer already in the store)."""
-_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le"}
-
-
-def host_arch() -> str:
-    """The host's architecture in OCI (Go) spelling: ``amd64``, ``arm64``, ..."""
-    machine = platform.machine()
-    return _GOARCH.get(machine, machine)
-
-
 # -- transports ------------------------------------------------------------------------------
 
 
@@ -164,180 +147,13 @@ def export_image(ref: str, dst: str | Transport, *, store: Store | None = None) 
         export_docker_archive(store, ref, t.path, repo_tag=t.tag)
 
 
-# -- config <-> record -----------------------------------------------------------------------
-
-
-def config_from_record(record: ImageRecord, diff_ids: Sequence[str] | None = None) -> dict[str, Any]:
-    """The OCI image config JSON of a stored image (refused for images on the host base).
-
-    ``diff_ids``: the digests of the layer tars that go with it, when they are not the record's
-    own -- an export or push writes :meth:`Store.tar_digest`'s tars.
-    """
-    if record.host_base:
-        raise InvalidSpecError(
-            "this image is on the host base: its lowest layer is this host's /usr, which cannot be "
-            "exported, pushed or saved",
-            hint="build the image from layers of its own: Image.from_layers(..., base=None) or a "
-            "pulled/imported base image",
-        )
-    cfg = record.config
-    run: dict[str, Any] = {}
-    if cfg.env:
-        run["Env"] = [f"{k}={v}" for k, v in cfg.env]
-    if cfg.entrypoint:
-        run["Entrypoint"] = list(cfg.entrypoint)
-    if cfg.cmd:
-        run["Cmd"] = list(cfg.cmd)
-    if cfg.workdir:
-        run["WorkingDir"] = cfg.workdir
-    if cfg.user:
-        run["User"] = cfg.user
-    config: dict[str, Any] = {}
-    if record.created:
-        config["created"] = record.created
-    config.update(
-        {
-            "architecture": host_arch(),
-            "os": "linux",
-            "config": run,
-            "rootfs": {"type": "layers", "diff_ids": list(record.layers if diff_ids is None else diff_ids)},
-        }
-    )
-    if record.history:
-        config["history"] = [h.to_json() for h in record.history]
-    return config
-
-
-def _strings(value: Any, what: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-        raise LayerTarError(f"image config: {what} must be a list of strings, not {value!r}"[:300])
-    return tuple(value)
-
-
-def _optional_str(value: Any, what: str) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise LayerTarError(f"image config: {what} must be a string, not {value!r}"[:300])
-    return value
-
-
-def record_from_config(config: Mapping[str, Any], *, host_base: bool = False) -> ImageRecord:
-    """The store record of an OCI image config (the inverse of :func:`config_from_record`).
-
-    ``rootfs.diff_ids`` must be ``sha256:<64 hex>`` each (they become store paths).
-    """
-    if not isinstance(config, Mapping):
-        raise LayerTarError("image config: expected a JSON object")
-    os_name = config.get("os", "linux")
-    if os_name != "linux":
-        raise LayerTarError(f"image config: os is {os_name!r}; only linux images run here")
-    rootfs = config.get("rootfs")
-    if not isinstance(rootfs, Mapping) or rootfs.get("type") != "layers":
-        raise LayerTarError("image config: rootfs must be {'type': 'layers', 'diff_ids': [...]}")
-    diff_ids = _strings(rootfs.get("diff_ids"), "rootfs.diff_ids")
-    for d in diff_ids:
-        if not is_digest(d):
-            raise LayerTarError(
-                f"image config: diff_id {d[:100]!r} is not 'sha256:' and 64 lowercase hex digits",
-                hint="the image is corrupt or hostile; re-create it with skopeo or docker",
-            )
-    run = config.get("config") or {}
-    if not isinstance(run, Mapping):
-        raise LayerTarError("image config: 'config' must be a JSON object")
-    env = []
-    for item in _strings(run.get("Env"), "config.Env"):
-        key, _, value = item.partition("=")
-        env.append((key, value))
-    history = config.get("history") or []
-    if not isinstance(history, list):
-        raise LayerTarError("image config: history must be a list")
-    created = config.get("created") or ""
-    if not isinstance(created, str):
-        raise LayerTarError("image config: created must be a string")
-    try:
-        hist = tuple(History.from_json(h) for h in history)
-    except InvalidSpecError as e:
-        raise LayerTarError(f"image config: {e.message}") from None
-    return ImageRecord(
-        layers=diff_ids,
-        config=ImageConfig(
-            env=tuple(env),
-            workdir=_optional_str(run.get("WorkingDir"), "config.WorkingDir"),
-            user=_optional_str(run.get("User"), "config.User"),
-            cmd=_strings(run.get("Cmd"), "config.Cmd"),
-            entrypoint=_strings(run.get("Entrypoint"), "config.Entrypoint"),
-        ),
-        host_base=host_base,
-        created=created,
-        history=hist,
-    )
-
-
-def _layer_created_by(record: ImageRecord) -> list[str]:
-    steps = [h.created_by for h in record.history if not h.empty_layer]
-    if len(steps) != len(record.layers):
-        steps = [""] * len(record.layers)
-    return steps
-
-
 # -- reading blobs ---------------------------------------------------------------------------
-
-
-class _VerifyingReader:
-    """Reads a blob, refusing more bytes than declared and checking the digest at its end."""
-
-    def __init__(self, f: IO[bytes], digest: str, size: int | None, what: str) -> None:
-        self.f = f
-        self.digest = digest
-        self.size = size
-        self.what = what
-        self.sha = hashlib.sha256()
-        self.seen = 0
-        self.done = False
-
-    def read(self, n: int = -1) -> bytes:
-        if self.done:
-            return b""
-        limit = _CHUNK if n is None or n < 0 else n
-        data = self.f.read(limit)
-        self.sha.update(data)
-        self.seen += len(data)
-        if self.size is not None and self.seen > self.size:
-            raise LayerTarError(f"{self.what}: larger than the {self.size} bytes its descriptor declares")
-        if not data:
-            self.done = True
-            self._check()
-        return data
-
-    def _check(self) -> None:
-        if self.size is not None and self.seen != self.size:
-            raise LayerTarError(
-                f"{self.what}: {self.seen} bytes, but its descriptor declares {self.size}",
-                hint="the image is truncated or corrupt; copy it again",
-            )
-        got = "sha256:" + self.sha.hexdigest()
-        if got != self.digest:
-            raise LayerTarError(
-                f"{self.what}: digest mismatch (expected {self.digest}, the content is {got}); not imported",
-                hint="the image is corrupt or was tampered with; copy it again from its source",
-            )
-
-    def finish(self) -> None:
-        while self.read(_CHUNK):
-            pass
-
-
-class _Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
 
 
 class _ProgressReader:
     """Passes reads through, telling ``progress`` how far it got (every PROGRESS_STEP bytes)."""
 
-    def __init__(self, f: _Readable, name: str, total: int, progress: Progress) -> None:
+    def __init__(self, f: Readable, name: str, total: int, progress: Progress) -> None:
         self.f = f
         self.name = name
         self.total = total
@@ -365,23 +181,6 @@ class _ProgressReader:
 
 def _with_progress(f: Any, name: str, total: int, progress: Progress | None) -> Any:
     return f if progress is None else _ProgressReader(f, name, total, progress)
-
-
-def _descriptor(value: Any, what: str) -> tuple[str, str, int]:
-    """(mediaType, digest, size) of a descriptor, checked (a digest is never a path)."""
-    if not isinstance(value, Mapping):
-        raise LayerTarError(f"{what}: expected a descriptor object")
-    digest, size, media = value.get("digest"), value.get("size"), value.get("mediaType", "")
-    if not isinstance(digest, str) or not is_digest(digest):
-        raise LayerTarError(
-            f"{what}: digest {str(digest)[:100]!r} is not 'sha256:' and 64 lowercase hex digits",
-            hint="the image is corrupt or hostile; re-create it with skopeo or docker",
-        )
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise LayerTarError(f"{what}: size {size!r} is not a non-negative integer")
-    if not isinstance(media, str):
-        raise LayerTarError(f"{what}: mediaType must be a string")
-    return media, digest, size
 
 
 class _Layout:
@@ -458,12 +257,23 @@ class _Layout:
             data = f.read(MAX_JSON + 1)
         if len(data) > MAX_JSON:
             raise LayerTarError(f"oci:{self.path}: {rel} is larger than {MAX_JSON} bytes")
-        return _loads(data, f"oci:{self.path}: {rel}")
+        return loads_json(data, f"oci:{self.path}: {rel}")
 
     @contextlib.contextmanager
-    def blob(self, digest: str, size: int | None, what: str) -> Iterator[_VerifyingReader]:
+    def blob(self, digest: str, size: int | None, what: str) -> Iterator[VerifiedReader]:
         with self._open("blobs/sha256/" + digest[7:], what) as f:
-            yield _VerifyingReader(f, digest, size, f"oci:{self.path}: {what} {digest[:19]}")
+            yield VerifiedReader(f, digest, size, f"oci:{self.path}: {what} {digest[:19]}")
+
+    def check_blob_size(self, desc: Descriptor, what: str) -> None:
+        """The blob is there, a regular file of its declared size (checked before anything is stored)."""
+        with self._open("blobs/sha256/" + desc.digest[7:], what) as f:
+            found = os.fstat(f.fileno()).st_size
+        if found != desc.size:
+            raise LayerTarError(
+                f"oci:{self.path}: {what} {desc.digest[:19]}: {found} bytes, but its descriptor declares "
+                f"{desc.size}",
+                hint="the image is truncated or corrupt; copy it again",
+            )
 
     def json_blob(self, digest: str, size: int, what: str) -> Any:
         if size > MAX_JSON:
@@ -471,19 +281,10 @@ class _Layout:
         with self.blob(digest, size, what) as r:
             data = r.read(size + 1)
             r.finish()
-        return _loads(data, f"oci:{self.path}: {what}")
+        return loads_json(data, f"oci:{self.path}: {what}")
 
     def index(self) -> Any:
         return self._json_file("index.json")
-
-
-def _loads(data: bytes, what: str) -> Any:
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LayerTarError(f"{what}: not valid JSON ({e})") from None
-    except RecursionError:  # a few MiB of "[[[[..." nest deeper than the parser recurses
-        raise LayerTarError(f"{what}: JSON nested too deeply") from None
 
 
 def _ref_name(desc: object) -> str | None:
@@ -499,25 +300,16 @@ def _manifests(index: Any, what: str) -> list[Mapping[str, Any]]:
     return list(index["manifests"])
 
 
-def _pick_platform(layout: _Layout, descs: list[Mapping[str, Any]], what: str) -> Mapping[str, Any]:
-    arch = host_arch()
-    for desc in descs:
-        plat = desc.get("platform") if isinstance(desc, Mapping) else None
-        if isinstance(plat, Mapping) and plat.get("os") == "linux" and plat.get("architecture") == arch:
-            return desc
-    if len(descs) == 1:
-        return descs[0]
-    raise LayerTarError(f"{what}: no manifest for linux/{arch}")
-
-
-def _resolve_manifest(layout: _Layout, desc: Mapping[str, Any], what: str, depth: int = 0) -> Any:
-    media, digest, size = _descriptor(desc, what)
-    doc = layout.json_blob(digest, size, "manifest")
-    kind = doc.get("mediaType", media) if isinstance(doc, Mapping) else media
+def _resolve_manifest(layout: _Layout, desc: Descriptor, what: str, depth: int = 0) -> Any:
+    doc = layout.json_blob(desc.digest, desc.size, "manifest")
+    kind = doc.get("mediaType", desc.media_type) if isinstance(doc, Mapping) else desc.media_type
     if kind in INDEX_TYPES or (isinstance(doc, Mapping) and "manifests" in doc and "layers" not in doc):
         if depth > 4:
             raise LayerTarError(f"{what}: image indexes nested too deeply")
-        child = _pick_platform(layout, _manifests(doc, what), what)
+        entries = [
+            Descriptor.from_json(d, f"{what}: index entry {i}") for i, d in enumerate(_manifests(doc, what))
+        ]
+        child = select_platform(entries, what)
         return _resolve_manifest(layout, child, what, depth + 1)
     return doc
 
@@ -556,101 +348,99 @@ def _import_layout(
     ref: str | None,
     progress: Progress | None,
 ) -> str:
-    descs = _manifests(layout.index(), f"{where}: index.json")
-    names = ", ".join(sorted({str(_ref_name(d)) for d in descs}))
-    if tag is not None:
-        chosen = [d for d in descs if _ref_name(d) == tag]
-        if not chosen:
-            raise InvalidSpecError(f"{where}: no image tagged {tag!r} in the layout (it has: {names})")
-        desc = chosen[0]
-    elif len(descs) == 1:
-        desc = descs[0]
-    else:
-        raise InvalidSpecError(
-            f"{where}: the layout holds {len(descs)} images; say which one",
-            hint=f"use oci:{path}:TAG with one of: {names}",
-        )
-    manifest = _resolve_manifest(layout, desc, where)
+    manifest = _resolve_manifest(layout, _index_entry(layout, where, path, tag), where)
     if not isinstance(manifest, Mapping) or manifest.get("mediaType", MEDIA_MANIFEST) not in MANIFEST_TYPES:
         raise LayerTarError(f"{where}: the manifest is not an OCI or Docker v2 image manifest")
-    _, config_digest, config_size = _descriptor(manifest.get("config"), f"{where}: config")
-    config = layout.json_blob(config_digest, config_size, "config")
-    record = record_from_config(config)
-    layers = manifest.get("layers")
-    if not isinstance(layers, list) or len(layers) != len(record.layers):
-        raise LayerTarError(
-            f"{where}: the manifest lists {len(layers) if isinstance(layers, list) else 'no'} layers, "
-            f"the config {len(record.layers)} diff_ids"
-        )
-    blobs: list[tuple[str, int]] = []
-    for i, (desc_i, diff_id) in enumerate(zip(layers, record.layers, strict=True)):
-        media, digest, size = _descriptor(desc_i, f"{where}: layer {i}")
-        if media not in LAYER_TYPES:
-            raise LayerTarError(
-                f"{where}: layer {i} has media type {media!r}; plain and gzip tar layers are supported",
-                hint="convert it, e.g. skopeo copy --dest-compress-format gzip",
-            )
-        if not store.has_layer(diff_id):
-            with layout.blob(digest, size, f"layer {i}") as blob:
-                found = os.fstat(blob.f.fileno()).st_size
-            if found != size:
-                raise LayerTarError(
-                    f"{blob.what}: {found} bytes, but its descriptor declares {size}",
-                    hint="the image is truncated or corrupt; copy it again",
-                )
-        blobs.append((digest, size))
-    created_by = _layer_created_by(record)
-    parent: str | None = None
-    for i, ((digest, size), diff_id) in enumerate(zip(blobs, record.layers, strict=True)):
-        if store.has_layer(diff_id):
-            if progress is not None:
-                progress(digest, size, size)
-        else:
-            with layout.blob(digest, size, f"layer {i}") as blob:
-                reader = _with_progress(blob, digest, size, progress)
-                store.add_layer_tar(reader, expected_diff_id=diff_id, created_by=created_by[i], parent=parent)
-                if progress is not None:
-                    reader.end()
-        parent = diff_id
+    config_desc = Descriptor.from_json(manifest.get("config"), f"{where}: config")
+    record = record_from_config(layout.json_blob(config_desc.digest, config_desc.size, "config"))
+    blobs = _layer_blobs(store, layout, manifest, record, where)
+    layers = [
+        _LayerSource(d.digest, d.size, functools.partial(layout.blob, d.digest, d.size, f"layer {i}"))
+        for i, d in enumerate(blobs)
+    ]
+    _store_layers(store, record, layers, progress)
     image_id = store.put_image(record)
     if ref is not None:
         store.tag(ref, image_id)
     return image_id
 
 
+def _index_entry(layout: _Layout, where: str, path: str, tag: str | None) -> Descriptor:
+    """The index.json entry of the image asked for: the one tagged ``tag``, or the only one."""
+    descs = _manifests(layout.index(), f"{where}: index.json")
+    names = ", ".join(sorted({str(_ref_name(d)) for d in descs}))
+    if tag is not None:
+        chosen = [d for d in descs if _ref_name(d) == tag]
+        if not chosen:
+            raise InvalidSpecError(f"{where}: no image tagged {tag!r} in the layout (it has: {names})")
+        return Descriptor.from_json(chosen[0], where)
+    if len(descs) == 1:
+        return Descriptor.from_json(descs[0], where)
+    raise InvalidSpecError(
+        f"{where}: the layout holds {len(descs)} images; say which one",
+        hint=f"use oci:{path}:TAG with one of: {names}",
+    )
+
+
+def _layer_blobs(
+    store: Store, layout: _Layout, manifest: Mapping[str, Any], record: ImageRecord, where: str
+) -> list[Descriptor]:
+    """The manifest's layer descriptors, all checked -- and every blob still needed found, of its
+    declared size -- before any layer is extracted: a malformed image stores nothing."""
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or len(layers) != len(record.layers):
+        raise LayerTarError(
+            f"{where}: the manifest lists {len(layers) if isinstance(layers, list) else 'no'} layers, "
+            f"the config {len(record.layers)} diff_ids"
+        )
+    blobs = []
+    for i, (value, diff_id) in enumerate(zip(layers, record.layers, strict=True)):
+        desc = Descriptor.from_json(value, f"{where}: layer {i}")
+        if desc.media_type not in LAYER_TYPES:
+            raise LayerTarError(
+                f"{where}: layer {i} has media type {desc.media_type!r}; plain and gzip tar layers are "
+                "supported",
+                hint="convert it, e.g. skopeo copy --dest-compress-format gzip",
+            )
+        if not store.has_layer(diff_id):
+            layout.check_blob_size(desc, f"layer {i}")
+        blobs.append(desc)
+    return blobs
+
+
+@dataclass(frozen=True)
+class _LayerSource:
+    """Where one layer of an image being imported is read from: ``open()`` gives its bytes."""
+
+    name: str  # what progress calls it: the blob digest (layout) or the diff_id (docker archive)
+    size: int
+    open: Callable[[], contextlib.AbstractContextManager[Readable]]
+
+
+def _store_layers(
+    store: Store, record: ImageRecord, layers: Sequence[_LayerSource], progress: Progress | None
+) -> None:
+    """Store each layer the store does not have yet, verified against the record's diff_id.
+
+    A layer refused after earlier ones were stored leaves those, verified, in the store
+    unreferenced (until :meth:`Store.prune`).
+    """
+    created_by = layer_created_by(record)
+    parent: str | None = None
+    for i, (layer, diff_id) in enumerate(zip(layers, record.layers, strict=True)):
+        if store.has_layer(diff_id):
+            if progress is not None:
+                progress(layer.name, layer.size, layer.size)
+        else:
+            with layer.open() as raw:
+                reader = _with_progress(raw, layer.name, layer.size, progress)
+                store.add_layer_tar(reader, expected_diff_id=diff_id, created_by=created_by[i], parent=parent)
+                if progress is not None:
+                    reader.end()
+        parent = diff_id
+
+
 # -- writing OCI layouts ---------------------------------------------------------------------
-
-
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-class _AtomicFile:
-    """A new file at ``path`` (or at ``final`` set before the end), written under a temp name in
-    its directory and renamed into place only if the block succeeds."""
-
-    def __init__(self, directory: str, final: str = "") -> None:
-        self.final = final
-        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        self.file = os.fdopen(fd, "wb")
-
-    def __enter__(self) -> _AtomicFile:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        try:
-            self.file.close()
-            if exc_type is None:
-                os.chmod(self.tmp, 0o644)
-                os.rename(self.tmp, self.final)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.tmp)
-
-
-def _copy(src: IO[bytes] | io.BufferedIOBase, dst: Any) -> None:
-    while chunk := src.read(_CHUNK):
-        dst.write(chunk)
 
 
 class _LayoutWriter:
@@ -670,25 +460,18 @@ class _LayoutWriter:
         os.makedirs(self.blobs, exist_ok=True)
         layout = os.path.join(self.path, "oci-layout")
         if not os.path.exists(layout):
-            self._atomic(layout, _canonical({"imageLayoutVersion": "1.0.0"}))
-
-    def _atomic(self, path: str, data: bytes) -> None:
-        with _AtomicFile(os.path.dirname(path), path) as out:
-            out.file.write(data)
+            write_atomic(layout, canonical_json({"imageLayoutVersion": "1.0.0"}))
 
     def put(self, data: bytes) -> tuple[str, int]:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_digest(data)
         final = os.path.join(self.blobs, digest[7:])
         if not os.path.exists(final):
-            self._atomic(final, data)
+            write_atomic(final, data)
         return digest, len(data)
 
     def put_gzip(self, tar: IO[bytes]) -> tuple[str, int]:
-        with _AtomicFile(self.blobs) as out:
-            sink = HashingWriter(out.file)
-            with gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=6) as gz:
-                _copy(tar, gz)
-            blob = sink.digest()
+        with AtomicFile(tmp_dir=self.blobs) as out:
+            blob = gzip_blob(tar, out.file)
             out.final = os.path.join(self.blobs, blob.diff_id[7:])
         return blob.diff_id, blob.size
 
@@ -697,7 +480,7 @@ class _LayoutWriter:
         index: dict[str, Any] = {"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": []}
         if os.path.exists(index_path):
             with open(index_path, "rb") as f:
-                loaded = _loads(f.read(MAX_JSON + 1), f"oci:{self.path}: index.json")
+                loaded = loads_json(f.read(MAX_JSON + 1), f"oci:{self.path}: index.json")
             index = dict(loaded) if isinstance(loaded, Mapping) else index
             index.setdefault("schemaVersion", 2)
         keep = [
@@ -709,7 +492,7 @@ class _LayoutWriter:
         if tag:
             desc = {**desc, "annotations": {REF_NAME: tag}}
         index["manifests"] = [*keep, desc]
-        self._atomic(index_path, json.dumps(index, indent=None, separators=(",", ":")).encode())
+        write_atomic(index_path, json.dumps(index, indent=None, separators=(",", ":")).encode())
 
 
 def export_oci_layout(store: Store, ref: str, path: str, tag: str | None = None) -> str:
@@ -729,14 +512,14 @@ def export_oci_layout(store: Store, ref: str, path: str, tag: str | None = None)
         with store.open_layer_tar(diff_id) as tar:
             digest, size = writer.put_gzip(tar)
         layers.append({"mediaType": MEDIA_LAYER_GZIP, "digest": digest, "size": size})
-    config_digest, config_size = writer.put(_canonical(config))
+    config_digest, config_size = writer.put(canonical_json(config))
     manifest = {
         "schemaVersion": 2,
         "mediaType": MEDIA_MANIFEST,
         "config": {"mediaType": MEDIA_CONFIG, "digest": config_digest, "size": config_size},
         "layers": layers,
     }
-    manifest_digest, manifest_size = writer.put(_canonical(manifest))
+    manifest_digest, manifest_size = writer.put(canonical_json(manifest))
     writer.add_to_index(
         {
             "mediaType": MEDIA_MANIFEST,
@@ -792,7 +575,7 @@ def _plain_archive(store: Store, file: str, where: str, progress: Progress | Non
                 total = os.fstat(f.fileno()).st_size
                 raw = _with_progress(f, where, total, progress)
                 with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
-                    _copy(gz, plain)
+                    shutil.copyfileobj(gz, plain, CHUNK)
                 if progress is not None:
                     raw.end()
             except (OSError, EOFError, zlib.error) as e:
@@ -822,74 +605,80 @@ def import_docker_archive(
         parse_reference(ref)
     where = f"docker-archive:{file}"
     with _plain_archive(store, file, where, progress) as f:
-        try:
-            files = tar_files(f)
-        except LayerTarError as e:  # say which file: "layer tar entry '../x'" alone misleads here
-            raise LayerTarError(f"{where}: {e.message}", hint=e.hint) from None
-
-        def member(name: str, what: str) -> _Member:
-            if not isinstance(name, str) or name not in files:
-                raise LayerTarError(f"{where}: {what} {str(name)[:200]!r} is not in the archive")
-            return _Member(f, *files[name])
-
-        def json_member(name: str, what: str) -> Any:
-            m = member(name, what)
-            if m.size > MAX_JSON:
-                raise LayerTarError(f"{where}: {what} is larger than {MAX_JSON} bytes")
-            return _loads(m.read(), f"{where}: {what}")
-
-        manifest = json_member("manifest.json", "manifest.json")
-        if (
-            not isinstance(manifest, list)
-            or not manifest
-            or not all(isinstance(m, Mapping) for m in manifest)
-        ):
-            raise LayerTarError(f"{where}: manifest.json is not a list of images")
-        if select is not None:
-            wanted = str(parse_reference(select))
-            chosen = [
-                m for m in manifest if wanted in _repo_tags(m) or select in _strings_in(m.get("RepoTags"))
-            ]
-            if not chosen:
-                raise InvalidSpecError(f"{where}: no image tagged {select!r} in the archive")
-            entry = chosen[0]
-        elif len(manifest) == 1:
-            entry = manifest[0]
-        else:
-            raise InvalidSpecError(
-                f"{where}: the archive holds {len(manifest)} images; say which one",
-                hint=f"use docker-archive:{file}:REF with one of its tags",
-            )
-        config_name = entry.get("Config")
-        config_member = member(config_name, "config")
-        config_bytes = config_member.read(MAX_JSON + 1)
-        if len(config_bytes) > MAX_JSON:
-            raise LayerTarError(f"{where}: the config is larger than {MAX_JSON} bytes")
-        stem = os.path.basename(str(config_name)).removesuffix(".json")
-        if re.fullmatch(r"[0-9a-f]{64}", stem) and hashlib.sha256(config_bytes).hexdigest() != stem:
-            raise LayerTarError(f"{where}: config {config_name!r} does not match its digest; not imported")
-        record = record_from_config(_loads(config_bytes, f"{where}: config"))
+        archive = _DockerArchive(f, where)
+        entry = _archive_entry(archive.json_member("manifest.json", "manifest.json"), select, where, file)
+        record = archive.config(entry.get("Config"))
         layers = entry.get("Layers")
         if not isinstance(layers, list) or len(layers) != len(record.layers):
             raise LayerTarError(f"{where}: manifest.json's Layers do not match the config's diff_ids")
-        created_by = _layer_created_by(record)
-        parent: str | None = None
-        members = [member(name, f"layer {i}") for i, name in enumerate(layers)]  # all there, first
-        for i, (layer, diff_id) in enumerate(zip(members, record.layers, strict=True)):
-            if store.has_layer(diff_id):
-                if progress is not None:
-                    progress(diff_id, layer.size, layer.size)
-            else:
-                reader = _with_progress(layer, diff_id, layer.size, progress)
-                store.add_layer_tar(reader, expected_diff_id=diff_id, created_by=created_by[i], parent=parent)
-                if progress is not None:
-                    reader.end()
-            parent = diff_id
+        members = [archive.member(name, f"layer {i}") for i, name in enumerate(layers)]  # all there, first
+        sources = [
+            _LayerSource(diff_id, m.size, functools.partial(_in_place, m))
+            for m, diff_id in zip(members, record.layers, strict=True)
+        ]
+        _store_layers(store, record, sources, progress)
     image_id = store.put_image(record)
     tags = [ref] if ref is not None else _repo_tags(entry)
     for t in tags:
         store.tag(t, image_id)
     return image_id
+
+
+def _in_place(member: _Member) -> contextlib.AbstractContextManager[_Member]:
+    return contextlib.nullcontext(member)
+
+
+class _DockerArchive:
+    """A ``docker save`` tarball (uncompressed, seekable), its files read in place."""
+
+    def __init__(self, f: BinaryIO, where: str) -> None:
+        self.f = f
+        self.where = where
+        try:
+            self.files = tar_files(f)
+        except LayerTarError as e:  # say which file: "layer tar entry '../x'" alone misleads here
+            raise LayerTarError(f"{where}: {e.message}", hint=e.hint) from None
+
+    def member(self, name: object, what: str) -> _Member:
+        if not isinstance(name, str) or name not in self.files:
+            raise LayerTarError(f"{self.where}: {what} {str(name)[:200]!r} is not in the archive")
+        return _Member(self.f, *self.files[name])
+
+    def json_member(self, name: str, what: str) -> Any:
+        m = self.member(name, what)
+        if m.size > MAX_JSON:
+            raise LayerTarError(f"{self.where}: {what} is larger than {MAX_JSON} bytes")
+        return loads_json(m.read(), f"{self.where}: {what}")
+
+    def config(self, name: object) -> ImageRecord:
+        """The record of config ``name``, checked against the digest its name says, if it does."""
+        config_bytes = self.member(name, "config").read(MAX_JSON + 1)
+        if len(config_bytes) > MAX_JSON:
+            raise LayerTarError(f"{self.where}: the config is larger than {MAX_JSON} bytes")
+        stem = os.path.basename(str(name)).removesuffix(".json")
+        if re.fullmatch(r"[0-9a-f]{64}", stem) and sha256_digest(config_bytes) != "sha256:" + stem:
+            raise LayerTarError(f"{self.where}: config {name!r} does not match its digest; not imported")
+        return record_from_config(loads_json(config_bytes, f"{self.where}: config"))
+
+
+def _archive_entry(manifest: Any, select: str | None, where: str, file: str) -> Mapping[str, Any]:
+    """The manifest.json entry of the image asked for: tagged ``select``, or the only one."""
+    if not isinstance(manifest, list) or not manifest or not all(isinstance(m, Mapping) for m in manifest):
+        raise LayerTarError(f"{where}: manifest.json is not a list of images")
+    if select is not None:
+        wanted = str(parse_reference(select))
+        chosen = [m for m in manifest if wanted in _repo_tags(m) or select in _strings_in(m.get("RepoTags"))]
+        if not chosen:
+            raise InvalidSpecError(f"{where}: no image tagged {select!r} in the archive")
+        entry: Mapping[str, Any] = chosen[0]
+        return entry
+    if len(manifest) == 1:
+        only: Mapping[str, Any] = manifest[0]
+        return only
+    raise InvalidSpecError(
+        f"{where}: the archive holds {len(manifest)} images; say which one",
+        hint=f"use docker-archive:{file}:REF with one of its tags",
+    )
 
 
 def _strings_in(value: object) -> list[str]:
@@ -924,14 +713,14 @@ def export_docker_archive(store: Store, ref: str, file: str, *, repo_tag: str | 
     """
     record = store.resolve(ref)
     tar_digests = [store.tar_digest(d) for d in record.layers]
-    config_bytes = _canonical(config_from_record(record, tar_digests))
-    config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
+    config_bytes = canonical_json(config_from_record(record, tar_digests))
+    config_name = sha256_digest(config_bytes)[7:] + ".json"
     tag = str(parse_reference(repo_tag or ref)) if not (repo_tag or ref).startswith("sha256:") else None
     directory = os.path.dirname(os.path.abspath(file))
     if not os.path.isdir(directory):
         raise InvalidSpecError(f"docker-archive:{file}: directory {directory!r} does not exist")
     with (
-        _AtomicFile(directory, file) as out,
+        AtomicFile(file, tmp_dir=directory) as out,
         tarfile.open(fileobj=out.file, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
         names: list[str] = []

@@ -47,17 +47,27 @@ from __future__ import annotations
 
 import errno
 import gzip
-import hashlib
 import io
 import os
 import stat
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from ..core.errors import InvalidSpecError, LayerTarError
 from ..host.cleanup import remove_tree_at
+from ..host.fstree import DIR_FLAGS, Frame, close_frames, reopen_parent
+from .manifest import HashingWriter, LayerDigest, Readable, VerifiedReader
+
+__all__ = [
+    "MAX_OPEN_DIRS",
+    "LayerDigest",
+    "digest_dir",
+    "extract_layer_tar",
+    "tar_files",
+    "write_layer_tar",
+]
 
 WHITEOUT_PREFIX = b".wh."
 WHITEOUT_META_PREFIX = b".wh..wh."
@@ -79,52 +89,10 @@ _REGULAR = (b"0", b"\0", b"7")
 _HARDLINK, _SYMLINK, _CHAR, _BLOCKDEV, _DIR, _FIFO = b"1", b"2", b"3", b"4", b"5", b"6"
 _PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK = b"x", b"g", b"L", b"K"
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Failures of the machine, not of the tar: reported as they are.
 _HOST_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
 
 _HINT = "the layer tar is malformed or hostile; re-create it with a standard tool (tar, docker save, skopeo)"
-
-
-@dataclass(frozen=True)
-class LayerDigest:
-    """A layer's OCI ``diff_id`` (sha256 of its uncompressed tar) and that tar's size in bytes."""
-
-    diff_id: str
-    size: int
-
-
-class _Sink(Protocol):
-    def write(self, data: bytes, /) -> object: ...
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
-
-
-class HashingWriter:
-    """A sink that sha256-hashes and counts what it is given, passing it on to ``out`` if any."""
-
-    def __init__(self, out: _Sink | None = None) -> None:
-        self.out = out
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        if self.out is not None:
-            self.out.write(data)
-        return len(data)
-
-    def flush(self) -> None:
-        flush = getattr(self.out, "flush", None)
-        if flush is not None:
-            flush()
-
-    def digest(self) -> LayerDigest:
-        return LayerDigest("sha256:" + self.sha.hexdigest(), self.size)
 
 
 def write_layer_tar(src_dir: str, out: BinaryIO) -> LayerDigest:
@@ -287,97 +255,108 @@ def _write_tree(src_dir: str, sink: HashingWriter) -> None:
         raise InvalidSpecError(
             f"layer directory {src_dir!r}: {e.strerror}", hint="pass an existing, readable directory"
         ) from None
-    links: dict[tuple[int, int], bytes] = {}
-    stack: list[_Frame] = []
-    try:
-        rst = os.fstat(root)
-        stack.append(_Frame(root, b"", iter(_sorted_names(root)), (rst.st_dev, rst.st_ino)))
-        while stack:
-            top = stack[-1]
-            fd, prefix = top.fd, top.prefix
-            name = next(top.names, None)
-            if name is None:
-                stack.pop()
-                try:
-                    if stack and stack[-1].fd < 0:  # climb back to the parent we let go of
-                        stack[-1].fd = _reopen_parent(stack[-1], fd, src_dir)
-                finally:
-                    os.close(fd)
-                continue
-            path = prefix + name
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if name.startswith(WHITEOUT_PREFIX):
-                raise LayerTarError(
-                    f"layer directory {src_dir!r}: {os.fsdecode(path)!r} starts with '.wh.', which in a "
-                    "layer tar means a deletion",
-                    hint="rename the file; deletions in a layer directory are character devices 0:0",
-                )
-            mode = st.st_mode
-            if stat.S_ISDIR(mode):
-                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                try:
-                    xattrs = _xattrs(sub)
-                    opaque = _opaque(sub)
-                    children = _sorted_names(sub)
-                except BaseException:
-                    os.close(sub)
-                    raise
-                if len(stack) >= max(MAX_OPEN_DIRS, 2):  # hold the first levels (and root) and the deepest
-                    os.close(top.fd)
-                    top.fd = -1
-                stack.append(_Frame(sub, path + b"/", iter(children), (st.st_dev, st.st_ino)))
-                _emit(sink, path + b"/", st, _DIR, xattrs=xattrs)
-                if opaque:
-                    _emit(sink, path + b"/" + OPAQUE_MARKER, st, _REGULAR[0], mode=mode & 0o777)
-            elif stat.S_ISREG(mode):
-                key = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and key in links:
-                    _emit(sink, path, st, _HARDLINK, linkname=links[key])
-                    continue
-                if st.st_nlink > 1:
-                    links[key] = path
-                _write_file(sink, fd, name, path, st)
-            elif stat.S_ISLNK(mode):
-                target = os.fsencode(os.readlink(name, dir_fd=fd))
-                _emit(sink, path, st, _SYMLINK, linkname=target)
-            elif _is_whiteout(st):
-                wh = prefix + WHITEOUT_PREFIX + name
-                _emit(sink, wh, st, _REGULAR[0], mode=mode & 0o777)
-            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
-                typeflag = _CHAR if stat.S_ISCHR(mode) else _BLOCKDEV if stat.S_ISBLK(mode) else _FIFO
-                proc = f"/proc/self/fd/{fd}/{os.fsdecode(name)}"
-                _emit(sink, path, st, typeflag, xattrs=_xattrs(proc))
-            # sockets are not content (as docker save): skipped
-        sink.write(b"\0" * (2 * BLOCK))
-    finally:
-        for frame in stack:
-            if frame.fd >= 0:
-                os.close(frame.fd)
+    _TreeWriter(src_dir, sink).run(root)
+    sink.write(b"\0" * (2 * BLOCK))
 
 
-@dataclass
-class _Frame:
-    """A directory being written: its fd (-1 while a subdirectory deep down is written), path
-    prefix, the names still to write, and its identity (to notice a swap when reopened)."""
+class _TreeWriter:
+    """One walk of :func:`_write_tree`: entries sorted by name, parents first.
 
-    fd: int
-    prefix: bytes
-    names: Iterator[bytes]
-    ident: tuple[int, int]
+    At most :data:`MAX_OPEN_DIRS` directories are held open: a frame deeper down lets its
+    parent's fd go (-1), and the parent is reopened through ``..`` on the way back up, its
+    identity checked (a directory moved meanwhile is an error, not a wrong tar).
+    """
 
+    def __init__(self, src_dir: str, sink: HashingWriter) -> None:
+        self.src_dir = src_dir
+        self.sink = sink
+        self.links: dict[tuple[int, int], bytes] = {}
+        self.stack: list[Frame[bytes]] = []
 
-def _reopen_parent(frame: _Frame, child_fd: int, src_dir: str) -> int:
-    """Open ``frame``'s directory again as the parent (``..``) of the child just written: the
-    identity check notices a directory that was moved meanwhile."""
-    fd = os.open(b"..", _DIR_FLAGS, dir_fd=child_fd)
-    st = os.fstat(fd)
-    if (st.st_dev, st.st_ino) != frame.ident:
-        os.close(fd)
-        raise LayerTarError(
-            f"layer directory {src_dir!r}: {os.fsdecode(frame.prefix)!r} changed while the layer was written",
-            hint="do not modify a layer directory while it is stored or exported",
-        )
-    return fd
+    def run(self, root: int) -> None:
+        try:
+            self.stack.append(Frame(root, b"", os.fstat(root), iter(_sorted_names(root))))
+        except BaseException:
+            os.close(root)
+            raise
+        try:
+            while self.stack:
+                self._step()
+        finally:
+            close_frames(self.stack)
+
+    def _step(self) -> None:
+        top = self.stack[-1]
+        name = next(top.names, None)
+        if name is None:
+            self._leave(top)
+            return
+        path = top.rel + name
+        st = os.stat(name, dir_fd=top.fd, follow_symlinks=False)
+        if name.startswith(WHITEOUT_PREFIX):
+            raise LayerTarError(
+                f"layer directory {self.src_dir!r}: {os.fsdecode(path)!r} starts with '.wh.', which in a "
+                "layer tar means a deletion",
+                hint="rename the file; deletions in a layer directory are character devices 0:0",
+            )
+        self._entry(top, name, path, st)
+
+    def _leave(self, top: Frame[bytes]) -> None:
+        """Done with ``top``: climb back to its parent, reopening it if it was let go."""
+        self.stack.pop()
+        try:
+            parent = self.stack[-1] if self.stack else None
+            if parent is not None and parent.fd < 0:
+                fd = reopen_parent(parent, top.fd)
+                if fd is None:
+                    raise LayerTarError(
+                        f"layer directory {self.src_dir!r}: {os.fsdecode(parent.rel)!r} changed while "
+                        "the layer was written",
+                        hint="do not modify a layer directory while it is stored or exported",
+                    )
+                parent.fd = fd
+        finally:
+            top.close()
+
+    def _entry(self, top: Frame[bytes], name: bytes, path: bytes, st: os.stat_result) -> None:
+        sink, fd, mode = self.sink, top.fd, st.st_mode
+        if stat.S_ISDIR(mode):
+            self._enter_dir(top, name, path, st)
+        elif stat.S_ISREG(mode):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self.links:
+                _emit(sink, path, st, _HARDLINK, linkname=self.links[key])
+                return
+            if st.st_nlink > 1:
+                self.links[key] = path
+            _write_file(sink, fd, name, path, st)
+        elif stat.S_ISLNK(mode):
+            target = os.fsencode(os.readlink(name, dir_fd=fd))
+            _emit(sink, path, st, _SYMLINK, linkname=target)
+        elif _is_whiteout(st):
+            _emit(sink, top.rel + WHITEOUT_PREFIX + name, st, _REGULAR[0], mode=mode & 0o777)
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
+            typeflag = _CHAR if stat.S_ISCHR(mode) else _BLOCKDEV if stat.S_ISBLK(mode) else _FIFO
+            proc = f"/proc/self/fd/{fd}/{os.fsdecode(name)}"
+            _emit(sink, path, st, typeflag, xattrs=_xattrs(proc))
+        # sockets are not content (as docker save): skipped
+
+    def _enter_dir(self, top: Frame[bytes], name: bytes, path: bytes, st: os.stat_result) -> None:
+        sub = os.open(name, DIR_FLAGS, dir_fd=top.fd)
+        try:
+            xattrs = _xattrs(sub)
+            opaque = _opaque(sub)
+            children = _sorted_names(sub)
+        except BaseException:
+            os.close(sub)
+            raise
+        if len(self.stack) >= max(MAX_OPEN_DIRS, 2):  # hold the first levels (and root) and the deepest
+            os.close(top.fd)
+            top.fd = -1
+        self.stack.append(Frame(sub, path + b"/", st, iter(children)))
+        _emit(self.sink, path + b"/", st, _DIR, xattrs=xattrs)
+        if opaque:
+            _emit(self.sink, path + b"/" + OPAQUE_MARKER, st, _REGULAR[0], mode=st.st_mode & 0o777)
 
 
 def _opaque(fd: int) -> bool:
@@ -417,14 +396,10 @@ def _write_file(sink: HashingWriter, dir_fd: int, name: bytes, path: bytes, st: 
 # --------------------------------------------------------------------------------------------
 
 
-class _Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
-
-
 class _Prepend:
     """A stream with some already-read bytes put back in front."""
 
-    def __init__(self, head: bytes, rest: _Readable) -> None:
+    def __init__(self, head: bytes, rest: Readable) -> None:
         self.head = head
         self.rest = rest
 
@@ -441,7 +416,7 @@ class _Prepend:
         raise io.UnsupportedOperation("a layer stream is read once, front to back")
 
 
-def _decompressed(stream: _Readable) -> _Readable:
+def _decompressed(stream: Readable) -> Readable:
     head = b""
     while len(head) < 6:
         more = stream.read(6 - len(head))
@@ -460,16 +435,19 @@ def _decompressed(stream: _Readable) -> _Readable:
 
 
 class _Reader:
-    """The uncompressed tar stream: exact reads, hashed as they go."""
+    """The uncompressed tar stream: exact reads, hashed as they go (the layer's diff_id)."""
 
-    def __init__(self, raw: _Readable) -> None:
-        self.raw = raw
-        self.sha = hashlib.sha256()
-        self.size = 0
+    def __init__(self, raw: Readable) -> None:
+        self.hashed = VerifiedReader(raw)
+
+    @property
+    def size(self) -> int:
+        """How many bytes were read so far."""
+        return self.hashed.seen
 
     def _read(self, n: int) -> bytes:
         try:
-            return self.raw.read(n)
+            return self.hashed.read(n)
         except (OSError, EOFError, zlib.error) as e:
             raise LayerTarError(f"the layer's compressed stream is corrupt ({e})", hint=_HINT) from None
 
@@ -483,10 +461,7 @@ class _Reader:
                 break
             parts.append(data)
             left -= len(data)
-        out = b"".join(parts)
-        self.sha.update(out)
-        self.size += len(out)
-        return out
+        return b"".join(parts)
 
     def exact(self, n: int, what: str) -> bytes:
         """Exactly ``n`` bytes, or a LayerTarError: the archive ended inside an entry."""
@@ -500,7 +475,7 @@ class _Reader:
             pass
 
     def digest(self) -> LayerDigest:
-        return LayerDigest("sha256:" + self.sha.hexdigest(), self.size)
+        return self.hashed.digest()
 
 
 def _number(field: bytes, what: str) -> int:
@@ -726,10 +701,10 @@ class _Extractor:
     def _open_child_dir(self, parent: int, name: bytes, entry: _Entry) -> int:
         """``parent/name`` as a directory fd, made if missing; never through a symlink."""
         try:
-            return os.open(name, _DIR_FLAGS, dir_fd=parent)
+            return os.open(name, DIR_FLAGS, dir_fd=parent)
         except FileNotFoundError:
             os.mkdir(name, 0o755, dir_fd=parent)
-            return os.open(name, _DIR_FLAGS, dir_fd=parent)
+            return os.open(name, DIR_FLAGS, dir_fd=parent)
         except OSError as e:
             if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
@@ -737,7 +712,7 @@ class _Extractor:
         if _is_whiteout(st):  # a deletion earlier in this layer, now a directory again
             os.unlink(name, dir_fd=parent)
             os.mkdir(name, 0o755, dir_fd=parent)
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent)
             os.setxattr(fd, OPAQUE_XATTR, b"y")
             return fd
         shown = name.decode("utf-8", "backslashreplace")
@@ -852,12 +827,12 @@ class _Extractor:
         typeflag = entry.typeflag
         if typeflag == _DIR:
             if existing is not None and stat.S_ISDIR(existing.st_mode):
-                fd = os.open(base, _DIR_FLAGS, dir_fd=parent)
+                fd = os.open(base, DIR_FLAGS, dir_fd=parent)
             else:
                 was_whiteout = existing is not None and _is_whiteout(existing)
                 self._clear(parent, base, existing)
                 os.mkdir(base, 0o700, dir_fd=parent)
-                fd = os.open(base, _DIR_FLAGS, dir_fd=parent)
+                fd = os.open(base, DIR_FLAGS, dir_fd=parent)
                 if was_whiteout:
                     os.setxattr(fd, OPAQUE_XATTR, b"y")
             try:
@@ -962,7 +937,7 @@ class _Extractor:
         opened: list[int] = []
         try:
             for part in target[:-1]:
-                tparent = os.open(part, _DIR_FLAGS, dir_fd=tparent)
+                tparent = os.open(part, DIR_FLAGS, dir_fd=tparent)
                 opened.append(tparent)
             os.link(target[-1], base, src_dir_fd=tparent, dst_dir_fd=parent, follow_symlinks=False)
         finally:
@@ -1007,7 +982,7 @@ class _Extractor:
             self.linkable.discard((*parts[:-1], name))
         elif stat.S_ISDIR(existing.st_mode):
             # this layer's own directory of that name stays; the lower one is hidden
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent)
             try:
                 os.setxattr(fd, OPAQUE_XATTR, b"y")
             finally:
@@ -1055,7 +1030,7 @@ def extract_layer_tar(stream: BinaryIO, dest_dir: str) -> LayerDigest:
     entry; ``dest_dir`` then holds a partial tree, which the caller removes.
     """
     try:
-        root = os.open(dest_dir, _DIR_FLAGS)
+        root = os.open(dest_dir, DIR_FLAGS)
     except OSError as e:
         raise InvalidSpecError(
             f"extraction target {dest_dir!r}: {e.strerror}", hint="pass an empty directory you created"

@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import gzip
-import hashlib
 import http.client
 import io
 import ipaddress
@@ -60,7 +58,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, TextIO, TypeVar
 
 from ..core.errors import (
@@ -71,8 +69,10 @@ from ..core.errors import (
     RegistryError,
     RegistryNotFoundError,
 )
-from ..core.reference import Reference, parse_reference
-from .archive import (
+from ..core.imagemodel import canonical_json, sha256_digest
+from ..core.reference import Reference, is_digest, parse_reference
+from .manifest import (
+    CHUNK,
     INDEX_TYPES,
     LAYER_TYPES,
     MANIFEST_TYPES,
@@ -80,11 +80,16 @@ from .archive import (
     MEDIA_INDEX,
     MEDIA_LAYER_GZIP,
     MEDIA_MANIFEST,
+    Descriptor,
+    VerifiedReader,
+    check_digest,
     config_from_record,
-    host_arch,
+    gzip_blob,
+    host_platform,
+    loads_json,
     record_from_config,
+    select_platform,
 )
-from .layertar import HashingWriter
 from .store import Store
 
 if TYPE_CHECKING:
@@ -97,7 +102,6 @@ MAX_MANIFEST_BYTES = 4 << 20  # containerd's limit
 MAX_CONFIG_BYTES = 16 << 20
 MAX_TOKEN_BYTES = 1 << 20
 MAX_ERROR_BYTES = 4096
-CHUNK = 1 << 20
 DEFAULT_TIMEOUT = 60.0
 INSECURE_ENV = "PYTEST_SANDBOX_INSECURE_REGISTRIES"
 MIRRORS_ENV = "PYTEST_SANDBOX_REGISTRY_MIRRORS"
@@ -106,7 +110,6 @@ INSECURE_HINT = (
     "PYTEST_SANDBOX_INSECURE_REGISTRIES={host} (comma-separated, as daemon.json's insecure-registries)"
 )
 
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -247,60 +250,6 @@ def _canonical_registry(registry: str) -> str:
 
 
 @dataclass(frozen=True)
-class Descriptor:
-    """An OCI content descriptor: what a blob or manifest is, its digest and its size."""
-
-    media_type: str
-    digest: str
-    size: int
-    platform: dict[str, Any] = field(default_factory=dict, compare=False)
-    annotations: dict[str, str] = field(default_factory=dict, compare=False)
-
-    @classmethod
-    def from_json(cls, data: Any, what: str) -> Descriptor:
-        if not isinstance(data, dict):
-            raise RegistryError(f"{what}: a descriptor must be a JSON object, got {type(data).__name__}")
-        digest, size, media_type = data.get("digest"), data.get("size"), data.get("mediaType", "")
-        check_digest(digest, what)
-        assert isinstance(digest, str)
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise RegistryError(f"{what}: descriptor {digest} has no valid size ({size!r})")
-        if not isinstance(media_type, str):
-            raise RegistryError(f"{what}: descriptor {digest} has a non-string mediaType")
-        plat = data.get("platform") or {}
-        annotations = data.get("annotations") or {}
-        return cls(
-            media_type,
-            digest,
-            size,
-            plat if isinstance(plat, dict) else {},
-            annotations if isinstance(annotations, dict) else {},
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
-        if self.platform:
-            out["platform"] = self.platform
-        if self.annotations:
-            out["annotations"] = self.annotations
-        return out
-
-
-def check_digest(digest: object, what: str) -> str:
-    """A sha256 digest as the registry API accepts it, or RegistryError (it comes from the network)."""
-    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise RegistryError(
-            f"{what}: {digest!r} is not a sha256 digest",
-            hint="only sha256:<64 hex digits> digests are supported",
-        )
-    return digest
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-@dataclass(frozen=True)
 class Manifest:
     """A manifest or index as fetched: its media type, digest, exact bytes and parsed JSON."""
 
@@ -311,10 +260,7 @@ class Manifest:
 
     @classmethod
     def parse(cls, raw: bytes, content_type: str, what: str) -> Manifest:
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RegistryError(f"{what}: the manifest is not JSON ({e})") from None
+        data = loads_json(raw, f"{what}: the manifest", RegistryError)
         if not isinstance(data, dict):
             raise RegistryError(f"{what}: the manifest is not a JSON object")
         media_type = data.get("mediaType") or content_type.split(";", maxsplit=1)[0].strip()
@@ -337,7 +283,7 @@ class Manifest:
 
     @property
     def config(self) -> Descriptor:
-        return Descriptor.from_json(self.data.get("config"), f"manifest {self.digest} config")
+        return Descriptor.from_json(self.data.get("config"), f"manifest {self.digest} config", RegistryError)
 
     @property
     def layers(self) -> tuple[Descriptor, ...]:
@@ -345,7 +291,8 @@ class Manifest:
         if not isinstance(layers, list):
             raise RegistryError(f"manifest {self.digest}: 'layers' is not a list")
         return tuple(
-            Descriptor.from_json(d, f"manifest {self.digest} layer {i}") for i, d in enumerate(layers)
+            Descriptor.from_json(d, f"manifest {self.digest} layer {i}", RegistryError)
+            for i, d in enumerate(layers)
         )
 
     @property
@@ -353,29 +300,10 @@ class Manifest:
         entries = self.data.get("manifests")
         if not isinstance(entries, list):
             raise RegistryError(f"index {self.digest}: 'manifests' is not a list")
-        return tuple(Descriptor.from_json(d, f"index {self.digest} entry {i}") for i, d in enumerate(entries))
-
-
-def host_platform() -> tuple[str, str]:
-    """(os, architecture) in the OCI/Go spelling: ("linux", "amd64") on x86-64."""
-    return "linux", host_arch()
-
-
-def select_platform(index: Manifest, want: tuple[str, str] | None = None) -> Descriptor:
-    """The entry of an image index for ``want`` (default: this host), or RegistryNotFoundError."""
-    os_name, arch = want or host_platform()
-    seen = []
-    for desc in index.manifests:
-        plat = desc.platform
-        seen.append(f"{plat.get('os', '?')}/{plat.get('architecture', '?')}")
-        if plat.get("os") == os_name and plat.get("architecture") == arch:
-            if desc.media_type and desc.media_type not in MANIFEST_TYPES:
-                continue
-            return desc
-    raise RegistryNotFoundError(
-        f"index {index.digest} has no image for {os_name}/{arch} (it has: {', '.join(seen) or 'none'})",
-        hint="pull an image built for this platform",
-    )
+        return tuple(
+            Descriptor.from_json(d, f"index {self.digest} entry {i}", RegistryError)
+            for i, d in enumerate(entries)
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,6 +414,18 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
                 hint="the registry (or its storage backend) must redirect to https URLs",
             )
         return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _Body:
+    """A response body, read through its endpoint: a body cut short is a RegistryConnectionError."""
+
+    def __init__(self, ep: _Endpoint, resp: IO[bytes], url: str) -> None:
+        self.ep = ep
+        self.resp = resp
+        self.url = url
+
+    def read(self, n: int = -1, /) -> bytes:
+        return self.ep.read(self.resp, n, self.url)
 
 
 class _Endpoint:
@@ -862,7 +802,7 @@ class RegistryClient:
         """The manifest or index ``repository:reference`` (a tag or a digest), checked."""
         scope = self._scope(repository)
         if reference.startswith("sha256:"):
-            check_digest(reference, "manifest reference")
+            check_digest(reference, "manifest reference", RegistryError)
         elif not _TAG.fullmatch(reference):
             raise InvalidSpecError(f"{reference!r} is neither a tag nor a sha256 digest")
         what = f"{self.registry}/{repository}:{reference}"
@@ -882,7 +822,7 @@ class RegistryClient:
             manifest = Manifest.parse(raw, content_type, what)
             if reference.startswith("sha256:") and manifest.digest != reference:
                 raise RegistryDigestError(f"{what}: manifest digest is {manifest.digest}, not {reference}")
-            if _DIGEST.fullmatch(header_digest) and header_digest != manifest.digest:
+            if is_digest(header_digest) and header_digest != manifest.digest:
                 raise RegistryDigestError(
                     f"{what}: manifest digest is {manifest.digest}, the registry says {header_digest}"
                 )
@@ -894,7 +834,10 @@ class RegistryClient:
         """The image manifest for this platform: an index is followed to its matching entry."""
         manifest = self.get_manifest(repository, reference)
         if manifest.is_index:
-            manifest = self.get_manifest(repository, select_platform(manifest, want).digest)
+            entry = select_platform(
+                manifest.manifests, f"index {manifest.digest}", want, RegistryNotFoundError
+            )
+            manifest = self.get_manifest(repository, entry.digest)
             if manifest.is_index:
                 raise RegistryError(
                     f"{repository}@{manifest.digest}: an index inside an index is not supported"
@@ -910,34 +853,21 @@ class RegistryClient:
         write to a temporary file and drop it.
         """
         scope = self._scope(repository)
-        check_digest(desc.digest, "blob")
+        check_digest(desc.digest, "blob", RegistryError)
         start = out.tell()
 
         def fetch(ep: _Endpoint) -> None:
             out.seek(start)
             out.truncate()
-            h = hashlib.sha256()
-            n = 0
             path = f"/v2/{repository}/blobs/{desc.digest}"
+            what = f"{ep.host}/{repository} blob {desc.digest}"
             with ep.request("GET", path, scope=scope) as resp:
-                while chunk := ep.read(resp, CHUNK, ep.base + path):
-                    n += len(chunk)
-                    if n > desc.size:
-                        raise RegistryDigestError(
-                            f"{ep.host}/{repository} blob {desc.digest}: more than the {desc.size} bytes "
-                            "its descriptor says; rejected"
-                        )
-                    h.update(chunk)
+                body = _Body(ep, resp, ep.base + path)
+                reader = VerifiedReader(body, desc.digest, desc.size, what, RegistryDigestError)
+                while chunk := reader.read(CHUNK):
                     out.write(chunk)
                     if progress is not None:
-                        progress(n)
-            got = "sha256:" + h.hexdigest()
-            if n != desc.size or got != desc.digest:
-                raise RegistryDigestError(
-                    f"{ep.host}/{repository} blob {desc.digest}: received {n} bytes with digest {got} "
-                    f"(expected {desc.size} bytes); rejected, nothing stored",
-                    hint="the registry's copy is corrupt, or something between it and you altered it",
-                )
+                        progress(reader.seen)
 
         self._read(fetch)
 
@@ -957,7 +887,7 @@ class RegistryClient:
         try:
             self.origin.request(
                 "HEAD",
-                f"/v2/{repository}/blobs/{check_digest(digest, 'blob')}",
+                f"/v2/{repository}/blobs/{check_digest(digest, 'blob', RegistryError)}",
                 scope=self._scope(repository, True),
             ).close()
         except RegistryNotFoundError:
@@ -1130,7 +1060,7 @@ def _diff_ids(config: dict[str, Any], count: int, what: str) -> list[str]:
         raise RegistryError(
             f"{what}: the config's rootfs.diff_ids does not list one digest per layer ({count} layers)"
         )
-    return [check_digest(d, f"{what} rootfs.diff_ids") for d in diff_ids]
+    return [check_digest(d, f"{what} rootfs.diff_ids", RegistryError) for d in diff_ids]
 
 
 def _check_platform(config: dict[str, Any], what: str) -> None:
@@ -1216,17 +1146,6 @@ def pull(
     return PullResult(image_id, tag, manifest.digest, tuple(downloaded), tuple(present))
 
 
-def _gzip_layer(tar: IO[bytes], out: IO[bytes]) -> tuple[str, int]:
-    """Compress ``tar`` into ``out`` (deterministic: no name, mtime 0); (digest, size) of the gzip."""
-    sink = HashingWriter(out)
-    with gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=6) as gz:
-        while chunk := tar.read(CHUNK):
-            gz.write(chunk)
-    out.flush()
-    blob = sink.digest()
-    return blob.diff_id, blob.size
-
-
 def push(
     ref: str | Reference,
     store: Store | None = None,
@@ -1256,7 +1175,8 @@ def push(
     for i, diff_id in enumerate(record.layers, 1):
         with store.tempdir() as tmp, open(os.path.join(tmp, "blob"), "w+b") as blob:
             with store.open_layer_tar(diff_id) as tar:
-                digest, size = _gzip_layer(tar, blob)
+                gz = gzip_blob(tar, blob)
+            digest, size = gz.diff_id, gz.size
             if show is not None:
                 with show.layer(i, len(record.layers), digest, size, verb="push"):
                     sent = client.push_blob(repository, digest, blob, size)
@@ -1264,7 +1184,7 @@ def push(
                 sent = client.push_blob(repository, digest, blob, size)
         (uploaded if sent else present).append(digest)
         descs.append(Descriptor(MEDIA_LAYER_GZIP, digest, size))
-    raw_config = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    raw_config = canonical_json(config)
     config_desc = Descriptor(MEDIA_CONFIG, sha256_digest(raw_config), len(raw_config))
     client.push_blob(repository, config_desc.digest, io.BytesIO(raw_config), len(raw_config))
     manifest = {
@@ -1273,7 +1193,7 @@ def push(
         "config": config_desc.to_json(),
         "layers": [d.to_json() for d in descs],
     }
-    raw = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    raw = canonical_json(manifest)
     digest = client.put_manifest(repository, parsed.effective_tag or "latest", raw, MEDIA_MANIFEST)
     if show is not None:
         show.note(f"pushed {what}: manifest {digest}")

@@ -42,7 +42,7 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from ..core import naming
@@ -60,9 +60,20 @@ from ..core.imagemodel import ImageRecord, LayerInfo, StoredImage, canonical_jso
 from ..core.reference import Reference, is_digest, parse_digest, parse_reference
 from ..host.cleanup import remove_tree
 
+# The tree walks live with the host's filesystem code; re-exported (build steps copy with them).
+from ..host.fstree import (
+    OVERFLOW_ID,
+    IdMap,
+    copy_file_at,
+    copy_tree,
+    file_snapshot,
+    shift_ids,
+    stat_snapshot,
+    write_atomic,
+)
+
 if TYPE_CHECKING:
     from filelock import FileLock
-
 
 __all__ = [
     "OVERFLOW_ID",
@@ -80,10 +91,6 @@ __all__ = [
     "write_atomic",
 ]
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_KEEP_OVERLAY_XATTRS = frozenset({"trusted.overlay.opaque"})
-_REFUSED_OVERLAY_XATTRS = frozenset({"trusted.overlay.metacopy", "trusted.overlay.redirect"})
-
 
 def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -91,277 +98,6 @@ def now_rfc3339() -> str:
 
 def _sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-# -- stat snapshots ------------------------------------------------------------------------
-
-
-def stat_snapshot(path: str) -> str:
-    """A digest of every entry's stat below ``path`` (lstat, never following a symlink).
-
-    Unchanged tree -> same value, without reading any file's contents.  The ctime catches every
-    change to an inode (a content write, chmod, chown, xattr, utime -- and cannot be set back),
-    the inode number a replacement, the entry list a create, delete or rename.  One fstatat per
-    entry is the whole cost (~1.5 us each on a VM with retpolines).
-    """
-    root = os.open(path, _DIR_FLAGS)
-    h = hashlib.sha256()
-    lstat = os.stat
-    stack: list[tuple[int, str]] = []
-    try:
-        st = os.fstat(root)
-        h.update(repr((st.st_dev, st.st_ino, st.st_mode, st.st_ctime_ns, st.st_mtime_ns)).encode())
-        stack.append((root, ""))
-        root = -1
-        while stack:
-            fd, rel = stack.pop()
-            try:
-                rows = []
-                for name in os.listdir(fd):
-                    s = lstat(name, dir_fd=fd, follow_symlinks=False)
-                    rows.append((name, s.st_ino, s.st_ctime_ns, s.st_mtime_ns, s.st_size, s.st_mode))
-                    if stat.S_ISDIR(s.st_mode):
-                        stack.append((os.open(name, _DIR_FLAGS, dir_fd=fd), f"{rel}/{name}"))
-                rows.sort()
-                h.update(repr((rel, rows)).encode("utf-8", "surrogateescape"))
-            finally:
-                os.close(fd)
-    finally:
-        if root >= 0:
-            os.close(root)
-        for fd, _ in stack:
-            os.close(fd)
-    return h.hexdigest()
-
-
-def file_snapshot(path: str) -> str:
-    s = os.lstat(path)
-    return repr((s.st_dev, s.st_ino, s.st_mode, s.st_uid, s.st_gid, s.st_size, s.st_mtime_ns, s.st_ctime_ns))
-
-
-# -- copying trees -------------------------------------------------------------------------
-
-IdMap = Callable[[int], int]
-
-
-OVERFLOW_ID = 65534  # the kernel's default overflowuid/overflowgid: how it shows an unmapped id
-
-
-def shift_ids(base: int, size: int = naming.ID_RANGE) -> IdMap:
-    """Host ids ``base..base+size-1`` back to container ids ``0..size-1``.
-
-    An id below ``size`` outside that range is kept: a lower layer's own id, copied up where the
-    layer's filesystem could not be idmapped.  Any other id -- a host user's, another
-    container's range -- means nothing in the container (it saw "nobody"): it becomes
-    :data:`OVERFLOW_ID`, so a committed layer never carries (or exports) a host id.
-    """
-
-    def shift(x: int) -> int:
-        if base <= x < base + size:
-            return x - base
-        return x if x < size else OVERFLOW_ID
-
-    return shift
-
-
-def _copy_xattrs(src_fd: int, dst_fd: int) -> None:
-    try:
-        names = os.listxattr(src_fd)
-    except OSError as e:
-        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return
-        raise
-    for name in names:
-        if name in _REFUSED_OVERLAY_XATTRS:
-            # Dropping the mark would store a file without its data (metacopy: the data is in a
-            # lower layer) or a renamed directory without its contents (redirect): refuse.
-            raise InvalidSpecError(
-                f"an entry carries {name}: it is an overlayfs upper entry that needs the lower "
-                "layers it was made on, and cannot become a layer of its own",
-                hint="mount overlays with metacopy=off,redirect_dir=off (the kernel's default) "
-                "or copy the merged view instead of the upper directory",
-            )
-        if name.startswith("trusted.overlay.") and name not in _KEEP_OVERLAY_XATTRS:
-            continue  # origin, impure, nlink...: bookkeeping about the container's lower layers
-        os.setxattr(dst_fd, name, os.getxattr(src_fd, name))
-
-
-def _copy_data(src_fd: int, dst_fd: int, size: int) -> None:
-    offset = 0
-    while True:
-        try:
-            n = os.sendfile(dst_fd, src_fd, offset, max(size - offset, 1 << 20))
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOSYS):
-                raise
-            os.lseek(src_fd, offset, os.SEEK_SET)
-            while chunk := os.read(src_fd, 1 << 20):
-                os.write(dst_fd, chunk)
-            return
-        if n == 0:
-            return
-        offset += n
-
-
-def copy_tree(
-    src: str,
-    dest: str,
-    *,
-    ids: IdMap | None = None,
-    owner: tuple[int, int] | None = None,
-    skip: Callable[[str], bool] | None = None,
-) -> None:
-    """Copy the tree at ``src`` to ``dest`` (created; must not exist), as an overlay layer holds it.
-
-    fd-based and iterative: no symlink is ever followed on the source side (a running container
-    cannot redirect the copy), depth costs no recursion.  Kept: modes (setuid too), numeric owners
-    (through ``ids``, or all ``owner``), mtimes, hardlinks, xattrs (of ``trusted.overlay.*`` only
-    the opaque mark), whiteouts (character devices 0:0), fifos.  Sockets are skipped; any other
-    device node is refused.  ``skip(rel)`` leaves out an entry (``rel`` is ``a/b``, no leading /).
-    """
-    idmap = ids or (lambda x: x)
-
-    def own(s: os.stat_result) -> tuple[int, int]:
-        return owner if owner is not None else (idmap(s.st_uid), idmap(s.st_gid))
-
-    links: dict[tuple[int, int], str] = {}
-    stack: list[_Frame] = []
-    src_root = os.open(src, _DIR_FLAGS)
-    dst_root = _mkdir_open(dest, dir_fd=None, or_close=src_root)
-    try:
-        _push_frame(stack, src_root, dst_root, "")
-        while stack:
-            sfd, dfd, rel, names, dst = stack[-1]
-            if not names:
-                stack.pop()
-                try:
-                    os.fchown(dfd, *own(dst))
-                    os.fchmod(dfd, stat.S_IMODE(dst.st_mode))
-                    _copy_xattrs(sfd, dfd)
-                    os.utime(dfd, ns=(dst.st_atime_ns, dst.st_mtime_ns))
-                finally:
-                    os.close(sfd)
-                    os.close(dfd)
-                continue
-            name = names.pop()
-            path = f"{rel}/{name}" if rel else name
-            if skip is not None and skip(path):
-                continue
-            try:
-                s = os.stat(name, dir_fd=sfd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # deleted meanwhile (a running container)
-            mode = s.st_mode
-            if stat.S_ISDIR(mode):
-                sub = os.open(name, _DIR_FLAGS, dir_fd=sfd)
-                _push_frame(stack, sub, _mkdir_open(name, dir_fd=dfd, or_close=sub), path)
-            elif stat.S_ISREG(mode):
-                key = (s.st_dev, s.st_ino)
-                if s.st_nlink > 1 and key in links:
-                    os.link(links[key], path, src_dir_fd=dst_root, dst_dir_fd=dst_root, follow_symlinks=False)
-                    continue
-                copy_file_at(sfd, name, dfd, name, owner=own(s))
-                if s.st_nlink > 1:
-                    links[key] = path
-            elif stat.S_ISLNK(mode):
-                os.symlink(os.readlink(name, dir_fd=sfd), name, dir_fd=dfd)
-                os.chown(name, *own(s), dir_fd=dfd, follow_symlinks=False)
-                os.utime(name, ns=(s.st_atime_ns, s.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)
-            elif (stat.S_ISCHR(mode) and s.st_rdev == 0) or stat.S_ISFIFO(mode):
-                if stat.S_ISFIFO(mode):
-                    os.mkfifo(name, 0o600, dir_fd=dfd)
-                else:
-                    os.mknod(name, stat.S_IFCHR | 0o600, 0, dir_fd=dfd)
-                os.chown(name, *own(s), dir_fd=dfd, follow_symlinks=False)
-                os.chmod(name, stat.S_IMODE(mode), dir_fd=dfd)  # a device or fifo we made: no symlink
-                os.utime(name, ns=(s.st_atime_ns, s.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)
-            elif stat.S_ISSOCK(mode):
-                continue  # a socket is a live endpoint, not content (docker commit drops them too)
-            else:
-                raise InvalidSpecError(
-                    f"{src}/{path}: a device node ({os.major(s.st_rdev)}:{os.minor(s.st_rdev)}); "
-                    "a layer may hold only whiteouts (character devices 0:0)"
-                )
-    finally:
-        for sfd, dfd, *_ in stack:
-            os.close(sfd)
-            os.close(dfd)
-
-
-# A directory being copied: (src fd, dst fd, rel, names left to copy, the source directory's stat).
-_Frame = tuple[int, int, str, list[str], os.stat_result]
-
-
-def _mkdir_open(path: str, *, dir_fd: int | None, or_close: int) -> int:
-    """mkdir ``path`` (0700 until its own mode is set last) and open it; on error close ``or_close``.
-
-    Every fd copy_tree opens is owned by exactly one place at any time -- this helper until it
-    returns, then the stack -- so no error path (an existing target, ENOSPC, EMFILE) leaks one.
-    """
-    try:
-        os.mkdir(path, 0o700, dir_fd=dir_fd)
-        return os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
-    except BaseException:
-        os.close(or_close)
-        raise
-
-
-def _push_frame(stack: list[_Frame], sfd: int, dfd: int, rel: str) -> None:
-    """Push a directory to copy; on error (listing it) both of its fds are closed here."""
-    try:
-        frame = (sfd, dfd, rel, sorted(os.listdir(sfd), reverse=True), os.fstat(sfd))
-    except BaseException:
-        os.close(sfd)
-        os.close(dfd)
-        raise
-    stack.append(frame)
-
-
-def copy_file_at(
-    sfd: int,
-    name: str,
-    dfd: int,
-    dest_name: str,
-    *,
-    owner: tuple[int, int] | None = None,
-    ids: IdMap | None = None,
-) -> None:
-    """Copy regular file ``name`` (in directory ``sfd``, not followed if a symlink) to ``dest_name``."""
-    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=sfd)
-    try:
-        s = os.fstat(src)
-        if not stat.S_ISREG(s.st_mode):
-            raise InvalidSpecError(f"{name!r} is not a regular file (it changed while being copied?)")
-        if owner is None:
-            idmap = ids or (lambda x: x)
-            owner = (idmap(s.st_uid), idmap(s.st_gid))
-        dst = os.open(
-            dest_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd
-        )
-        try:
-            _copy_data(src, dst, s.st_size)
-            os.fchown(dst, *owner)
-            os.fchmod(dst, stat.S_IMODE(s.st_mode))  # after chown, which clears setuid/setgid
-            _copy_xattrs(src, dst)  # after chown, which drops security.capability
-            os.utime(dst, ns=(s.st_atime_ns, s.st_mtime_ns))
-        finally:
-            os.close(dst)
-    finally:
-        os.close(src)
-
-
-def write_atomic(path: str, data: bytes, *, tmp_dir: str | None = None) -> None:
-    """Write ``data`` to ``path`` (0644) via a temporary file in ``tmp_dir`` and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir or os.path.dirname(path), prefix=naming.PREFIX + "-w-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _check_dir(path: object, what: str) -> str:

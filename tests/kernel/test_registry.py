@@ -31,23 +31,23 @@ from pytest_sandbox.core.errors import (
     RegistryNotFoundError,
     SandboxError,
 )
-from pytest_sandbox.images.archive import (
+from pytest_sandbox.core.imagemodel import sha256_digest
+from pytest_sandbox.images.manifest import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     MEDIA_CONFIG,
     MEDIA_INDEX,
     MEDIA_LAYER_GZIP,
     MEDIA_MANIFEST,
+    Descriptor,
+    host_platform,
 )
 from pytest_sandbox.images.registry import (
-    Descriptor,
     Progress,
     RegistryClient,
     RegistrySettings,
-    host_platform,
     pull,
     push,
-    sha256_digest,
 )
 from pytest_sandbox.images.store import ImageRecord, Store
 from tests.registry_support import (

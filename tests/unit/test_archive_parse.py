@@ -16,11 +16,10 @@ from pytest_sandbox import InvalidSpecError
 from pytest_sandbox.image import History, ImageConfig
 from pytest_sandbox.images.archive import (
     Transport,
-    config_from_record,
     import_image,
     parse_transport,
-    record_from_config,
 )
+from pytest_sandbox.images.manifest import config_from_record, record_from_config
 from pytest_sandbox.images.store import ImageRecord, Store
 
 
@@ -92,7 +91,7 @@ def test_record_from_config_refuses_bad_configs(config: dict[str, object], messa
 
 
 def test_media_types_and_hashing_writer_are_public() -> None:
-    from pytest_sandbox.images import archive as oci
+    from pytest_sandbox.images import manifest as oci
 
     assert oci.MANIFEST_TYPES == (oci.MEDIA_MANIFEST, oci.DOCKER_MANIFEST)
     assert oci.INDEX_TYPES == (oci.MEDIA_INDEX, oci.DOCKER_MANIFEST_LIST)
