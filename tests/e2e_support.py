@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_sandbox.core.naming import PREFIX, PROJECT_CGROUP, owner_tag, proc_stat, process_start_time
-from pytest_sandbox.host.cgroups._fs import V1_CONTROLLERS
-from pytest_sandbox.runtime import get_runtime
+from tests.probes import V1_CONTROLLERS
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -39,15 +38,6 @@ def proc_state(pid: int) -> str | None:
     """The one-letter state of ``pid`` (``R``, ``S``, ``Z``...), None if it is gone."""
     fields = proc_stat(pid)
     return None if fields is None else fields[0]
-
-
-def launcher_pid() -> int:
-    """This process's launcher, started if need be."""
-    rt = get_runtime()
-    rt.info()
-    pid = rt.client.pid
-    assert pid is not None
-    return pid
 
 
 def comm(pid: int) -> str:
@@ -226,12 +216,6 @@ def owner_cgroup_dirs(owner: str, root: str = CGROUP_ROOT) -> list[str]:
     pattern_v1 = os.path.join(root, "*", PROJECT_CGROUP, owner)
     pattern_v2 = os.path.join(root, PROJECT_CGROUP, owner)
     return sorted(glob.glob(pattern_v1) + glob.glob(pattern_v2))
-
-
-def cgroup_backend_name() -> str:
-    from pytest_sandbox.runtime import get_runtime
-
-    return str(get_runtime().info()["cgroup"])
 
 
 def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.01) -> float | None:

@@ -27,7 +27,7 @@ import pytest
 from pytest_sandbox import Image
 from pytest_sandbox.core.naming import PROJECT_CGROUP
 from pytest_sandbox.host.cgroups.base import Cgroup
-from pytest_sandbox.runtime import get_runtime
+from tests import probes
 from tests.e2e_support import Spawn, children, comm, descendants
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
@@ -56,16 +56,15 @@ class LeakSnapshot:
 
     @classmethod
     def take(cls) -> LeakSnapshot:
-        rt = get_runtime()
         # The hub namespace and the psbx-net thread live as long as the session: made before the
         # first snapshot, so their fds and thread are part of every "before".
-        hub = rt.networks.hub
-        spares = rt.networks.spare_links()  # namespaces made ahead for a network's next start
+        hub = probes.hub()
+        spares = probes.spare_links()  # namespaces made ahead for a network's next start
         networks = {f"link {n}" for n in hub.link_names() if n != "lo" and n not in spares}
-        networks |= {f"lease {s}" for s in rt.networks.leases.mine()}
+        networks |= {f"lease {s}" for s in probes.my_leases()}
         # Nothing of ours belongs in the host's own namespace at all (not only the hub's).
         networks |= {f"host link {n}" for n in os.listdir("/sys/class/net") if n.startswith("psbx")}
-        launcher = rt.client.pid
+        launcher = probes.launcher_pid_if_started()
         procs: set[str] = set()
         if launcher:
             # The launcher's long-lived helpers are part of it: the cleaner, and the spare (a
@@ -74,17 +73,17 @@ class LeakSnapshot:
         # And this process's own children (a second launcher, a server a test forgot), zombies too.
         procs |= {f"{p} {comm(p)} (child)" for p in children(os.getpid()) if p != launcher}
         cgroups: set[str] = set()
-        for root, dirs, _files in _walk_cgroups(rt.owner, rt.config.cgroup_root):
+        for root, dirs, _files in _walk_cgroups(probes.owner(), probes.cgroup_root()):
             cgroups.update(os.path.join(root, d) for d in dirs if not _is_spare_cgroup(os.path.join(root, d)))
         try:
-            state = {e for e in os.listdir(rt.state_dir) if e != "launcher.log"}
+            state = {e for e in os.listdir(probes.state_dir()) if e != "launcher.log"}
         except FileNotFoundError:
             state = set()
         with open("/proc/self/mountinfo") as f:
             mounts = {line.split()[4] for line in f if "psbx" in line}
         names = sorted(t.name for t in threading.enumerate() if t.name != "psbx-launcher-reader")
         threads = {f"{name} #{names[:i].count(name) + 1}" for i, name in enumerate(names)}
-        fds = set(os.listdir("/proc/self/fd")) - {str(rt.client.fileno())}
+        fds = set(os.listdir("/proc/self/fd")) - {str(probes.launcher_fd())}
         return cls(
             frozenset(procs),
             frozenset(cgroups),

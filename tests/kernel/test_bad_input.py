@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from pytest_sandbox import (
 )
 from pytest_sandbox.core.errors import SetupError
 from pytest_sandbox.core.naming import PROJECT_CGROUP
-from pytest_sandbox.runtime import Runtime, get_runtime
+from tests import probes
 
 Call = Callable[[Sandbox, str, Path], object]
 
@@ -196,19 +195,19 @@ CASES = [
 ]
 
 
-def _state(rt: Runtime) -> list[str]:
+def _state() -> list[str]:
     try:
-        return sorted(os.listdir(rt.state_dir))
+        return sorted(os.listdir(probes.state_dir()))
     except FileNotFoundError:
         return []
 
 
-def _leaves(rt: Runtime) -> list[str]:
+def _leaves() -> list[str]:
     """Every cgroup directory under this process's owner group, in every hierarchy."""
     out: list[str] = []
-    root = rt.config.cgroup_root
+    root = probes.cgroup_root()
     for h in ["", *sorted(os.listdir(root))]:
-        group = os.path.join(root, h, PROJECT_CGROUP, rt.owner)
+        group = os.path.join(root, h, PROJECT_CGROUP, probes.owner())
         for base, dirs, _files in os.walk(group):
             out.extend(os.path.join(base, d) for d in dirs)
     return out
@@ -224,7 +223,7 @@ def _is_empty(path: str) -> bool:
         return True
 
 
-def _orphaned_cgroups(rt: Runtime, settle: float = 2.0) -> list[str]:
+def _orphaned_cgroups(settle: float = 2.0) -> list[str]:
     """Cgroup leaves without any process: left behind.
 
     Live containers and the launcher's *spare* (a first process waiting, already attached, for the
@@ -233,7 +232,7 @@ def _orphaned_cgroups(rt: Runtime, settle: float = 2.0) -> list[str]:
     """
     deadline = time.monotonic() + settle
     while True:
-        empty = sorted(p for p in _leaves(rt) if _is_empty(p))
+        empty = sorted(p for p in _leaves() if _is_empty(p))
         if not empty or time.monotonic() >= deadline:
             return empty
         time.sleep(0.05)
@@ -242,17 +241,7 @@ def _orphaned_cgroups(rt: Runtime, settle: float = 2.0) -> list[str]:
 @pytest.fixture
 def launcher_requests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The operations sent to the (real, started) launcher during the test."""
-    rt = get_runtime()
-    rt.info()  # start it now, so its own files are in the "before" listing
-    sent: list[str] = []
-    real_submit = rt.client.submit
-
-    def recording_submit(op: str, **fields: Any) -> Future[dict[str, Any]]:
-        sent.append(op)
-        return real_submit(op, **fields)
-
-    monkeypatch.setattr(rt.client, "submit", recording_submit)
-    return sent
+    return probes.record_launcher_requests(monkeypatch)
 
 
 @pytest.mark.parametrize("method", ["run", "start"])
@@ -261,8 +250,7 @@ def test_bad_input_refused_before_anything_exists(
     case: Case, method: str, tmp_path: Path, launcher_requests: list[str]
 ) -> None:
     """Each bad value raises its typed error (also the builtin), quoting the value; nothing is created."""
-    rt = get_runtime()
-    state_before = _state(rt)
+    state_before = _state()
     with Sandbox() as sb:
         with pytest.raises(case.error) as e:
             case.call(sb, method, tmp_path)
@@ -271,8 +259,8 @@ def test_bad_input_refused_before_anything_exists(
     assert case.quoted.format(tmp=tmp_path) in str(e.value)
     # No request reached the launcher: it created no cgroup, process, mount or directory for us.
     assert launcher_requests == [], "bad input reached the launcher"
-    assert _state(rt) == state_before
-    assert _orphaned_cgroups(rt, settle=0.5) == []
+    assert _state() == state_before
+    assert _orphaned_cgroups(settle=0.5) == []
 
 
 def test_misspelled_option_is_refused(sandbox: Sandbox, launcher_requests: list[str]) -> None:
@@ -298,11 +286,10 @@ def test_timeout_is_for_run_not_start(sandbox: Sandbox, launcher_requests: list[
 def test_duplicate_name_refused(sandbox: Sandbox) -> None:
     """A second container with a live container's name is refused before it is created."""
     c = sandbox.start(["sleep", "100"], name="web")
-    rt = get_runtime()
-    before = _state(rt)
+    before = _state()
     with pytest.raises(InvalidSpecError, match="name='web': a container with this name already exists"):
         sandbox.start(["sleep", "100"], name="web")
-    assert _state(rt) == before
+    assert _state() == before
     assert sandbox.containers == [c]
 
 
@@ -331,17 +318,16 @@ def test_kernel_side_errors_leave_nothing(
     cmd: list[str], user: str | None, error: type[SetupError], quoted: str, launcher_requests: list[str]
 ) -> None:
     """A command or user only the container can look up: typed error, and nothing left once closed."""
-    rt = get_runtime()
-    state_before = _state(rt)
+    state_before = _state()
     for method in ("run", "start"):
         with Sandbox() as sb:
             with pytest.raises(error) as e:
                 getattr(sb, method)(cmd, user=user)
             assert quoted in str(e.value)
             assert sb.containers == []
-        assert _state(rt) == state_before
+        assert _state() == state_before
     assert launcher_requests.count("create") == 2  # the check really happened in the container
-    assert _orphaned_cgroups(rt) == []
+    assert _orphaned_cgroups() == []
 
 
 # --------------------------------------------------------------------------------- the error tree

@@ -16,7 +16,7 @@ from pytest_sandbox.images import layers as layers_mod
 from pytest_sandbox.images import layertar
 from pytest_sandbox.images import store as store_mod
 from pytest_sandbox.images.store import Store, stat_snapshot
-from tests.kernel.test_store import _bytes_read
+from tests import probes
 
 
 @pytest.fixture
@@ -101,9 +101,9 @@ def test_unchanged_rebuild_is_a_cache_hit_touching_no_content(
         m.setattr(build_mod, "copy_tree", forbidden)
         m.setattr(layers_mod, "capture_upper", forbidden)
         m.setattr(Sandbox, "start", forbidden)
-        before = _bytes_read()
+        before = probes.bytes_read()
         second = _build(busybox_layer, app_dir, store)
-        read = _bytes_read() - before
+        read = probes.bytes_read() - before
     assert read < 64 << 10  # records, cache entries, refs.json: no layer's (or source's) content
     assert second.image_id == first.image_id
     assert second.layers == first.layers

@@ -26,10 +26,10 @@ from pytest_sandbox.host.cgroups import (
     CgroupStats,
     V1Backend,
     V1Cgroup,
-    _fs,
     detect,
 )
 from tests.e2e_support import Spawn, ident, live_owner, survivors
+from tests.probes import cgroup_fs
 
 ROOT = "/sys/fs/cgroup"
 MiB = 1 << 20
@@ -159,7 +159,7 @@ def test_create_retries_when_a_parent_vanishes(
     backend: V1Backend, make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another session may rmdir the empty project parent between our mkdirs: we retry."""
-    real_mkdir = _fs.mkdir
+    real_mkdir = cgroup_fs.mkdir
     fired: list[str] = []
     helper = subprocess.Popen(["sleep", "60"])
     fresh_owner = owner_tag(helper.pid)
@@ -170,7 +170,7 @@ def test_create_retries_when_a_parent_vanishes(
             raise FileNotFoundError(2, "No such file or directory (simulated race)", path)
         real_mkdir(path)
 
-    monkeypatch.setattr(_fs, "mkdir", racing_mkdir)
+    monkeypatch.setattr(cgroup_fs, "mkdir", racing_mkdir)
     try:
         cg = make(Limits.parse(pids=8), who=fresh_owner)
         assert fired
@@ -339,8 +339,8 @@ def _drop_if_unused(mountpoints: Iterable[str], owner: str) -> None:
     """rmdir ``owner``'s group and the project parent where empty: this pytest process's own tag
     may also be in use by the project's runtime, so never ``remove_owner`` it from a test."""
     for mp in set(mountpoints):
-        _fs.rmdir_quiet(f"{mp}/{PROJECT_CGROUP}/{owner}")
-        _fs.rmdir_quiet(f"{mp}/{PROJECT_CGROUP}")
+        cgroup_fs.rmdir_quiet(f"{mp}/{PROJECT_CGROUP}/{owner}")
+        cgroup_fs.rmdir_quiet(f"{mp}/{PROJECT_CGROUP}")
 
 
 @needs_v1
@@ -355,7 +355,7 @@ def test_remove_owner_drops_the_project_parent_when_last(backend: V1Backend) -> 
             project = f"{mp}/{PROJECT_CGROUP}"
             assert not os.path.exists(f"{project}/{tag}")
             # Gone unless another session (a concurrent pytest run) still has a group there.
-            assert not os.path.isdir(project) or _fs.list_dirs(project)
+            assert not os.path.isdir(project) or cgroup_fs.list_dirs(project)
     finally:
         helper.kill()
         helper.wait()
@@ -458,8 +458,8 @@ def test_chmod_000_sub_cgroups_are_taken_back_without_root(tmp_path: Path) -> No
                 os.setgroups([])
                 os.setresgid(65534, 65534, 65534)
                 os.setresuid(65534, 65534, 65534)
-                assert len(_fs.subtree(str(top))) == 4
-                _fs.rmdir_tree(str(top), time.monotonic() + 5)
+                assert len(cgroup_fs.subtree(str(top))) == 4
+                cgroup_fs.rmdir_tree(str(top), time.monotonic() + 5)
                 code = 0
             finally:
                 os._exit(code)

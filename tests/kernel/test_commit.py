@@ -12,7 +12,7 @@ import pytest
 
 from pytest_sandbox import ContainerNotRunningError, Image, InvalidSpecError, Sandbox
 from pytest_sandbox.images.store import Store
-from pytest_sandbox.runtime import get_runtime
+from tests import probes
 
 SCRIPT = """
 set -e
@@ -34,7 +34,7 @@ def store(tmp_path: Path) -> Store:
 
 
 def test_commit_makes_a_layer_with_container_ids(busybox_image: Image, store: Store) -> None:
-    uid_base = get_runtime().config.uid_base
+    uid_base = probes.uid_base()
     with Sandbox() as sb:
         c = sb.start(["sh", "-c", SCRIPT], image=busybox_image)
         assert c.wait(30).exit_code == 0, c.logs()
@@ -133,7 +133,7 @@ def test_ids_outside_the_containers_range_become_nobody(busybox_image: Image, st
     """A file in the upper layer owned by a host id the container does not map (a host user's,
     another container's range) is stored as 65534 -- as the container sees it -- not as that
     host id; ids below 65536 (a lower layer's own, where idmapping was not possible) are kept."""
-    uid_base = get_runtime().config.uid_base
+    uid_base = probes.uid_base()
     with Sandbox() as sb:
         c = sb.start(["sh", "-c", "touch /host-user /other-container /low /mine"], image=busybox_image)
         assert c.wait(30).exit_code == 0, c.logs()

@@ -29,7 +29,6 @@ from pytest_sandbox.core.naming import PROJECT_CGROUP, owner_tag, process_start_
 from tests.e2e_support import (
     CHILD_REPORT,
     Proc,
-    cgroup_backend_name,
     child_env,
     child_output,
     cmdline,
@@ -48,6 +47,7 @@ from tests.e2e_support import (
     wait_until,
     write_child_project,
 )
+from tests.probes import cgroup_backend_name
 
 START_TIMEOUT = 60.0  # a child session on a loaded 2-core host under xdist
 

@@ -65,7 +65,7 @@ from pytest_sandbox import (
     Sandbox,
     SetupError,
 )
-from pytest_sandbox.runtime import get_runtime
+from tests import probes
 from tests.e2e_support import (
     Proc,
     alive,
@@ -74,9 +74,9 @@ from tests.e2e_support import (
     comm,
     descendants,
     ident,
-    launcher_pid,
     proc_state,
 )
+from tests.probes import launcher_pid
 
 STRACE = shutil.which("strace")
 pytestmark = pytest.mark.skipif(STRACE is None, reason="strace is not installed (apt-get install strace)")
@@ -324,7 +324,7 @@ def helpers_of(launcher: int) -> set[Proc]:
 
 def launcher_log_problems(since: int) -> str:
     """What the launcher logged after byte ``since`` that looks like a failure of its own."""
-    with open(get_runtime().client.log_path, "rb") as f:
+    with open(probes.launcher_log_path(), "rb") as f:
         f.seek(since)
         text = f.read().decode(errors="replace")
     return "\n".join(line for line in text.splitlines() if "Traceback" in line or "Error" in line)
@@ -332,7 +332,7 @@ def launcher_log_problems(since: int) -> str:
 
 def log_size() -> int:
     try:
-        return os.path.getsize(get_runtime().client.log_path)
+        return os.path.getsize(probes.launcher_log_path())
     except OSError:
         return 0
 
@@ -348,7 +348,7 @@ def container_dir_of(calls: list[Call]) -> str:
 
 def assert_launcher_works(launcher: Proc, image: Image) -> None:
     """The same launcher process is still there and starts a working container."""
-    assert get_runtime().client.pid == launcher[0], "the launcher was replaced"
+    assert probes.launcher_pid_if_started() == launcher[0], "the launcher was replaced"
     assert alive(launcher), "the launcher died"
     with Sandbox() as sb:
         r = sb.run(["sh", "-c", "cat /etc/hostname"], image=image, hostname="after-fault")
@@ -540,7 +540,6 @@ def test_setup_fault(fault: SetupFault, reference: list[Call], busybox_image: Im
     targets = [c for c in reference if fault.match(c) and not c.result().startswith("-1")]
     assert targets, f"the reference run has no call for step {fault.step!r}"
     when = ordinal(reference, targets[0])
-    rt = get_runtime()
     launcher = ident(launcher_pid())
     assert launcher is not None
     spare = idle_spare(launcher[0])
@@ -572,15 +571,15 @@ def test_setup_fault(fault: SetupFault, reference: list[Call], busybox_image: Im
 
     # Nothing is left: the state directory, the cgroup leaf, the container's process.
     container_dir = container_dir_of(strace.calls())
-    assert os.path.dirname(container_dir) == rt.state_dir
+    assert os.path.dirname(container_dir) == probes.state_dir()
     assert not os.path.exists(container_dir), f"state directory left: {container_dir}"
     assert leaves, "the spare had no cgroup leaf"
     assert not [p for p in leaves if os.path.exists(p)], f"cgroup leaf left: {leaves}"
     assert not alive(first), f"the container's first process {first} survived"
     # Removing it again (it is already gone) is silent.
     container_id = os.path.basename(container_dir).removeprefix("c-")
-    assert rt.client.call("remove", id=container_id, timeout=10) == {}
-    assert rt.client.call("remove", id=container_id, timeout=10) == {}
+    assert probes.launcher_remove(container_id) == {}
+    assert probes.launcher_remove(container_id) == {}
     assert not launcher_log_problems(log_start)
     assert_launcher_works(launcher, busybox_image)
 
@@ -631,7 +630,6 @@ def test_uid_map_write_fails(busybox_image: Image, tmp_path: Path) -> None:
     """The launcher's write of a container's uid_map fails: SetupError(call="write", the map's
     path); the container's process is killed; its directory and cgroup leaf go; the launcher
     keeps serving."""
-    rt = get_runtime()
     launcher = ident(launcher_pid())
     assert launcher is not None
     spare = idle_spare(launcher[0])
@@ -659,13 +657,13 @@ def test_uid_map_write_fails(busybox_image: Image, tmp_path: Path) -> None:
     # Python retries the buffered write when it closes the file: both attempts were the launcher's.
     assert injected
     assert all(c.pid == launcher[0] for c in injected), injected
-    assert all(f"0 {rt.config.uid_base} 65536" in c.text for c in injected), injected
+    assert all(f"0 {probes.uid_base()} 65536" in c.text for c in injected), injected
     err = excinfo.value
     assert type(err) is SetupError
     assert (err.call, err.filename, err.errno) == ("write", uid_map, errno.EPERM), err
     assert "uid/gid map" in str(err)
     container_dir = container_dir_of(opens.calls())
-    assert os.path.dirname(container_dir) == rt.state_dir
+    assert os.path.dirname(container_dir) == probes.state_dir()
     assert not os.path.exists(container_dir), f"state directory left: {container_dir}"
     assert not [p for p in leaves if os.path.exists(p)], f"cgroup leaf left: {leaves}"
     assert not alive(first)
@@ -679,13 +677,12 @@ def test_uid_map_write_fails(busybox_image: Image, tmp_path: Path) -> None:
 def test_launcher_fork_fails(busybox_image: Image, tmp_path: Path) -> None:
     """The launcher's own fork of a container's first process fails (EAGAIN: out of pids):
     SetupError(call="fork"); the launcher keeps its fd count and serves the next start."""
-    rt = get_runtime()
     launcher = ident(launcher_pid())
     assert launcher is not None
     idle_spare(launcher[0])  # settled: the spare is forked, so only our start forks now
     fds = f"/proc/{launcher[0]}/fd"
     fds_before = len(os.listdir(fds))
-    dirs_before = set(os.listdir(rt.state_dir))
+    dirs_before = set(os.listdir(probes.state_dir()))
     strace = fail_once(launcher[0], tmp_path, "clone", "EAGAIN")
     # cgroup=False: no spare serves it, the launcher forks a first process for this start.
     with Sandbox() as sb, strace, pytest.raises(SetupError) as excinfo:
@@ -695,7 +692,7 @@ def test_launcher_fork_fails(busybox_image: Image, tmp_path: Path) -> None:
     assert (type(err), err.call, err.errno) == (SetupError, "fork", errno.EAGAIN), err
     assert "fork" in str(err)
     assert len(os.listdir(fds)) == fds_before
-    assert set(os.listdir(rt.state_dir)) == dirs_before
+    assert set(os.listdir(probes.state_dir())) == dirs_before
     assert_launcher_works(launcher, busybox_image)
 
 
@@ -717,7 +714,7 @@ def test_spare_fork_failure_does_not_fail_the_start(busybox_image: Image, tmp_pa
         r = c.exec(["echo", "alive"])
         assert (r.exit_code, r.stdout) == (0, b"alive\n"), r
         assert not [p for p in children(launcher[0]) if comm(p) == "psbx-spare"]
-        with open(get_runtime().client.log_path, "rb") as f:
+        with open(probes.launcher_log_path(), "rb") as f:
             f.seek(log_start)
             assert b"cannot fork a spare" in f.read()
         assert_launcher_works(launcher, busybox_image)

@@ -32,13 +32,14 @@ from typing import Any
 import pytest
 
 from pytest_sandbox import Container, Image, InvalidSpecError, Sandbox, SetupError
-from pytest_sandbox.runtime import get_runtime
-from tests.e2e_support import children, comm, descendants, launcher_pid, proc_state, wait_until
+from tests import probes
+from tests.e2e_support import children, comm, descendants, proc_state, wait_until
+from tests.probes import launcher_pid
 
 
 def _launcher_log() -> bytes:
     try:
-        with open(get_runtime().client.log_path, "rb") as f:
+        with open(probes.launcher_log_path(), "rb") as f:
             return f.read()
     except FileNotFoundError:
         return b""
@@ -256,7 +257,7 @@ def test_300_cycles_leak_no_fds_threads_or_memory(busybox_image: Image) -> None:
         for i in range(300):
             _cycle(sb, i, busybox_image)
     _settled(launcher)
-    assert get_runtime().client.pid == launcher
+    assert probes.launcher_pid_if_started() == launcher
     after = {
         "fds": _count("/proc/self/fd"),
         "threads": _count("/proc/self/task"),

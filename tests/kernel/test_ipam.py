@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 
 from pytest_sandbox.net.netlink import host_networks
-from pytest_sandbox.runtime import get_runtime
+from tests import probes
 
 Net = ipaddress.IPv4Network
 
 
 def test_the_hosts_own_networks_are_read_from_the_kernel() -> None:
-    nets = host_networks(get_runtime().networks.net)
+    nets = host_networks(probes.netlink())
     assert Net("127.0.0.0/8") in nets  # lo's address
 
 

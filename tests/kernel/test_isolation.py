@@ -39,7 +39,7 @@ from pytest_sandbox.host.rootfs import (
     mask_plan,
 )
 from pytest_sandbox.launcher.process import DEFAULT_CAPS
-from pytest_sandbox.runtime import get_runtime
+from tests import probes
 
 NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")
 DEFAULT_CAP_MASK = sum(1 << c for c in DEFAULT_CAPS)
@@ -177,7 +177,7 @@ def test_user_namespace_root_is_an_unprivileged_host_uid(sandbox: Sandbox, busyb
     This is what makes every other namespace owned by an unprivileged identity: if container root
     were host root, a single escape (a bind mount, a leaked fd) would be a host-root compromise.
     """
-    base = int(get_runtime().info()["uid_base"])
+    base = int(probes.launcher_info()["uid_base"])
     assert base >= 65536
     c = sandbox.start(SLEEP, image=busybox_image)
     script = "cat /proc/self/uid_map /proc/self/gid_map; id -u; id -g; touch /owned; stat -c %u:%g /owned"
@@ -266,7 +266,7 @@ def test_pid_namespace(sandbox: Sandbox) -> None:
     """
     status = status_fields(sandbox.run(["cat", "/proc/self/status"]).check().stdout)
     assert (status["Pid"], status["PPid"], status["NSpid"]) == ("2", "1", "2")
-    launcher = get_runtime().client.pid
+    launcher = probes.launcher_pid_if_started()
     assert launcher is not None
     seen = probe(
         sandbox,
@@ -343,7 +343,7 @@ def test_cgroup_namespace_root(sandbox: Sandbox, busybox_image: Image) -> None:
         assert lines
         assert [line.rsplit(":", 1)[1] for line in lines] == ["/"] * len(lines), lines
     host = Path(f"/proc/{c.pid}/cgroup").read_text().splitlines()
-    ours = f"/{PROJECT_CGROUP}/{get_runtime().owner}/"
+    ours = f"/{PROJECT_CGROUP}/{probes.owner()}/"
     assert any(line.split(":", 2)[2].startswith(ours) for line in host), host
     assert sorted(os.listdir("/sys/fs/cgroup")) != [], "host control"
     assert c.exec(["ls", "-A", "/sys/fs/cgroup"]).check().stdout == b""  # no cgroupfs mounted inside (v1)
@@ -454,7 +454,7 @@ def test_mountinfo_shows_no_host_mount(sandbox: Sandbox, busybox_image: Image) -
     assert by_point["/"].fstype == "overlay"
     assert (by_point["/proc"].fstype, by_point["/proc"].root) == ("proc", "/")
     assert [by_point[p].fstype for p in ("/sys", "/dev", "/tmp")] == ["sysfs", "tmpfs", "tmpfs"]
-    state_parent = os.path.dirname(get_runtime().state_dir)
+    state_parent = os.path.dirname(probes.state_dir())
     for m in mounts:
         assert not m.root.startswith((state_parent + "/", "/tmp/", "/home", "/root")), m
         assert not m.source.startswith("/dev/"), m  # no block device (the host's disk)
@@ -755,7 +755,7 @@ def test_workdir_under_proc_rejected_before_start(
     sandbox: Sandbox, busybox_image: Image, workdir: str
 ) -> None:
     """workdir="/proc/self/fd/N" (CVE-2024-21626's cwd escape) is refused before anything exists."""
-    state = get_runtime().state_dir
+    state = probes.state_dir()
     before = set(os.listdir(state)) if os.path.isdir(state) else set()
     with pytest.raises(InvalidSpecError, match="CVE-2024-21626"):
         sandbox.run(["pwd"], image=busybox_image, workdir=workdir)

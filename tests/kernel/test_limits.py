@@ -7,7 +7,6 @@ believes it asked for.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import time
 from pathlib import Path
@@ -15,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox import CgroupUnavailableError, Container, Sandbox
-from pytest_sandbox.runtime import Runtime, get_runtime
-from tests.e2e_support import cgroup_backend_name, cgroup_paths_of, pid_ns, procs_in_pid_ns, wait_gone
+from tests import probes
+from tests.e2e_support import cgroup_paths_of, pid_ns, procs_in_pid_ns, wait_gone
+from tests.probes import cgroup_backend_name
 
 MiB = 1 << 20
 
@@ -231,10 +231,7 @@ def test_limit_without_a_controller_is_an_error_never_a_silent_unlimited_run(tmp
     nocg.mkdir()
     shared = tmp_path / "shared"
     shared.mkdir()
-    config = dataclasses.replace(
-        get_runtime().config, cgroup_root=str(nocg), state_parent=str(tmp_path / "state")
-    )
-    rt = Runtime(config)
+    rt = probes.new_runtime(cgroup_root=str(nocg), state_parent=str(tmp_path / "state"))
     try:
         with Sandbox(runtime=rt) as sb:
             assert rt.info()["cgroup"] == "none"

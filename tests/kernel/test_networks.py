@@ -34,7 +34,7 @@ from pytest_sandbox.core.errors import (
     NetworkError,
     ReadinessError,
 )
-from pytest_sandbox.runtime import get_runtime
+from tests import probes
 
 HTTP = ["python3", "-m", "http.server"]
 
@@ -215,14 +215,14 @@ def test_no_object_of_ours_in_the_hosts_namespace(sandbox: Sandbox) -> None:
     net = sandbox.network()
     c = sandbox.start(["sleep", "60"], network=net)
     assert not [n for n in os.listdir("/sys/class/net") if n.startswith("psbx")]
-    hub_links = get_runtime().networks.hub.link_names()
+    hub_links = probes.hub().link_names()
     assert net.bridge in hub_links
     assert any(n.startswith("psbxv") for n in hub_links)
     assert all(len(n.encode()) <= 15 for n in hub_links)
     # The container's namespace is not the host's, nor the hub's.
     inside = os.readlink(f"/proc/{c.init_pid}/ns/net")
     assert inside != os.readlink("/proc/self/ns/net")
-    assert inside != os.readlink(f"/proc/self/fd/{get_runtime().networks.hub.fd}")
+    assert inside != os.readlink(f"/proc/self/fd/{probes.hub().fd}")
 
 
 # -- published ports and waits -------------------------------------------------------------------
@@ -299,10 +299,10 @@ def test_address_of_a_stopped_container_is_an_error(sandbox: Sandbox) -> None:
     ],
 )
 def test_bad_network_options(sandbox: Sandbox, kwargs: dict[str, Any], match: str) -> None:
-    before = os.listdir(get_runtime().state_dir) if os.path.isdir(get_runtime().state_dir) else []
+    before = os.listdir(probes.state_dir()) if os.path.isdir(probes.state_dir()) else []
     with pytest.raises(InvalidSpecError, match=match):
         sandbox.run(["true"], **kwargs)
-    assert os.listdir(get_runtime().state_dir) == before
+    assert os.listdir(probes.state_dir()) == before
 
 
 def test_bad_aliases_ports_and_names(sandbox: Sandbox) -> None:
@@ -370,7 +370,7 @@ def test_an_explicit_subnet_and_a_full_one(sandbox: Sandbox) -> None:
 
 def test_a_networked_start_that_fails_gives_everything_back(sandbox: Sandbox) -> None:
     net = sandbox.network()
-    networks = get_runtime().networks
+    networks = probes.networks()
     hub = networks.hub
 
     def links() -> list[str]:  # not counting the namespace made ahead for the next start
@@ -417,7 +417,7 @@ def test_containers_started_at_once_from_threads_all_know_each_other(
 ) -> None:
     """Each new member's /etc/hosts and the others' must agree even when starts interleave."""
     net = sandbox.network()
-    networks = get_runtime().networks
+    networks = probes.networks()
     real = networks.hosts_file
 
     def slow_hosts_file(*args: Any) -> str:  # widen the window a concurrent start could slip into
@@ -514,17 +514,10 @@ def test_address_racing_remove_leaves_no_forwarder(sandbox: Sandbox, monkeypatch
     the forwarder must not outlive the container (its listener would leak, and it would later
     setns into whatever the closed fd number came to name)."""
     c = sandbox.start(["sleep", "60"], network=sandbox.network())
-    real = c._netns
-
-    def netns_then_removed() -> int:
-        fd = real()
-        c.remove()
-        return fd
-
-    monkeypatch.setattr(c, "_netns", netns_then_removed)
+    probes.after_netns_lookup(monkeypatch, c, c.remove)
     with pytest.raises(ContainerNotRunningError):
         c.address(80)
-    assert c._forwarders == {}
+    assert probes.forwarders(c) == {}
 
 
 def test_a_forwarder_keeps_its_own_namespace_reference(sandbox: Sandbox) -> None:
@@ -533,14 +526,14 @@ def test_a_forwarder_keeps_its_own_namespace_reference(sandbox: Sandbox) -> None
     server = sandbox.start([*HTTP, "8000"], network=sandbox.network())
     server.wait_for_port(8000)
     host, port = server.address(8000)
-    forwarder = server._forwarders[8000]
-    assert server._attached is not None
-    container_fd = server._attached.netns_fd
+    forwarder = probes.forwarders(server)[8000]
+    container_fd = probes.container_netns_fd(server)
+    assert container_fd is not None
     assert forwarder.netns_fd != container_fd
     assert os.readlink(f"/proc/self/fd/{forwarder.netns_fd}") == os.readlink(f"/proc/self/fd/{container_fd}")
     assert urllib.request.urlopen(f"http://{host}:{port}/").status == 200
     server.remove()  # closes both references (the leak check counts this process's fds)
-    assert forwarder._closed
+    assert probes.forwarder_closed(forwarder)
 
 
 def test_a_forked_child_gets_an_error_not_a_hang(sandbox: Sandbox) -> None:
@@ -663,7 +656,7 @@ def test_the_hub_and_the_containers_do_not_forward(sandbox: Sandbox) -> None:
     conf/all, ip_forward included: net.core.devconf_inherit_init_net)."""
     net = sandbox.network()
     c = sandbox.start(["sleep", "60"], network=net)
-    hub = get_runtime().networks.hub
+    hub = probes.hub()
     values = hub.sysctls(
         "net/ipv4/ip_forward",
         "net/ipv6/conf/all/forwarding",
@@ -683,7 +676,6 @@ def test_network_objects_used_after_the_session_closed_them(tmp_path: Any) -> No
     from pytest_sandbox.net.forward import Forwarder
     from pytest_sandbox.net.ipam import DEFAULT_POOLS
     from pytest_sandbox.net.networks import Networks
-    from pytest_sandbox.runtime import Runtime
 
     networks = Networks(DEFAULT_POOLS, lease_dir=str(tmp_path), owner=owner_tag())
     net = networks.create()
@@ -704,10 +696,8 @@ def test_network_objects_used_after_the_session_closed_them(tmp_path: Any) -> No
     assert networks.leases.mine() == []
     with pytest.raises(NetworkError, match="closed"):
         networks.create()
-    rt = Runtime()
-    rt.closed = True  # as after close(), without removing this session's state directory
     with pytest.raises(NetworkError, match="closed"):
-        Sandbox(runtime=rt).network()
+        Sandbox(runtime=probes.closed_runtime()).network()
 
 
 def test_ipv6_link_local_does_not_cross_networks(sandbox: Sandbox) -> None:
@@ -791,7 +781,7 @@ def test_out_of_fds_the_forwarder_pauses_instead_of_spinning(sandbox: Sandbox) -
     )
     assert client.stdin is not None
     assert client.stdout is not None
-    tid = get_runtime().networks.net._thread.native_id
+    tid = probes.net_thread_id()
     stat = open(f"/proc/self/task/{tid}/stat")  # noqa: SIM115 -- kept open: no fd to spare later
 
     def cpu_ticks() -> int:

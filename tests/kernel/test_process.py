@@ -32,7 +32,7 @@ from pytest_sandbox import (
     UserNotFoundError,
 )
 from pytest_sandbox.core.naming import PROJECT_CGROUP
-from pytest_sandbox.runtime import get_runtime
+from tests import probes
 
 NAMESPACES = ("user", "mnt", "pid", "uts", "ipc", "net", "cgroup")
 
@@ -398,7 +398,7 @@ def test_exec_joins_the_container_cgroup(sleeper: Container) -> None:
     main_view = sleeper.logs("stdout").split(b"---")[1].split(b"READY")[0].strip()
     assert sleeper.exec(["cat", "/proc/self/cgroup"]).stdout.strip() == main_view
     # ...and the main command's cgroup (host view) is a container leaf of ours, not the launcher's.
-    owner_group = f"/{PROJECT_CGROUP}/{get_runtime().owner}/psbx-c-"
+    owner_group = f"/{PROJECT_CGROUP}/{probes.owner()}/psbx-c-"
     with open(f"/proc/{sleeper.pid}/cgroup") as f:
         assert any(line.split(":", 2)[2].startswith(owner_group) for line in f)
 

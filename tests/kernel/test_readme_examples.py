@@ -1,12 +1,12 @@
 """The README's examples, verbatim (plus type hints): the founding issue's four, networks, images."""
 
-import dataclasses
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from pytest_sandbox import Image, Sandbox, runtime
+from pytest_sandbox import Image, Sandbox
+from tests import probes
 
 
 def test_isolated(sandbox: Sandbox) -> None:
@@ -50,7 +50,7 @@ def test_two_services(sandbox: Sandbox) -> None:
 def private_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's image example stores into the default store: here, a store of this test's own."""
     root = str(tmp_path_factory.mktemp("data-root"))
-    monkeypatch.setattr(runtime, "_config", dataclasses.replace(runtime.current_config(), data_root=root))
+    probes.use_data_root(monkeypatch, root)
 
 
 @pytest.mark.usefixtures("private_store")

@@ -14,12 +14,12 @@ import pytest
 
 from pytest_sandbox import Image, Sandbox, SandboxTimeoutError, SetupError
 from pytest_sandbox.launcher.client import make_private_dir
-from pytest_sandbox.runtime import get_runtime
+from tests import probes
 from tests.e2e_support import ident, wait_gone
 
 
 def _launcher_fds() -> int:
-    pid = get_runtime().client.pid
+    pid = probes.launcher_pid_if_started()
     assert pid is not None
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -44,14 +44,14 @@ def test_read_only_bind_is_read_only_below_its_submounts(sandbox: Sandbox, tmp_p
 def test_a_very_deep_tree_is_removed_and_the_launcher_survives(sandbox: Sandbox) -> None:
     """1,500 nested directories in the upper layer (shutil.rmtree's recursion limit was ~1,000):
     the state directory is deleted, the launcher lives on and its log records no error."""
-    launcher = get_runtime().client.pid
+    launcher = probes.launcher_pid_if_started()
     deep = "i=0; while [ $i -lt 1500 ]; do mkdir d && cd d || exit 1; i=$((i+1)); done; touch leaf"
     r = sandbox.run(["sh", "-c", deep])
     assert r.exit_code == 0, r
     sandbox.close()  # waits for the removal
-    assert get_runtime().client.pid == launcher
-    assert os.listdir(get_runtime().state_dir) == ["launcher.log"]
-    with open(get_runtime().client.log_path) as f:
+    assert probes.launcher_pid_if_started() == launcher
+    assert os.listdir(probes.state_dir()) == ["launcher.log"]
+    with open(probes.launcher_log_path()) as f:
         assert "cannot remove" not in f.read()
 
 

@@ -22,7 +22,7 @@ import pytest
 from pytest_sandbox import Container, Image, Result, Sandbox
 from pytest_sandbox.core.spec import DEFAULT_PATH
 from pytest_sandbox.host.rootfs import ContainerDirs
-from pytest_sandbox.runtime import get_runtime
+from tests import probes
 
 SLEEP = ["sleep", "60"]
 
@@ -236,7 +236,7 @@ print(json.dumps(out))
     assert (seen["root"], seen["home"]) == ([], [])
     assert seen["hostname"] == seen["env_hostname"] + "\n"
     # Host files appear owned by root inside (idmapped layers); else they would be "nobody".
-    idmap = bool(get_runtime().info()["idmap"])
+    idmap = bool(probes.launcher_info()["idmap"])
     assert seen["owner"] == ([0, 0] if idmap else [65534, 65534])
 
 
@@ -314,8 +314,8 @@ def test_bind_mounts_rw_and_ro(sandbox: Sandbox, busybox_image: Image, tmp_path:
     (rw / "later").write_text("after start\n")
     assert c.exec(["cat", "/data/later"]).check().stdout == b"after start\n"
     assert (rw / "by-root").read_text() == "by-root\n"
-    idmap = bool(get_runtime().info()["idmap"])
-    base = 0 if idmap else int(get_runtime().info()["uid_base"])
+    idmap = bool(probes.launcher_info()["idmap"])
+    base = 0 if idmap else int(probes.launcher_info()["uid_base"])
     by_root, by_app = (rw / "by-root").stat(), (rw / "by-app").stat()
     assert (by_root.st_uid, by_root.st_gid) == (base, base)
     assert (by_app.st_uid, by_app.st_gid) == (base + 1000, base + 1000)

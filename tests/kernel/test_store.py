@@ -28,6 +28,7 @@ from pytest_sandbox.image import History, ImageConfig
 from pytest_sandbox.images import layertar
 from pytest_sandbox.images import store as store_mod
 from pytest_sandbox.images.store import ImageRecord, Store, stat_snapshot
+from tests import probes
 
 # -- layers from directories ---------------------------------------------------------------------
 
@@ -90,12 +91,6 @@ def test_add_layer_dir_copies_everything_and_digests_like_layertar(tmp_path: Pat
     assert [p for p in (tmp_path / "store" / "tmp").rglob("*") if not p.is_dir()] == []
 
 
-def _bytes_read() -> int:
-    """This process's read()/pread() bytes so far (``rchar``), whatever the page cache holds."""
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
-
-
 def test_unchanged_dir_is_a_hit_that_reads_no_contents(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -103,9 +98,9 @@ def test_unchanged_dir_is_a_hit_that_reads_no_contents(
     (src / "big").write_bytes(os.urandom(4 << 20))
     st = Store(tmp_path / "store")
     first = st.add_layer_dir(src)
-    before = _bytes_read()
+    before = probes.bytes_read()
     assert st.add_layer_dir(src) == first
-    assert _bytes_read() - before < 64 << 10  # the cache entry and meta.json, not the 4 MiB file
+    assert probes.bytes_read() - before < 64 << 10  # the cache entry and meta.json, not the 4 MiB file
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("layer content was read")
@@ -330,9 +325,7 @@ def test_images_on_the_host_base_are_stored_without_the_host(tmp_path: Path) -> 
 
 
 def test_default_store_is_under_the_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_sandbox import runtime
-
-    monkeypatch.setattr(runtime, "_config", runtime.RuntimeConfig(data_root=str(tmp_path / "data")))
+    probes.use_data_root(monkeypatch, str(tmp_path / "data"))
     assert Store.default().root == str(tmp_path / "data" / "store")
     image = Image.from_layers(_layer(tmp_path, "a", "A"), base=None).tag("indefault")
     assert image.store == Store(tmp_path / "data" / "store")
@@ -522,7 +515,7 @@ def test_a_tag_never_names_an_image_removed_meanwhile(tmp_path: Path) -> None:
         except ImageNotFoundError as e:
             errors.append(e)
 
-    with st._lock():  # as remove() does: the tagger waits for the lock ...
+    with probes.store_lock(st):  # as remove() does: the tagger waits for the lock ...
         tagger = threading.Thread(target=tag)
         tagger.start()
         time.sleep(0.3)

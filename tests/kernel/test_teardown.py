@@ -24,7 +24,6 @@ import pytest
 from pytest_sandbox import Container, ContainerNotRunningError, Sandbox
 from tests.e2e_support import (
     Proc,
-    cgroup_backend_name,
     cgroup_paths_of,
     ident,
     pid_ns,
@@ -34,6 +33,7 @@ from tests.e2e_support import (
     wait_gone,
     wait_until,
 )
+from tests.probes import cgroup_backend_name
 
 # A daemon the classic way: fork, setsid, fork again, parent exits -- reparented to the container's init.
 DAEMON = (

@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 import pytest
 
 from pytest_sandbox import Container, ContainerNotRunningError, Result, Sandbox, SetupError
-from pytest_sandbox.runtime import get_runtime
+from tests import probes
 
 # -- fork watch: os.register_at_fork hooks cannot be removed, so one hook, armed by a fixture ----
 
@@ -293,8 +293,5 @@ def test_no_fork_warning_under_error_filter(sandbox: Sandbox, forks: list[str]) 
 
 def test_launcher_is_single_threaded() -> None:
     """The process that forks containers has exactly one thread (forking from it is safe)."""
-    rt = get_runtime()
-    rt.info()
-    pid = rt.client.pid
-    assert pid is not None
+    pid = probes.launcher_pid()
     assert os.listdir(f"/proc/{pid}/task") == [str(pid)]

@@ -17,13 +17,12 @@ from pytest_sandbox.host.cgroups import (
     NoneBackend,
     NullCgroup,
     V1Backend,
-    _fs,
     classify,
     detect,
     parse_mountinfo,
     shares_to_weight,
 )
-from pytest_sandbox.host.cgroups._common import check_leaf, check_owner, requested
+from tests.probes import cgroup_fs, check_leaf, check_owner, requested
 
 ROOT = "/sys/fs/cgroup"  # a path the parsed mountinfo texts below use; never touched
 
@@ -92,14 +91,14 @@ def test_shares_to_weight_matches_runc(shares: int, weight: int) -> None:
 
 
 def test_parse_kv_and_swaps() -> None:
-    assert _fs.parse_kv("oom_kill_disable 0\nunder_oom 0\noom_kill 3\nbogus\nx y\n") == {
+    assert cgroup_fs.parse_kv("oom_kill_disable 0\nunder_oom 0\noom_kill 3\nbogus\nx y\n") == {
         "oom_kill_disable": 0,
         "under_oom": 0,
         "oom_kill": 3,
     }
     header = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
-    assert not _fs.swap_active(header)
-    assert _fs.swap_active(header + "/swapfile  file  1048572  0  -2\n")
+    assert not cgroup_fs.swap_active(header)
+    assert cgroup_fs.swap_active(header + "/swapfile  file  1048572  0  -2\n")
 
 
 def test_names_are_checked() -> None:
@@ -125,11 +124,11 @@ def test_write_guard_refuses_paths_outside_the_project(tmp_path: Path) -> None:
     target.parent.mkdir()
     target.write_text("")
     with pytest.raises(PermissionError, match="refusing") as info:
-        _fs.write(str(target), "1")
+        cgroup_fs.write(str(target), "1")
     assert info.value.filename == str(target)
     assert target.read_text() == ""
     with pytest.raises(PermissionError):
-        _fs.mkdir(str(tmp_path / "psbx-x"))
+        cgroup_fs.mkdir(str(tmp_path / "psbx-x"))
 
 
 def test_none_backend_explains_and_is_a_no_op() -> None:

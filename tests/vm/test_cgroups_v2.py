@@ -19,8 +19,9 @@ import pytest
 from pytest_sandbox.core.errors import CgroupUnavailableError
 from pytest_sandbox.core.limits import Limits
 from pytest_sandbox.core.naming import PROJECT_CGROUP, cgroup_leaf_name, new_container_id, owner_tag
-from pytest_sandbox.host.cgroups import NoneBackend, V2Backend, V2Cgroup, _fs, detect
+from pytest_sandbox.host.cgroups import NoneBackend, V2Backend, V2Cgroup, detect
 from tests.e2e_support import Spawn, ident, live_owner, survivors
+from tests.probes import cgroup_fs
 
 ROOT = "/sys/fs/cgroup"
 MiB = 1 << 20
@@ -180,8 +181,8 @@ def test_sweep_removes_dead_owners_only(backend: V2Backend, spawn: Spawn) -> Non
     finally:
         live_cg.remove()
         # This process's own tag may also be the project runtime's: never remove_owner() it here.
-        _fs.rmdir_quiet(f"{backend.project}/{live}")
-        _fs.rmdir_quiet(backend.project)
+        cgroup_fs.rmdir_quiet(f"{backend.project}/{live}")
+        cgroup_fs.rmdir_quiet(backend.project)
         backend.remove_owner(dead)
 
 
@@ -206,7 +207,7 @@ def test_kill_without_cgroup_kill_freezes_and_loops(
     make: Make, spawn: Spawn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Kernels before 5.14 have no cgroup.kill: freeze + SIGKILL loop must end a fork bomb too."""
-    real_write = _fs.write
+    real_write = cgroup_fs.write
 
     def old_kernel_write(path: str, value: str) -> None:
         if path.endswith("/cgroup.kill"):
@@ -214,7 +215,7 @@ def test_kill_without_cgroup_kill_freezes_and_loops(
         real_write(path, value)
 
     cg = fork_bomb(make, spawn)
-    monkeypatch.setattr(_fs, "write", old_kernel_write)
+    monkeypatch.setattr(cgroup_fs, "write", old_kernel_write)
     t0 = time.monotonic()
     cg.kill()
     assert time.monotonic() - t0 < 2.0
