@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .core.errors import (
     ContainerNotRunningError,
@@ -36,6 +36,7 @@ from .core.spec import (
 )
 from .core.units import parse_signal
 from .host.cgroups.base import CgroupStats
+from .launcher.protocol import Exited
 from .net.forward import Forwarder
 from .net.netlink import socket_in
 
@@ -95,22 +96,18 @@ def _tail(data: bytes, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
-def result_from_info(info: Mapping[str, Any], stdout: bytes, stderr: bytes, argv: tuple[str, ...]) -> Result:
-    exit_ = info.get("exit") or {}
-    sig = exit_.get("signal")
-    code = exit_.get("code")
-    exit_code = int(code) if code is not None else 128 + int(sig or _signal.SIGKILL)
-    stats = CgroupStats.from_wire(info["stats"]) if info.get("stats") else CgroupStats()
+def result_from_exit(exited: Exited, stdout: bytes, stderr: bytes, argv: tuple[str, ...]) -> Result:
+    stats = exited.stats or CgroupStats()
     return Result(
-        exit_code=exit_code,
-        signal=int(sig) if sig is not None else None,
+        exit_code=exited.exit_code,
+        signal=exited.signal,
         stdout=stdout,
         stderr=stderr,
         oom_killed=stats.oom_kills > 0,
         pids_limit_hit=stats.pids_limit_hits > 0,
         cpu_throttled_s=stats.cpu_throttled_s,
         memory_peak=stats.memory_peak,
-        duration_s=float(info.get("duration_s") or 0.0),
+        duration_s=exited.duration_s,
         cpu_usage_s=stats.cpu_usage_s,
         argv=argv,
     )
@@ -162,7 +159,7 @@ class Container:
         self._logs: tuple[bytes, bytes] | None = None
         self._exec_count = 0
         self._lock = threading.Lock()
-        self._exit_future: Future[dict[str, Any]] | None = None
+        self._exit_future: Future[Exited] | None = None
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else ("exited" if self._result else "running")
@@ -188,11 +185,11 @@ class Container:
             return False
         return not self._exit().done()
 
-    def _exit(self) -> Future[dict[str, Any]]:
+    def _exit(self) -> Future[Exited]:
         """One outstanding ``wait`` request per container, answered by the launcher at exit."""
         with self._lock:
             if self._exit_future is None:
-                self._exit_future = self._client.submit("wait", id=self.id)
+                self._exit_future = self._client.wait(self.id)
             return self._exit_future
 
     # -- output ----------------------------------------------------------------------------
@@ -216,7 +213,7 @@ class Container:
         if self._removed:
             raise ContainerNotRunningError(f"container {self.name} was removed")
         try:
-            info = self._exit().result(timeout)
+            exited = self._exit().result(timeout)
         except FutureTimeout:
             raise SandboxTimeoutError(
                 f"container {self.name} {list(self.spec.process.argv)} still running after {timeout} s",
@@ -224,8 +221,8 @@ class Container:
             ) from None
         with self._lock:
             if self._result is None:
-                self._result = result_from_info(
-                    info, self.logs("stdout"), self.logs("stderr"), self.spec.process.argv
+                self._result = result_from_exit(
+                    exited, self.logs("stdout"), self.logs("stderr"), self.spec.process.argv
                 )
         return self._result
 
@@ -234,7 +231,7 @@ class Container:
         sig = parse_signal(signal)
         if self._removed:
             raise ContainerNotRunningError(f"container {self.name} was removed")
-        self._client.call("signal", id=self.id, signal=sig)
+        self._client.signal(self.id, sig)
 
     def stop(self, timeout: float = 10.0) -> Result:
         """SIGTERM, then SIGKILL after ``timeout`` seconds (Docker's stop).  Returns the result."""
@@ -273,7 +270,7 @@ class Container:
         self._removed = True
         try:
             with contextlib.suppress(LauncherError):
-                self._client.call("remove", id=self.id)
+                self._client.remove(self.id).result()
         finally:
             self._close_network()
 
@@ -327,44 +324,35 @@ class Container:
             with open(stdin, "wb") as f:
                 f.write(input)
         try:
-            self._client.call(
-                "exec",
-                id=exec_id,
-                parent=self.id,
-                process=proc.to_wire(),
-                stdout=out,
-                stderr=err,
-                stdin=stdin,
-            )
-            future = self._client.submit("wait", id=exec_id)
-            try:
-                info = future.result(limit)
-            except FutureTimeout:
-                with contextlib.suppress(ContainerNotRunningError):
-                    self._client.call("signal", id=exec_id, signal=_signal.SIGKILL)
-                info = future.result()
+            self._client.exec(exec_id, self.id, proc, stdout=out, stderr=err, stdin=stdin)
+            exited, timed_out = self._client.wait_or_kill(exec_id, self._client.wait(exec_id), limit)
+            if exited is None:
                 raise SandboxTimeoutError(
-                    f"exec {list(argv)} in {self.name} did not finish in {timeout} s; killed",
-                    result=result_from_info(info, _read(out), _read(err), argv),
-                ) from None
-            return result_from_info(info, _read(out), _read(err), argv)
+                    f"exec {list(argv)} in {self.name} did not start within {timeout} s; killed", result=None
+                )
+            result = result_from_exit(exited, _read(out), _read(err), argv)
+            if timed_out:
+                raise SandboxTimeoutError(
+                    f"exec {list(argv)} in {self.name} did not finish in {timeout} s; killed", result=result
+                )
+            return result
         finally:
             for path in (out, err, stdin):
                 if path:
                     with contextlib.suppress(OSError):
                         os.unlink(path)
             with contextlib.suppress(LauncherError, ContainerNotRunningError):
-                self._client.call("remove", id=exec_id)
+                self._client.remove(exec_id).result()
 
     # -- kernel facts ----------------------------------------------------------------------
 
     def stats(self) -> CgroupStats:
         """The cgroup's accounting now (or at exit, once exited)."""
-        return CgroupStats.from_wire(self._client.call("stats", id=self.id))
+        return self._client.stats(self.id)
 
     def cgroup_limits(self) -> dict[str, str]:
         """The limit files of the container's cgroup as the kernel reports them (while running)."""
-        return dict(self._client.call("limits", id=self.id)["limits"])
+        return dict(self._client.limits(self.id).limits)
 
     # -- network ---------------------------------------------------------------------------
 

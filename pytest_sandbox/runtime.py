@@ -15,7 +15,6 @@ import os
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
 from .core import naming
 from .core.errors import InvalidSpecError, NetworkError, SetupError
@@ -28,6 +27,7 @@ from .host.hostbase import HostLayout, ensure_skeleton
 from .host.overlays import plan_overlays
 from .launcher import trace
 from .launcher.client import LauncherClient
+from .launcher.protocol import Hello
 from .net.ipam import DEFAULT_POOLS, AddressPool, parse_address_pools
 from .net.networks import Networks
 
@@ -131,11 +131,11 @@ class Runtime:
         self.closed = False
         trace.enable()  # only if $PYTEST_SANDBOX_TRACE names a file
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> Hello:
         """Start the launcher if needed; what it found (idmap support, cgroup backend)."""
         require_root()
         self._sweep_once()
-        return self.client.ensure_started()
+        return self.client.hello()
 
     def overlays(self, stack: LayerStack) -> tuple[OverlaySpec, ...]:
         if not stack.host:

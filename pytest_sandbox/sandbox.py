@@ -10,17 +10,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
-from .container import Container, Result, read_logs, result_from_info
+from .container import Container, Result, read_logs, result_from_exit
 from .core import naming
 from .core.errors import InvalidSpecError, LauncherError, SandboxError, SandboxTimeoutError
 from .core.layerstack import ImageLike, LayerStack
@@ -39,6 +37,8 @@ from .host.overlays import check_layers
 from .launcher import trace
 from .net.networks import Attached, Network
 from .runtime import Runtime, get_runtime, require_root
+
+R = TypeVar("R")
 
 
 def _hosts_file(hostname: str) -> str:
@@ -94,7 +94,7 @@ class Sandbox:
         self._runtime = runtime
         self._containers: list[Container] = []
         self._networks: list[Network] = []
-        self._removals: list[Future[dict[str, Any]]] = []
+        self._removals: list[Future[None]] = []
         self._lock = threading.Lock()
         self._closed = False
         self._on_start = on_start
@@ -136,36 +136,26 @@ class Sandbox:
         the partial result.  The container is gone (removed in the background) when this returns.
         """
         planned = self._plan(cmd, image, opts)
-        client = self.runtime.client
         trace.event("client: run")
-        future = self._create(planned, until_exit=True)
+        exiting = self._create(planned, self.runtime.client.run)
         timeout = planned.options.timeout
         try:
-            info = future.result(timeout)
-            timed_out = False
-        except FutureTimeout:
-            with contextlib.suppress(SandboxError):
-                client.call("signal", id=planned.spec.id, signal=signal.SIGKILL)
-            try:
-                info = future.result()
-            except SandboxError:
-                # Killed before the command even started: the launcher reports a setup that
-                # died, but what the caller asked for is a time limit, and it was reached.
-                self._remove_later(planned.spec.id)
-                planned.release()
-                raise SandboxTimeoutError(
-                    f"{list(planned.spec.process.argv)} did not start within {timeout} s; killed",
-                    result=None,
-                    hint="raise timeout= (it includes the container's setup)",
-                ) from None
-            timed_out = True
+            exited, timed_out = self.runtime.client.wait_or_kill(planned.spec.id, exiting, timeout)
         except BaseException:
             self._remove_later(planned.spec.id)
             planned.release()
             raise
+        if exited is None:
+            self._remove_later(planned.spec.id)
+            planned.release()
+            raise SandboxTimeoutError(
+                f"{list(planned.spec.process.argv)} did not start within {timeout} s; killed",
+                result=None,
+                hint="raise timeout= (it includes the container's setup)",
+            )
         planned.release()  # the command has exited; the namespace lives while processes are in it
         out, err = read_logs(planned.directory)
-        result = result_from_info(info, out, err, planned.spec.process.argv)
+        result = result_from_exit(exited, out, err, planned.spec.process.argv)
         trace.event("client: result")
         self._remove_later(planned.spec.id)
         self.results.append(result)
@@ -186,7 +176,7 @@ class Sandbox:
             )
         planned = self._plan(cmd, image, opts)
         try:
-            reply = self._create(planned, until_exit=False).result()
+            started = self._create(planned, self.runtime.client.create).result()
         except BaseException:
             self._remove_later(planned.spec.id)
             planned.release()
@@ -197,8 +187,8 @@ class Sandbox:
             planned.image,
             planned.directory,
             name=planned.options.name,
-            pid=int(reply["pid"]),
-            init_pid=int(reply["init_pid"]),
+            pid=started.pid,
+            init_pid=started.init_pid,
             attached=planned.attached,
         )
         with self._lock:
@@ -321,11 +311,10 @@ class Sandbox:
             mounts = (*mounts, BindMount(hosts, "/etc/hosts", read_only=True))
         return dataclasses.replace(spec, netns=attached.netns_path, mounts=mounts)
 
-    def _create(self, planned: _Planned, *, until_exit: bool) -> Future[dict[str, Any]]:
+    def _create(self, planned: _Planned, create: Callable[[ContainerSpec, str], Future[R]]) -> Future[R]:
+        """``client.create`` or ``client.run``; the state directory goes if the request cannot be sent."""
         try:
-            return self.runtime.client.submit(
-                "create", spec=planned.spec.to_wire(), dir=planned.directory, until_exit=until_exit
-            )
+            return create(planned.spec, planned.directory)
         except BaseException:
             remove_tree(planned.directory)
             raise
@@ -333,7 +322,7 @@ class Sandbox:
     def _remove_later(self, container_id: str) -> None:
         """Ask the launcher to remove a container without waiting; close() collects the answers."""
         try:
-            future = self.runtime.client.submit("remove", id=container_id)
+            future = self.runtime.client.remove(container_id)
         except LauncherError:
             return
         with self._lock:

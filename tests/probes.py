@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from pytest_sandbox import Container
     from pytest_sandbox.images.store import Store
     from pytest_sandbox.launcher.client import LauncherClient
+    from pytest_sandbox.launcher.protocol import Hello, R, Request
     from pytest_sandbox.net.forward import Forwarder
     from pytest_sandbox.net.netlink import Hub
     from pytest_sandbox.net.netthread import NetThread
@@ -142,7 +143,7 @@ def use_data_root(monkeypatch: pytest.MonkeyPatch, root: str) -> None:
 # -- the launcher -------------------------------------------------------------------------------
 
 
-def launcher_info() -> dict[str, Any]:
+def launcher_info() -> Hello:
     """What the launcher found at start (``idmap``, ``uid_base``, ``cgroup``); starts it."""
     return runtime().info()
 
@@ -176,9 +177,9 @@ def launcher_client() -> LauncherClient:
     return runtime().client
 
 
-def launcher_remove(container_id: str) -> dict[str, Any]:
-    """Send the launcher a ``remove`` for ``container_id`` directly (bypassing any handle); its answer."""
-    return launcher_client().call("remove", id=container_id, timeout=10)
+def launcher_remove(container_id: str) -> None:
+    """Send the launcher a ``remove`` for ``container_id`` directly (bypassing any handle); wait for it."""
+    launcher_client().remove(container_id).result(10)
 
 
 def record_launcher_requests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -186,19 +187,19 @@ def record_launcher_requests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     client = launcher_client()
     launcher_info()  # started now: its own files are part of any "before"
     sent: list[str] = []
-    real_submit: Callable[..., Future[dict[str, Any]]] = client.submit
+    real_request = client.request
 
-    def recording_submit(op: str, **fields: Any) -> Future[dict[str, Any]]:
-        sent.append(op)
-        return real_submit(op, **fields)
+    def recording_request(request: Request[R]) -> Future[R]:
+        sent.append(request.op.value)
+        return real_request(request)
 
-    monkeypatch.setattr(client, "submit", recording_submit)
+    monkeypatch.setattr(client, "request", recording_request)
     return sent
 
 
 def cgroup_backend_name() -> str:
     """``v1``, ``v2`` or ``none``: the cgroup backend the launcher detected (starts it)."""
-    return str(launcher_info()["cgroup"])
+    return launcher_info().cgroup
 
 
 # -- private networks ---------------------------------------------------------------------------

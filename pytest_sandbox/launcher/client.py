@@ -1,8 +1,10 @@
 """The pytest side of the launcher: spawn it, talk to it from any thread, notice when it dies.
 
-One :class:`LauncherClient` per pytest process (and so per xdist worker).  Requests may come from
-any thread; a reader thread matches replies to requests by id (replies can arrive out of order:
-``wait`` is answered when the process exits).  The launcher is started lazily, in its own session
+One :class:`LauncherClient` per pytest process (and so per xdist worker).  Each operation of
+:mod:`.protocol` is a method with typed parameters, returning its typed reply (or a future of it
+where callers wait: ``create``, ``run``, ``wait``, ``remove``).  Requests may come from any thread;
+a reader thread matches replies to requests by id (replies can arrive out of order: ``wait`` is
+answered when the process exits).  The launcher is started lazily, in its own session
 (so a Ctrl-C aimed at pytest's process group lets pytest tear down first), with the socket as its
 only inherited fd.  If it dies, every pending call fails with :class:`LauncherError` quoting the
 tail of its log, and the next call starts a fresh one.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -20,10 +23,28 @@ import threading
 import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, TypeVar
 
-from ..core.errors import LauncherError, SetupError, from_wire
+from ..core.errors import LauncherError, SandboxError, SetupError, from_wire
+from ..core.spec import ContainerSpec, ProcessSpec
+from ..host.cgroups.base import CgroupStats
 from . import protocol
+from .protocol import (
+    CgroupFiles,
+    CreateRequest,
+    ExecRequest,
+    Exited,
+    Hello,
+    LimitsRequest,
+    RemoveRequest,
+    Request,
+    RunRequest,
+    ShutdownRequest,
+    SignalRequest,
+    Started,
+    StatsRequest,
+    WaitRequest,
+)
 
 _BOOTSTRAP = (
     "import sys, types\n"
@@ -74,6 +95,9 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+R = TypeVar("R")
+
+
 class LauncherClient:
     def __init__(self, *, state_dir: str, owner: str, uid_base: int, cgroup_root: str) -> None:
         self.state_dir = state_dir
@@ -84,9 +108,9 @@ class LauncherClient:
         self._send_lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._pending: dict[int, Future[dict[str, Any]]] = {}
+        self._pending: dict[int, tuple[Request[Any], Future[Any]]] = {}
         self._next_rid = 1
-        self.info: dict[str, Any] = {}
+        self._hello: Hello | None = None
         self._dead: LauncherError | None = None
         _clients.add(self)
 
@@ -119,11 +143,71 @@ class LauncherClient:
         sock = self._sock
         return sock.fileno() if sock is not None else -1
 
-    def ensure_started(self) -> dict[str, Any]:
+    # -- operations ------------------------------------------------------------------------
+
+    def hello(self) -> Hello:
+        """Start the launcher if it is not running; what it found (idmap support, cgroup backend)."""
         with self._lock:
             if self._sock is None:
                 self._start()
-            return self.info
+            assert self._hello is not None
+            return self._hello
+
+    def create(self, spec: ContainerSpec, directory: str) -> Future[Started]:
+        """Create a container in its state directory ``directory``; the future holds its start."""
+        return self.request(CreateRequest(protocol.encode_spec(spec), directory))
+
+    def run(self, spec: ContainerSpec, directory: str) -> Future[Exited]:
+        """:meth:`create`, answered only when the command has exited (one round trip, not two)."""
+        return self.request(RunRequest(protocol.encode_spec(spec), directory))
+
+    def exec(
+        self, exec_id: str, parent: str, process: ProcessSpec, *, stdout: str, stderr: str, stdin: str | None
+    ) -> Started:
+        """Start ``process`` in the running container ``parent``; wait with :meth:`wait` (exec_id)."""
+        return self._call(ExecRequest(exec_id, parent, process, stdout, stderr, stdin))
+
+    def wait(self, ident: str) -> Future[Exited]:
+        """The exit of a container or exec; answered when it happens."""
+        return self.request(WaitRequest(ident))
+
+    def signal(self, ident: str, sig: int) -> None:
+        self._call(SignalRequest(ident, sig))
+
+    def stats(self, ident: str) -> CgroupStats:
+        """A container's cgroup accounting now (or at its exit)."""
+        return self._call(StatsRequest(ident))
+
+    def limits(self, ident: str) -> CgroupFiles:
+        """A running container's cgroup limit files as the kernel reports them."""
+        return self._call(LimitsRequest(ident))
+
+    def remove(self, ident: str) -> Future[None]:
+        """Kill a container or exec and delete everything it had; done when the future is."""
+        return self.request(RemoveRequest(ident))
+
+    def wait_or_kill(
+        self, ident: str, exiting: Future[Exited], timeout: float | None
+    ) -> tuple[Exited | None, bool]:
+        """The exit ``exiting`` holds, SIGKILLing ``ident`` if it has not come within ``timeout`` s.
+
+        Returns (exit, timed out).  The exit is None if the kill came before the command started:
+        the launcher then reports a setup that died, but what the caller set was a time limit.
+        """
+        try:
+            return exiting.result(timeout), False
+        except FutureTimeout:
+            pass
+        with contextlib.suppress(SandboxError):  # it may have exited meanwhile
+            self.signal(ident, signal.SIGKILL)
+        try:
+            return exiting.result(), True
+        except LauncherError:
+            raise  # not about this process: the launcher is gone
+        except SandboxError:
+            return None, True
+
+    # -- the connection --------------------------------------------------------------------
 
     def _start(self) -> None:
         make_private_dir(self.state_dir)
@@ -163,48 +247,62 @@ class LauncherClient:
             theirs.close()
         ours.settimeout(START_TIMEOUT)
         try:
-            hello = protocol.recv(ours)
+            frame = protocol.recv(ours)
         except (OSError, ValueError) as e:
-            hello = None
+            frame = None
             reason = str(e)
         else:
             reason = "it exited"
         ours.settimeout(None)
-        if hello is None or "error" in hello:
+        try:
+            hello = self._greeting(frame)
+        except BaseException:
             ours.close()
             self._reap()
-            if hello is not None:
-                raise from_wire(hello["error"])
+            raise
+        if hello is None:
+            ours.close()
+            self._reap()
             raise LauncherError(f"the sandbox launcher did not start ({reason}){self._log_tail()}")
-        self.info = hello["ok"]
+        self._hello = hello
         self._sock = ours
         self._dead = None
         threading.Thread(
             target=self._read_loop, args=(ours,), name="psbx-launcher-reader", daemon=True
         ).start()
 
+    @staticmethod
+    def _greeting(frame: protocol.Frame | None) -> Hello | None:
+        """The launcher's first frame: its Hello, or the typed error it could not start with."""
+        if frame is None:
+            return None
+        header, _ = frame
+        if "error" in header:
+            raise from_wire(header["error"])
+        try:
+            return Hello.from_wire(header["ok"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise LauncherError(f"the sandbox launcher sent a malformed hello: {e!r}") from None
+
     def _read_loop(self, sock: socket.socket) -> None:
         while True:
             try:
-                message = protocol.recv(sock)
+                frame = protocol.recv(sock)
             except (OSError, ValueError):
-                message = None
-            if message is None:
+                frame = None
+            if frame is None:
                 break
+            header, _ = frame
             with self._lock:
-                future = self._pending.pop(int(message.get("rid", -1)), None)
-            if future is None:
-                continue
-            if "error" in message:
-                future.set_exception(from_wire(message["error"]))
-            else:
-                future.set_result(message.get("ok") or {})
+                pending = self._pending.pop(protocol.rid_of(header), None)
+            if pending is not None:
+                _settle(*pending, header)
         with self._lock:
             if self._sock is sock:
                 self._sock = None
                 self._dead = LauncherError(f"the sandbox launcher exited{self._log_tail()}")
-            pending, self._pending = self._pending, {}
-        for future in pending.values():
+            pending_all, self._pending = self._pending, {}
+        for _, future in pending_all.values():
             future.set_exception(self._dead or LauncherError("the sandbox launcher exited"))
         sock.close()
         self._reap()
@@ -228,33 +326,34 @@ class LauncherClient:
             return ""
         return f"; its log ({self.log_path}) ends with:\n{tail}" if tail else ""
 
-    def submit(self, op: str, **fields: Any) -> Future[dict[str, Any]]:
-        """Send a request; the future holds the reply (or the typed error)."""
-        self.ensure_started()
-        future: Future[dict[str, Any]] = Future()
+    def request(self, request: Request[R]) -> Future[R]:
+        """Send a request; the future holds its typed reply (or the typed error)."""
+        self.hello()
+        future: Future[R] = Future()
         with self._lock:
             sock = self._sock
             if sock is None:
                 raise self._dead or LauncherError("the sandbox launcher is not running")
             rid = self._next_rid
             self._next_rid += 1
-            self._pending[rid] = future
-        message = {"rid": rid, "op": op, **fields}
+            self._pending[rid] = (request, future)
         try:
             with self._send_lock:
-                protocol.send(sock, message)
+                protocol.send(sock, protocol.encode_request(rid, request))
         except OSError as e:
             with self._lock:
                 self._pending.pop(rid, None)
             raise LauncherError(f"cannot reach the sandbox launcher: {e}{self._log_tail()}") from None
         return future
 
-    def call(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
-        future = self.submit(op, **fields)
+    def _call(self, request: Request[R], timeout: float | None = None) -> R:
+        future = self.request(request)
         try:
             return future.result(timeout)
         except FutureTimeout:
-            raise TimeoutError(f"launcher request {op!r} did not finish in {timeout} s") from None
+            raise TimeoutError(
+                f"launcher request {request.op.value!r} did not finish in {timeout} s"
+            ) from None
 
     def close(self, timeout: float = 30.0) -> None:
         """Ask the launcher to clean up and exit; wait for it."""
@@ -263,7 +362,7 @@ class LauncherClient:
         if sock is None or proc is None:
             return
         with contextlib.suppress(LauncherError, TimeoutError, OSError):
-            self.call("shutdown", timeout=timeout)
+            self._call(ShutdownRequest(), timeout=timeout)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -274,3 +373,16 @@ class LauncherClient:
                 self._sock = None
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def _settle(request: Request[Any], future: Future[Any], header: protocol.Wire) -> None:
+    """Answer ``future`` with the reply in ``header``, decoded as ``request`` expects."""
+    if "error" in header:
+        future.set_exception(from_wire(header["error"]))
+        return
+    try:
+        future.set_result(request.reply(header.get("ok") or {}))
+    except (KeyError, TypeError, ValueError) as e:
+        future.set_exception(
+            LauncherError(f"malformed reply to a launcher {request.op.value!r} request: {e!r}")
+        )

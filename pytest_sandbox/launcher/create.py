@@ -25,7 +25,6 @@ Order (each step needs the one before; see DESIGN.md "How a container is born"):
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -37,7 +36,7 @@ from ..host import libc, rootfs
 from ..host.cgroups.base import Cgroup
 from . import trace
 from .init import report_setup_failure, run_init
-from .protocol import write_event
+from .protocol import UsernsMade, decode_handover, decode_spec, write_event
 
 # Made after the user namespace, so that they are owned by it and the container's root has
 # capabilities over them (and nothing else).  The PID namespace is not here: the launcher creates
@@ -158,8 +157,8 @@ def _receive_spec(fd: int) -> tuple[ContainerSpec, rootfs.ContainerDirs]:
     os.close(fd)
     if not data:
         os._exit(0)  # the launcher is shutting down and no longer needs this spare
-    message = json.loads(data)
-    return ContainerSpec.from_wire(message["spec"]), rootfs.ContainerDirs(message["dir"])
+    directory, spec = decode_handover(data)
+    return decode_spec(spec), rootfs.ContainerDirs(directory)
 
 
 def _become_container(
@@ -180,7 +179,7 @@ def _become_container(
     if ctx.idmap_fd is not None:
         os.close(ctx.idmap_fd)
     libc.unshare(libc.CLONE_NEWUSER)
-    write_event(pipes.status_fd, {"ev": "userns"})
+    write_event(pipes.status_fd, UsernsMade())
     if os.read(pipes.go_fd, 1) != b"g":
         os._exit(125)  # the launcher could not write our id maps and reports that itself
     os.close(pipes.go_fd)

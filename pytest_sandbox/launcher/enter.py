@@ -20,7 +20,7 @@ from . import trace
 from .create import NAMESPACES_BUT_NET, become_namespace_root, open_stdio
 from .init import report_setup_failure
 from .process import launch, prepare
-from .protocol import write_event
+from .protocol import CommandExited, CommandStarted, write_event
 
 
 def exec_main(
@@ -56,12 +56,9 @@ def exec_main(
         os.close(init_pidfd)
         become_namespace_root()
         pid = launch(prepare(proc, hostname))
-        write_event(status_fd, {"ev": "started", "pid": pid})
+        write_event(status_fd, CommandStarted(pid))
         _, status = os.waitpid(pid, 0)
-        if os.WIFSIGNALED(status):
-            write_event(status_fd, {"ev": "exit", "signal": os.WTERMSIG(status)})
-        else:
-            write_event(status_fd, {"ev": "exit", "code": os.WEXITSTATUS(status)})
+        write_event(status_fd, CommandExited.from_status(status))
         os._exit(0)
     except BaseException as e:
         report_setup_failure(status_fd, e)

@@ -21,7 +21,7 @@ from ..core.errors import to_wire
 from ..core.spec import ProcessSpec
 from . import trace
 from .process import launch, prepare
-from .protocol import write_event
+from .protocol import CommandExited, CommandStarted, SetupFailed, StatusEvent, write_event
 
 _NOT_FORWARDED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGPIPE}
 _FORWARDED = sorted(set(signal.valid_signals()) - _NOT_FORWARDED)
@@ -69,14 +69,11 @@ def run_init(proc: ProcessSpec, hostname: str, status_fd: int, lifeline_fd: int)
         report_setup_failure(status_fd, e)
     forward.started(main_pid)
     trace.event("init: command started")
-    _report(status_fd, {"ev": "started", "pid": main_pid})
+    _report(status_fd, CommandStarted(main_pid))
     status = _wait_main(main_pid, wake_r, lifeline_fd)
     forward.pid = -1  # reaped: its pid may be reused inside the namespace
     trace.event("init: command exited")
-    if os.WIFSIGNALED(status):
-        _report(status_fd, {"ev": "exit", "signal": os.WTERMSIG(status)})
-    else:
-        _report(status_fd, {"ev": "exit", "code": os.WEXITSTATUS(status)})
+    _report(status_fd, CommandExited.from_status(status))
     # Exiting as PID 1 makes the kernel SIGKILL whatever is left in the namespace (Docker semantics:
     # the container ends with its main process).
     os._exit(0)
@@ -104,7 +101,7 @@ def _wait_main(main_pid: int, wake_r: int, lifeline_fd: int) -> int:
             pass
 
 
-def _report(fd: int, event: dict[str, object]) -> None:
+def _report(fd: int, event: StatusEvent) -> None:
     try:
         write_event(fd, event)
     except OSError:
@@ -114,6 +111,6 @@ def _report(fd: int, event: dict[str, object]) -> None:
 def report_setup_failure(fd: int, exc: BaseException) -> NoReturn:
     error = to_wire(exc)
     try:
-        write_event(fd, {"ev": "error", "error": error})
+        write_event(fd, SetupFailed(error))
     finally:
         os._exit(125)

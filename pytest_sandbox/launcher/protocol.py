@@ -1,53 +1,451 @@
-"""The launcher's wire protocol (stdlib only; shared by the pytest side and the launcher).
+"""The launcher's wire protocol: typed messages, shared by the pytest side and the launcher.
 
-Between pytest and its launcher: a ``SOCK_STREAM`` socketpair carrying frames of a 4-byte
-big-endian length followed by one UTF-8 JSON object.  Requests carry ``rid`` (request id, chosen by
-the client) and ``op``; every request gets exactly one reply ``{"rid": ..., "ok": {...}}`` or
-``{"rid": ..., "error": {...}}`` (an error dict from :func:`pytest_sandbox.core.errors.to_wire`).
-Replies may come out of order: ``wait`` is answered only when the process exits.
+Stdlib, :mod:`pytest_sandbox.core` and the cgroup stats record only: the launcher imports it.
+
+Between pytest and its launcher: a ``SOCK_STREAM`` socketpair carrying frames of two 4-byte
+big-endian lengths, a UTF-8 JSON object (the *header*) and a *blob* of raw bytes (empty but for
+``create`` and ``run``, where it is the encoded :class:`~pytest_sandbox.core.spec.ContainerSpec`).
+A request's header carries ``rid`` (request id, chosen by the client) and ``op``; every request
+gets exactly one reply ``{"rid": ..., "ok": {...}}`` or ``{"rid": ..., "error": {...}}`` (an error
+dict from :func:`pytest_sandbox.core.errors.to_wire`).  Replies may come out of order: ``wait`` is
+answered only when the process exits.  On starting, the launcher sends :class:`Hello` as the reply
+to request 0, which nobody sent.
 
 Operations (``id`` is a container id, or ``<container id>.<n>`` for an exec):
 
-=========  =========================================================  =============================
-op         request fields                                             reply (``ok``)
-=========  =========================================================  =============================
-hello      --                                                         pid, uid_base, idmap, cgroup
-create     spec (:class:`pytest_sandbox.core.spec.ContainerSpec` as a      pid (host pid of the command),
-           dict), dir (its state directory), until_exit               init_pid; with until_exit:
-                                                                      the exit, as for ``wait``
-exec       id, parent, process, stdout, stderr, stdin                 pid (host pid of the command)
-wait       id                                                         exit, error, stats, duration_s
-signal     id, signal                                                 --
-stats      id                                                         cgroup stats now (or at exit)
-limits     id                                                         limits (cgroup files), paths
-remove     id                                                         -- (after everything is gone)
-shutdown   --                                                         -- (the launcher then exits)
-=========  =========================================================  =============================
+=========  ===============================================  ========================================
+op         request                                          reply
+=========  ===============================================  ========================================
+create     :class:`CreateRequest` (spec bytes, state dir)   :class:`Started` (the command runs)
+run        :class:`RunRequest` (the same)                   :class:`Exited` (answered at exit: one
+                                                            round trip instead of two)
+exec       :class:`ExecRequest`                             :class:`Started`
+wait       :class:`WaitRequest`                             :class:`Exited`
+signal     :class:`SignalRequest`                           :class:`Ack`
+stats      :class:`StatsRequest`                            ``CgroupStats`` now (or at exit)
+limits     :class:`LimitsRequest`                           :class:`CgroupFiles`
+remove     :class:`RemoveRequest`                           :class:`Ack` (after everything is gone)
+shutdown   :class:`ShutdownRequest`                         :class:`Ack` (the launcher then exits)
+=========  ===============================================  ========================================
 
-The launcher hands a spare first process its spec as one JSON object on a pipe; a container's
-init and an exec helper report on a pipe, one JSON object per line (``ev``: ``userns``,
-``started``, ``error``, ``exit``).
+The spec is encoded once, by pytest (:func:`encode_spec`).  The launcher parses it for what it
+needs (id, limits) and hands a spare first process the same bytes, untouched, with the state
+directory in front (:func:`encode_handover`).  A container's init and an exec helper report on a
+pipe, one JSON object per line (:class:`Event`: ``userns``, ``started``, ``error``, ``exit``).
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import os
+import signal
 import socket
 import struct
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
 
-_HEADER = struct.Struct(">I")
+from ..core.spec import ContainerSpec, ProcessSpec
+from ..host.cgroups.base import CgroupStats
+
+_HEADER = struct.Struct(">II")  # header length, blob length
+_LENGTH = struct.Struct(">I")
 MAX_FRAME = 64 << 20
 
-
-def encode(message: dict[str, Any]) -> bytes:
-    body = json.dumps(message, separators=(",", ":")).encode()
-    return _HEADER.pack(len(body)) + body
+Wire = dict[str, Any]
+Frame = tuple[Wire, bytes]  # (header, blob)
 
 
-def send(sock: socket.socket, message: dict[str, Any]) -> None:
-    sock.sendall(encode(message))
+class ProtocolError(ValueError):
+    """A frame or message that does not follow this protocol."""
+
+
+class Op(str, enum.Enum):
+    """What a request asks the launcher to do."""
+
+    CREATE = "create"
+    RUN = "run"
+    EXEC = "exec"
+    WAIT = "wait"
+    SIGNAL = "signal"
+    STATS = "stats"
+    LIMITS = "limits"
+    REMOVE = "remove"
+    SHUTDOWN = "shutdown"
+
+
+class Event(str, enum.Enum):
+    """What a container's first process, its init or an exec helper tells the launcher."""
+
+    USERNS = "userns"  # the user namespace exists: write its id maps, then say "go"
+    STARTED = "started"
+    ERROR = "error"
+    EXIT = "exit"
+
+
+# -- replies ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What the launcher found when it started."""
+
+    pid: int
+    uid_base: int
+    idmap: bool  # idmapped layer mounts are possible
+    cgroup: str  # the backend's name: "v1", "v2" or "none"
+    cgroup_describe: str  # one line for the pytest header
+
+    def to_wire(self) -> Wire:
+        return {
+            "pid": self.pid,
+            "uid_base": self.uid_base,
+            "idmap": self.idmap,
+            "cgroup": self.cgroup,
+            "cgroup_describe": self.cgroup_describe,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Hello:
+        return cls(
+            int(d["pid"]), int(d["uid_base"]), bool(d["idmap"]), str(d["cgroup"]), str(d["cgroup_describe"])
+        )
+
+
+@dataclass(frozen=True)
+class Started:
+    """A container's or an exec's command runs: its host pid (0 if it exited before we could look
+    it up) and, for a container, the host pid of its init (0 for an exec)."""
+
+    pid: int
+    init_pid: int = 0
+
+    def to_wire(self) -> Wire:
+        return {"pid": self.pid, "init_pid": self.init_pid}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Started:
+        return cls(int(d["pid"]), int(d["init_pid"]))
+
+
+@dataclass(frozen=True)
+class Exited:
+    """How a command ended: ``code`` if it exited, ``signal`` if a signal killed it."""
+
+    pid: int
+    init_pid: int
+    code: int | None
+    signal: int | None
+    duration_s: float
+    stats: CgroupStats | None = None  # read from its cgroup before that was removed
+    error: Wire | None = None  # to_wire() of a setup failure
+
+    @property
+    def exit_code(self) -> int:
+        """Docker's: the status, or 128 + the signal (SIGKILL if neither is known)."""
+        if self.code is not None:
+            return self.code
+        return 128 + (self.signal or signal.SIGKILL)
+
+    def to_wire(self) -> Wire:
+        return {
+            "pid": self.pid,
+            "init_pid": self.init_pid,
+            "code": self.code,
+            "signal": self.signal,
+            "duration_s": self.duration_s,
+            "stats": self.stats.to_wire() if self.stats is not None else None,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Exited:
+        return cls(
+            pid=int(d["pid"]),
+            init_pid=int(d["init_pid"]),
+            code=_optional_int(d["code"]),
+            signal=_optional_int(d["signal"]),
+            duration_s=float(d["duration_s"]),
+            stats=CgroupStats.from_wire(d["stats"]) if d["stats"] is not None else None,
+            error=dict(d["error"]) if d["error"] is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class CgroupFiles:
+    """A container's cgroup as the kernel reports it: its limit files and its directories."""
+
+    limits: Mapping[str, str]
+    paths: tuple[str, ...]
+
+    def to_wire(self) -> Wire:
+        return {"limits": dict(self.limits), "paths": list(self.paths)}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> CgroupFiles:
+        return cls({str(k): str(v) for k, v in d["limits"].items()}, tuple(str(p) for p in d["paths"]))
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Done, nothing to say."""
+
+    def to_wire(self) -> Wire:
+        return {}
+
+
+Reply = Hello | Started | Exited | CgroupStats | CgroupFiles | Ack
+R = TypeVar("R")
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+# -- requests -----------------------------------------------------------------------------------
+
+
+class Request(Generic[R]):
+    """A request; ``R`` is what its reply decodes to on the client's side."""
+
+    op: ClassVar[Op]
+
+    @property
+    def blob(self) -> bytes:
+        return b""
+
+    def to_wire(self) -> Wire:
+        return {}
+
+    def reply(self, ok: Mapping[str, Any]) -> R:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _ById(Request[R]):
+    id: str
+
+    def to_wire(self) -> Wire:
+        return {"id": self.id}
+
+
+@dataclass(frozen=True)
+class CreateRequest(Request[Started]):
+    """Create a container; answered when its command has started."""
+
+    op: ClassVar[Op] = Op.CREATE
+    spec: bytes  # encode_spec(): travels as the blob, and on to a spare as it is
+    directory: str  # its state directory, made by the client
+
+    @property
+    def blob(self) -> bytes:
+        return self.spec
+
+    def to_wire(self) -> Wire:
+        return {"dir": self.directory}
+
+    def reply(self, ok: Mapping[str, Any]) -> Started:
+        return Started.from_wire(ok)
+
+
+@dataclass(frozen=True)
+class RunRequest(Request[Exited]):
+    """Create a container; answered when its command has exited (``sandbox.run``)."""
+
+    op: ClassVar[Op] = Op.RUN
+    spec: bytes
+    directory: str
+
+    @property
+    def blob(self) -> bytes:
+        return self.spec
+
+    def to_wire(self) -> Wire:
+        return {"dir": self.directory}
+
+    def reply(self, ok: Mapping[str, Any]) -> Exited:
+        return Exited.from_wire(ok)
+
+
+@dataclass(frozen=True)
+class ExecRequest(Request[Started]):
+    """Run ``process`` in the running container ``parent``, as exec ``id``."""
+
+    op: ClassVar[Op] = Op.EXEC
+    id: str
+    parent: str
+    process: ProcessSpec
+    stdout: str
+    stderr: str
+    stdin: str | None = None
+
+    def to_wire(self) -> Wire:
+        return {
+            "id": self.id,
+            "parent": self.parent,
+            "process": self.process.to_wire(),
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "stdin": self.stdin,
+        }
+
+    def reply(self, ok: Mapping[str, Any]) -> Started:
+        return Started.from_wire(ok)
+
+
+@dataclass(frozen=True)
+class WaitRequest(_ById[Exited]):
+    op: ClassVar[Op] = Op.WAIT
+
+    def reply(self, ok: Mapping[str, Any]) -> Exited:
+        return Exited.from_wire(ok)
+
+
+@dataclass(frozen=True)
+class SignalRequest(Request[None]):
+    op: ClassVar[Op] = Op.SIGNAL
+    id: str
+    signal: int
+
+    def to_wire(self) -> Wire:
+        return {"id": self.id, "signal": self.signal}
+
+    def reply(self, ok: Mapping[str, Any]) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class StatsRequest(_ById[CgroupStats]):
+    op: ClassVar[Op] = Op.STATS
+
+    def reply(self, ok: Mapping[str, Any]) -> CgroupStats:
+        return CgroupStats.from_wire(dict(ok))
+
+
+@dataclass(frozen=True)
+class LimitsRequest(_ById[CgroupFiles]):
+    op: ClassVar[Op] = Op.LIMITS
+
+    def reply(self, ok: Mapping[str, Any]) -> CgroupFiles:
+        return CgroupFiles.from_wire(ok)
+
+
+@dataclass(frozen=True)
+class RemoveRequest(_ById[None]):
+    op: ClassVar[Op] = Op.REMOVE
+
+    def reply(self, ok: Mapping[str, Any]) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class ShutdownRequest(Request[None]):
+    op: ClassVar[Op] = Op.SHUTDOWN
+
+    def reply(self, ok: Mapping[str, Any]) -> None:
+        return None
+
+
+AnyRequest = (
+    CreateRequest
+    | RunRequest
+    | ExecRequest
+    | WaitRequest
+    | SignalRequest
+    | StatsRequest
+    | LimitsRequest
+    | RemoveRequest
+    | ShutdownRequest
+)
+
+
+def _request_from_wire(op: Op, h: Wire, blob: bytes) -> AnyRequest:
+    if op is Op.CREATE:
+        return CreateRequest(blob, str(h["dir"]))
+    if op is Op.RUN:
+        return RunRequest(blob, str(h["dir"]))
+    if op is Op.EXEC:
+        stdin = h["stdin"]
+        return ExecRequest(
+            str(h["id"]),
+            str(h["parent"]),
+            ProcessSpec.from_wire(h["process"]),
+            str(h["stdout"]),
+            str(h["stderr"]),
+            None if stdin is None else str(stdin),
+        )
+    if op is Op.SIGNAL:
+        return SignalRequest(str(h["id"]), int(h["signal"]))
+    if op is Op.SHUTDOWN:
+        return ShutdownRequest()
+    ident = str(h["id"])
+    if op is Op.WAIT:
+        return WaitRequest(ident)
+    if op is Op.STATS:
+        return StatsRequest(ident)
+    if op is Op.LIMITS:
+        return LimitsRequest(ident)
+    return RemoveRequest(ident)
+
+
+# -- frames -------------------------------------------------------------------------------------
+
+
+def encode_frame(header: Wire, blob: bytes = b"") -> bytes:
+    body = json.dumps(header, separators=(",", ":")).encode()
+    return _HEADER.pack(len(body), len(blob)) + body + blob
+
+
+def _sizes(prefix: bytes | bytearray) -> tuple[int, int]:
+    header_size, blob_size = _HEADER.unpack_from(prefix)
+    if header_size + blob_size > MAX_FRAME:
+        raise ProtocolError(f"launcher protocol: frame of {header_size + blob_size} bytes is too large")
+    return header_size, blob_size
+
+
+def _header(body: bytes) -> Wire:
+    try:
+        header = json.loads(body)
+    except ValueError as e:
+        raise ProtocolError(f"launcher protocol: a frame's header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("launcher protocol: a frame's header must be a JSON object")
+    return header
+
+
+def encode_request(rid: int, request: Request[Any]) -> bytes:
+    return encode_frame({"rid": rid, "op": request.op.value, **request.to_wire()}, request.blob)
+
+
+def decode_request(header: Wire, blob: bytes) -> AnyRequest:
+    """The typed request of a frame; ProtocolError if it is not a well-formed one."""
+    try:
+        op = Op(header.get("op"))
+    except ValueError:
+        raise ProtocolError(f"launcher protocol: unknown operation {header.get('op')!r}") from None
+    try:
+        return _request_from_wire(op, header, blob)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProtocolError(f"launcher protocol: malformed {op.value} request ({e!r})") from None
+
+
+def rid_of(header: Wire) -> int:
+    """A frame's request id (-1 if it has none: a reply to it goes nowhere)."""
+    rid = header.get("rid")
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) else -1
+
+
+def encode_reply(rid: int, reply: Reply) -> bytes:
+    return encode_frame({"rid": rid, "ok": reply.to_wire()})
+
+
+def encode_error(rid: int, error: Wire) -> bytes:
+    return encode_frame({"rid": rid, "error": error})
+
+
+def send(sock: socket.socket, frame: bytes) -> None:
+    sock.sendall(frame)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -61,57 +459,155 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def recv(sock: socket.socket) -> dict[str, Any] | None:
-    """One message, or None at end of stream."""
-    header = _recv_exact(sock, _HEADER.size)
-    if header is None:
+def recv(sock: socket.socket) -> Frame | None:
+    """One frame, or None at end of stream."""
+    prefix = _recv_exact(sock, _HEADER.size)
+    if prefix is None:
         return None
-    (size,) = _HEADER.unpack(header)
-    if size > MAX_FRAME:
-        raise ValueError(f"launcher protocol: frame of {size} bytes is too large")
-    body = _recv_exact(sock, size)
+    header_size, blob_size = _sizes(prefix)
+    body = _recv_exact(sock, header_size + blob_size)
     if body is None:
         return None
-    message = json.loads(body)
-    if not isinstance(message, dict):
-        raise ValueError("launcher protocol: a frame must hold a JSON object")
-    return message
+    return _header(body[:header_size]), body[header_size:]
 
 
 class FrameBuffer:
-    """Splits a non-blocking byte stream into messages."""
+    """Splits a non-blocking byte stream into frames."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes) -> list[Frame]:
         self._buf += data
         out = []
         while len(self._buf) >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(self._buf)
-            if size > MAX_FRAME:
-                raise ValueError(f"launcher protocol: frame of {size} bytes is too large")
-            if len(self._buf) < _HEADER.size + size:
+            header_size, blob_size = _sizes(self._buf)
+            end = _HEADER.size + header_size + blob_size
+            if len(self._buf) < end:
                 break
-            body = bytes(self._buf[_HEADER.size : _HEADER.size + size])
-            del self._buf[: _HEADER.size + size]
-            out.append(json.loads(body))
+            body = bytes(self._buf[_HEADER.size : end])
+            del self._buf[:end]
+            out.append((_header(body[:header_size]), body[header_size:]))
         return out
 
 
-def write_event(fd: int, event: dict[str, Any]) -> None:
+# -- the spec and its hand-over to a spare ------------------------------------------------------
+
+
+def encode_spec(spec: ContainerSpec) -> bytes:
+    """The spec as it travels: encoded once, by the client."""
+    return json.dumps(spec.to_wire(), separators=(",", ":")).encode()
+
+
+def decode_spec(data: bytes) -> ContainerSpec:
+    try:
+        return ContainerSpec.from_wire(json.loads(data))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProtocolError(f"launcher protocol: malformed container spec ({e!r})") from None
+
+
+def encode_handover(directory: str, spec: bytes) -> bytes:
+    """What a spare reads on its pipe: the state directory, then the spec's bytes as they came."""
+    path = directory.encode()
+    return _LENGTH.pack(len(path)) + path + spec
+
+
+def decode_handover(data: bytes) -> tuple[str, bytes]:
+    """(state directory, spec bytes) of :func:`encode_handover`."""
+    if len(data) < _LENGTH.size:
+        raise ProtocolError("launcher protocol: a hand-over shorter than its length prefix")
+    (size,) = _LENGTH.unpack_from(data)
+    end = _LENGTH.size + size
+    if len(data) < end:
+        raise ProtocolError("launcher protocol: a hand-over shorter than its directory")
+    return data[_LENGTH.size : end].decode(), data[end:]
+
+
+# -- status events (container process -> launcher) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class UsernsMade:
+    """The first process made its user namespace and waits for its id maps."""
+
+    ev: ClassVar[Event] = Event.USERNS
+
+    def to_wire(self) -> Wire:
+        return {}
+
+
+@dataclass(frozen=True)
+class CommandStarted:
+    pid: int  # in the reporter's PID namespace
+
+    ev: ClassVar[Event] = Event.STARTED
+
+    def to_wire(self) -> Wire:
+        return {"pid": self.pid}
+
+
+@dataclass(frozen=True)
+class SetupFailed:
+    error: Wire  # to_wire() of the exception
+
+    ev: ClassVar[Event] = Event.ERROR
+
+    def to_wire(self) -> Wire:
+        return {"error": self.error}
+
+
+@dataclass(frozen=True)
+class CommandExited:
+    code: int | None
+    signal: int | None
+
+    ev: ClassVar[Event] = Event.EXIT
+
+    @classmethod
+    def from_status(cls, status: int) -> CommandExited:
+        """From a wait status."""
+        if os.WIFSIGNALED(status):
+            return cls(None, os.WTERMSIG(status))
+        return cls(os.WEXITSTATUS(status), None)
+
+    def to_wire(self) -> Wire:
+        return {"code": self.code, "signal": self.signal}
+
+
+StatusEvent = UsernsMade | CommandStarted | SetupFailed | CommandExited
+
+
+def encode_event(event: StatusEvent) -> bytes:
+    return json.dumps({"ev": event.ev.value, **event.to_wire()}, separators=(",", ":")).encode() + b"\n"
+
+
+def decode_event(line: bytes) -> StatusEvent:
+    try:
+        d = json.loads(line)
+        ev = Event(d["ev"])
+        if ev is Event.USERNS:
+            return UsernsMade()
+        if ev is Event.STARTED:
+            return CommandStarted(int(d["pid"]))
+        if ev is Event.ERROR:
+            return SetupFailed(dict(d["error"]))
+        return CommandExited(_optional_int(d["code"]), _optional_int(d["signal"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProtocolError(f"launcher protocol: malformed status event {line[:200]!r} ({e!r})") from None
+
+
+def write_event(fd: int, event: StatusEvent) -> None:
     """One status line from a container process to the launcher (atomic: well under PIPE_BUF)."""
-    data = json.dumps(event, separators=(",", ":")).encode() + b"\n"
-    os.write(fd, data)
+    os.write(fd, encode_event(event))
 
 
 class LineBuffer:
-    """Splits a status pipe's bytes into JSON events."""
+    """Splits a status pipe's bytes into events."""
 
     def __init__(self) -> None:
         self._buf = b""
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes) -> list[StatusEvent]:
         self._buf += data
         *lines, self._buf = self._buf.split(b"\n")
-        return [json.loads(line) for line in lines if line.strip()]
+        return [decode_event(line) for line in lines if line.strip()]

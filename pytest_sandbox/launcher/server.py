@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import fcntl
 import gc
-import json
 import os
 import secrets
 import select
@@ -30,13 +29,14 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import ContainerNotRunningError, SandboxError, SetupError, to_wire
 from ..core.limits import Limits
 from ..core.naming import ID_RANGE, cgroup_leaf_name, proc_stat
-from ..core.spec import ContainerSpec, ProcessSpec
+from ..core.spec import ContainerSpec
 from ..host import libc
 from ..host.cgroups import detect
 from ..host.cgroups.base import Cgroup, CgroupBackend, CgroupStats
@@ -45,6 +45,29 @@ from ..host.rootfs import ContainerDirs, mask_plan
 from . import protocol, trace
 from .create import LaunchContext, Pipes, first_process
 from .enter import exec_main
+from .protocol import (
+    Ack,
+    CgroupFiles,
+    CommandExited,
+    CommandStarted,
+    CreateRequest,
+    ExecRequest,
+    Exited,
+    Hello,
+    LimitsRequest,
+    Op,
+    RemoveRequest,
+    Reply,
+    RunRequest,
+    SetupFailed,
+    ShutdownRequest,
+    SignalRequest,
+    Started,
+    StatsRequest,
+    StatusEvent,
+    UsernsMade,
+    WaitRequest,
+)
 
 SPEC_PIPE_SIZE = 1 << 20  # a spare's spec is written in one go; a larger spec gets a fresh fork
 # Sent straight to the command, not through its init: the init cannot forward SIGSTOP, and keeps
@@ -80,12 +103,12 @@ class Entity:
     main_pid: int = 0  # host pid of the command (0 if it exited before we could look it up)
     main_pidfd: int = -1
     started: bool = False
-    create_rid: Any = None
+    create_rid: int | None = None
     until_exit: bool = False  # answer create only at exit (run()): one round trip instead of two
-    waiters: list[Any] = field(default_factory=list)
-    remove_rids: list[Any] = field(default_factory=list)
-    exit: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
+    waiters: list[int] = field(default_factory=list)
+    remove_rids: list[int] = field(default_factory=list)
+    exit: CommandExited | None = None
+    error: protocol.Wire | None = None
     stats: CgroupStats | None = None
     lines: protocol.LineBuffer = field(default_factory=protocol.LineBuffer)
     reaped: bool = False
@@ -128,6 +151,17 @@ class Launcher:
         self.spares = self.backend.name != "none"  # no cgroup, nothing slow to do ahead of time
         self.finished_count = 0
         self.running = True
+        self.handlers: dict[Op, Callable[[int, Any], Reply | None]] = {
+            Op.CREATE: self.op_create,
+            Op.RUN: self.op_run,
+            Op.EXEC: self.op_exec,
+            Op.WAIT: self.op_wait,
+            Op.SIGNAL: self.op_signal,
+            Op.STATS: self.op_stats,
+            Op.LIMITS: self.op_limits,
+            Op.REMOVE: self.op_remove,
+            Op.SHUTDOWN: self.op_shutdown,
+        }
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -162,14 +196,14 @@ class Launcher:
             os.waitpid(pid, 0)
         return fd
 
-    def hello(self) -> dict[str, Any]:
-        return {
-            "pid": self.pid,
-            "uid_base": self.uid_base,
-            "idmap": self.idmap_fd is not None,
-            "cgroup": self.backend.name,
-            "cgroup_describe": self.backend.describe(),
-        }
+    def hello(self) -> Hello:
+        return Hello(
+            pid=self.pid,
+            uid_base=self.uid_base,
+            idmap=self.idmap_fd is not None,
+            cgroup=self.backend.name,
+            cgroup_describe=self.backend.describe(),
+        )
 
     # -- event loop ------------------------------------------------------------------------
 
@@ -197,8 +231,8 @@ class Launcher:
         if not data:
             self.running = False  # the pytest process is gone
             return
-        for message in self.frames.feed(data):
-            self._dispatch(message)
+        for header, blob in self.frames.feed(data):
+            self._dispatch(header, blob)
 
     def _on_wakeup(self, fd: object) -> None:
         assert isinstance(fd, int)
@@ -207,48 +241,50 @@ class Launcher:
                 pass
         self._reap()
 
-    def _reply(self, rid: Any, ok: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> None:
-        if rid is None:
-            return
-        message: dict[str, Any] = {"rid": rid}
-        if error is not None:
-            message["error"] = error
-        else:
-            message["ok"] = ok or {}
+    def _reply(self, rid: int | None, reply: Reply) -> None:
+        if rid is not None and rid >= 0:
+            self._send(protocol.encode_reply(rid, reply))
+
+    def _reply_error(self, rid: int | None, error: protocol.Wire) -> None:
+        if rid is not None and rid >= 0:
+            self._send(protocol.encode_error(rid, error))
+
+    def _send(self, frame: bytes) -> None:
         try:
-            protocol.send(self.sock, message)
+            protocol.send(self.sock, frame)
         except OSError:
             self.running = False
 
-    def _dispatch(self, msg: dict[str, Any]) -> None:
-        rid = msg.get("rid")
-        op = msg.get("op")
+    def _dispatch(self, header: protocol.Wire, blob: bytes) -> None:
+        rid = protocol.rid_of(header)
         try:
-            handler = getattr(self, f"op_{op}", None)
-            if handler is None:
-                raise SandboxError(f"launcher: unknown operation {op!r}")
-            result = handler(rid, msg)
+            request = protocol.decode_request(header, blob)
+            reply = self.handlers[request.op](rid, request)
         except BaseException as e:  # report, never die: other containers depend on us
-            self._reply(rid, error=to_wire(e))
+            self._reply_error(rid, to_wire(e))
             return
-        if result is not None:
-            self._reply(rid, result)
+        if reply is not None:  # None: answered later (at start, exit or removal)
+            self._reply(rid, reply)
 
     # -- operations ------------------------------------------------------------------------
 
-    def op_hello(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any]:
-        return self.hello()
+    def op_create(self, rid: int, request: CreateRequest) -> None:
+        self._create(rid, request.spec, request.directory, until_exit=False)
 
-    def op_create(self, rid: Any, msg: dict[str, Any]) -> None:
+    def op_run(self, rid: int, request: RunRequest) -> None:
+        self._create(rid, request.spec, request.directory, until_exit=True)
+
+    def _create(self, rid: int, spec_bytes: bytes, directory: str, *, until_exit: bool) -> None:
         trace.event("launcher: create")
-        spec = ContainerSpec.from_wire(msg["spec"])
+        # Parsed here for what the launcher needs (id, limits); a spare gets the bytes as they came.
+        spec = protocol.decode_spec(spec_bytes)
         if spec.id in self.entities:
             raise SandboxError(f"container {spec.id} already exists")
-        dirs = ContainerDirs(msg["dir"])
+        dirs = ContainerDirs(directory)
         try:
             if spec.cgroup:
                 self.backend.check(spec.limits)
-            payload = json.dumps({"spec": msg["spec"], "dir": msg["dir"]}).encode()
+            payload = protocol.encode_handover(directory, spec_bytes)
             spare = self.spare if spec.cgroup and len(payload) < SPEC_PIPE_SIZE else None
             handed = False
             if spare is not None:
@@ -275,7 +311,7 @@ class Launcher:
             cgroup=cgroup,
             spec=spec,
             create_rid=rid,
-            until_exit=bool(msg.get("until_exit")),
+            until_exit=until_exit,
         )
         with contextlib.suppress(OSError):
             ent.pidfd = os.pidfd_open(pid)  # our child, not yet reaped: it is the right process
@@ -406,14 +442,13 @@ class Launcher:
         except OSError as e:
             print(f"psbx-launcher: cannot remove a spare's cgroup: {e}", file=sys.stderr)
 
-    def op_exec(self, rid: Any, msg: dict[str, Any]) -> None:
-        parent = self._container(msg["parent"])
+    def op_exec(self, rid: int, request: ExecRequest) -> None:
+        parent = self._container(request.parent)
         if not parent.running or parent.pidfd < 0:
             raise ContainerNotRunningError(f"container {parent.id} is not running; cannot exec into it")
-        exec_id = msg["id"]
+        exec_id = request.id
         if exec_id in self.entities:
             raise SandboxError(f"exec {exec_id} already exists")
-        proc = ProcessSpec.from_wire(msg["process"])
         assert parent.spec is not None
         status_r, status_w = os.pipe()
         try:
@@ -424,14 +459,14 @@ class Launcher:
             raise
         if pid == 0:
             exec_main(
-                proc,
+                request.process,
                 parent.spec.hostname,
                 parent.cgroup,
                 init_pidfd=parent.pidfd,
                 status_fd=status_w,
-                stdin=msg.get("stdin"),
-                stdout=msg["stdout"],
-                stderr=msg["stderr"],
+                stdin=request.stdin,
+                stdout=request.stdout,
+                stderr=request.stderr,
                 launcher_pid=self.pid,
             )
         os.close(status_w)
@@ -441,16 +476,16 @@ class Launcher:
         ent.counters_before = _counters(parent.cgroup)
         self._track(ent)
 
-    def op_wait(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any] | None:
-        ent = self._entity(msg["id"])
+    def op_wait(self, rid: int, request: WaitRequest) -> Exited | None:
+        ent = self._entity(request.id)
         if ent.exited:
             return self._exit_info(ent)
         ent.waiters.append(rid)
         return None
 
-    def op_signal(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any]:
-        ent = self._entity(msg["id"])
-        sig = int(msg["signal"])
+    def op_signal(self, rid: int, request: SignalRequest) -> Ack:
+        ent = self._entity(request.id)
+        sig = request.signal
         if ent.exited or ent.reaped:
             raise ContainerNotRunningError(f"{ent.kind} {ent.id} has exited; cannot signal it")
         # init forwards the others; SIGKILL to it ends the whole PID namespace.  Exec commands have no init.
@@ -459,24 +494,24 @@ class Launcher:
         if target >= 0:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(target, sig)
-        return {}
+        return Ack()
 
-    def op_stats(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any]:
-        ent = self._container(msg["id"])
+    def op_stats(self, rid: int, request: StatsRequest) -> CgroupStats:
+        ent = self._container(request.id)
         if ent.stats is not None:
-            return ent.stats.to_wire()
-        return (ent.cgroup.stats() if ent.cgroup else CgroupStats()).to_wire()
+            return ent.stats
+        return ent.cgroup.stats() if ent.cgroup else CgroupStats()
 
-    def op_limits(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any]:
-        ent = self._container(msg["id"])
+    def op_limits(self, rid: int, request: LimitsRequest) -> CgroupFiles:
+        ent = self._container(request.id)
         if ent.finished or ent.cgroup is None:
             raise ContainerNotRunningError(f"container {ent.id} has no cgroup now")
-        return {"limits": ent.cgroup.read_limits(), "paths": ent.cgroup.paths}
+        return CgroupFiles(ent.cgroup.read_limits(), tuple(ent.cgroup.paths))
 
-    def op_remove(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any] | None:
-        ent = self.entities.get(msg["id"])
+    def op_remove(self, rid: int, request: RemoveRequest) -> Ack | None:
+        ent = self.entities.get(request.id)
         if ent is None:
-            return {}  # removing twice is not an error
+            return Ack()  # removing twice is not an error
         ent.remove_rids.append(rid)
         if ent.finished:
             self._forget(ent)  # answers when the cleaner has deleted its directory
@@ -484,9 +519,9 @@ class Launcher:
         self._kill(ent)
         return None
 
-    def op_shutdown(self, rid: Any, msg: dict[str, Any]) -> dict[str, Any]:
+    def op_shutdown(self, rid: int, request: ShutdownRequest) -> Ack:
         self.running = False
-        return {}
+        return Ack()
 
     # -- tracking --------------------------------------------------------------------------
 
@@ -518,9 +553,8 @@ class Launcher:
         for event in ent.lines.feed(data):
             self._on_event(ent, event)
 
-    def _on_event(self, ent: Entity, event: dict[str, Any]) -> None:
-        kind = event.get("ev")
-        if kind == "userns":
+    def _on_event(self, ent: Entity, event: StatusEvent) -> None:
+        if isinstance(event, UsernsMade):
             try:
                 write_id_maps(ent.pid, self.uid_base)
                 os.write(ent.go_fd, b"g")
@@ -539,22 +573,22 @@ class Launcher:
             finally:
                 os.close(ent.go_fd)
                 ent.go_fd = -1
-        elif kind == "started":
+        elif isinstance(event, CommandStarted):
             trace.event("launcher: started")
             ent.started = True
-            ent.main_pid = int(event["pid"]) if ent.kind == "exec" else self._host_pid_of_main(ent)
+            ent.main_pid = event.pid if ent.kind == "exec" else self._host_pid_of_main(ent)
             if ent.main_pid:
                 with contextlib.suppress(OSError):
                     ent.main_pidfd = os.pidfd_open(ent.main_pid)
             if not ent.until_exit:
                 rid, ent.create_rid = ent.create_rid, None
-                self._reply(rid, {"pid": ent.main_pid, "init_pid": ent.pid if ent.kind == "container" else 0})
-        elif kind == "error":
-            ent.error = self._explain(ent, event["error"])
+                self._reply(rid, Started(ent.main_pid, ent.pid if ent.kind == "container" else 0))
+        elif isinstance(event, SetupFailed):
+            ent.error = self._explain(ent, event.error)
             rid, ent.create_rid = ent.create_rid, None
-            self._reply(rid, error=ent.error)
-        elif kind == "exit":
-            ent.exit = {"code": event.get("code"), "signal": event.get("signal")}
+            self._reply_error(rid, ent.error)
+        else:
+            ent.exit = event
             self._exited(ent)
 
     def _host_pid_of_main(self, ent: Entity) -> int:
@@ -569,9 +603,9 @@ class Launcher:
     def _fail(self, ent: Entity, exc: BaseException) -> None:
         ent.error = self._explain(ent, to_wire(exc))
         rid, ent.create_rid = ent.create_rid, None
-        self._reply(rid, error=ent.error)
+        self._reply_error(rid, ent.error)
 
-    def _explain(self, ent: Entity, error: dict[str, Any]) -> dict[str, Any]:
+    def _explain(self, ent: Entity, error: protocol.Wire) -> protocol.Wire:
         """An exec that failed because its container was dying is "not running", not a setup error.
 
         setns into namespaces whose init just exited says ESRCH, a fork into a PID namespace
@@ -648,7 +682,7 @@ class Launcher:
         if ent.exit is None:  # killed: init never reported an exit
             st = ent.wait_status
             sig = os.WTERMSIG(st) if st is not None and os.WIFSIGNALED(st) else signal.SIGKILL
-            ent.exit = {"code": None, "signal": sig}
+            ent.exit = CommandExited(None, sig)
         self._exited(ent)
         ent.finished = True
         self.finished_count += 1
@@ -668,15 +702,17 @@ class Launcher:
         if ent.remove_rids:
             self._forget(ent)
 
-    def _exit_info(self, ent: Entity) -> dict[str, Any]:
-        return {
-            "pid": ent.main_pid,
-            "init_pid": ent.pid if ent.kind == "container" else 0,
-            "exit": ent.exit,
-            "error": ent.error,
-            "stats": ent.stats.to_wire() if ent.stats else None,
-            "duration_s": ent.exited_at - ent.started_at,
-        }
+    def _exit_info(self, ent: Entity) -> Exited:
+        exit_ = ent.exit or CommandExited(None, signal.SIGKILL)
+        return Exited(
+            pid=ent.main_pid,
+            init_pid=ent.pid if ent.kind == "container" else 0,
+            code=exit_.code,
+            signal=exit_.signal,
+            duration_s=ent.exited_at - ent.started_at,
+            stats=ent.stats,
+            error=ent.error,
+        )
 
     def _remove_cgroup(self, ent: Entity) -> None:
         cg, ent.cgroup = ent.cgroup, None
@@ -706,7 +742,7 @@ class Launcher:
                 else:
                     _remove_quietly(ent.dirs.base)
         for rid in ent.remove_rids:
-            self._reply(rid, {})
+            self._reply(rid, Ack())
         ent.remove_rids.clear()
 
     def _on_cleaned(self, _fd: object) -> None:
@@ -719,7 +755,7 @@ class Launcher:
                 finished = [*(finished or []), rids]
         for rids in finished or []:
             for rid in rids:
-                self._reply(rid, {})
+                self._reply(rid, Ack())
 
     def _shutdown(self) -> None:
         """Kill everything, wait for it, remove every cgroup and state directory."""
@@ -780,12 +816,12 @@ class Cleaner:
         os.close(req_r)
         os.close(done_w)
         os.set_blocking(self._req_w, False)  # a full pipe must not stall the launcher's loop
-        self._waiting: dict[int, tuple[str, list[Any]]] = {}
+        self._waiting: dict[int, tuple[str, list[int]]] = {}
         self._serial = 0
         self._buf = b""
         self.alive = True
 
-    def submit(self, path: str, rids: list[Any]) -> bool:
+    def submit(self, path: str, rids: list[int]) -> bool:
         """Queue ``path`` for deletion; False if the cleaner cannot take it now."""
         if not self.alive:
             return False
@@ -797,7 +833,7 @@ class Cleaner:
         self._waiting[self._serial] = (path, list(rids))
         return True
 
-    def done(self) -> list[list[Any]] | None:
+    def done(self) -> list[list[int]] | None:
         """The rids of finished deletions; None once the cleaner has exited."""
         data = os.read(self.done_fd, 65536)
         if not data:
@@ -807,7 +843,7 @@ class Cleaner:
         *lines, self._buf = self._buf.split(b"\n")
         return [self._waiting.pop(int(token), ("", []))[1] for token in lines if token]
 
-    def take_back(self) -> list[tuple[str, list[Any]]]:
+    def take_back(self) -> list[tuple[str, list[int]]]:
         """What a dead cleaner had not confirmed."""
         pending, self._waiting = list(self._waiting.values()), {}
         return pending
@@ -905,9 +941,9 @@ def main(argv: list[str]) -> None:
         launcher = Launcher(sock, args.owner, args.uid_base, args.cgroup_root)
     except BaseException as e:
         with contextlib.suppress(OSError):
-            protocol.send(sock, {"rid": 0, "error": to_wire(e)})
+            protocol.send(sock, protocol.encode_error(0, to_wire(e)))
         raise
-    protocol.send(sock, {"rid": 0, "ok": launcher.hello()})
+    protocol.send(sock, protocol.encode_reply(0, launcher.hello()))
     launcher.serve()
     # An orderly end (the pytest process closed the socket or died, even by SIGKILL): everything is
     # gone, so the owner's state directory (launcher.log included) goes too.  Not on a crash of our

@@ -177,7 +177,7 @@ def test_user_namespace_root_is_an_unprivileged_host_uid(sandbox: Sandbox, busyb
     This is what makes every other namespace owned by an unprivileged identity: if container root
     were host root, a single escape (a bind mount, a leaked fd) would be a host-root compromise.
     """
-    base = int(probes.launcher_info()["uid_base"])
+    base = probes.launcher_info().uid_base
     assert base >= 65536
     c = sandbox.start(SLEEP, image=busybox_image)
     script = "cat /proc/self/uid_map /proc/self/gid_map; id -u; id -g; touch /owned; stat -c %u:%g /owned"

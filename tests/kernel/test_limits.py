@@ -234,7 +234,7 @@ def test_limit_without_a_controller_is_an_error_never_a_silent_unlimited_run(tmp
     rt = probes.new_runtime(cgroup_root=str(nocg), state_parent=str(tmp_path / "state"))
     try:
         with Sandbox(runtime=rt) as sb:
-            assert rt.info()["cgroup"] == "none"
+            assert rt.info().cgroup == "none"
             with pytest.raises(CgroupUnavailableError, match="memory") as info:
                 sb.run(["touch", "/shared/ran"], memory="64m", mounts={str(shared): "/shared"})
             assert info.value.hint

@@ -236,7 +236,7 @@ print(json.dumps(out))
     assert (seen["root"], seen["home"]) == ([], [])
     assert seen["hostname"] == seen["env_hostname"] + "\n"
     # Host files appear owned by root inside (idmapped layers); else they would be "nobody".
-    idmap = bool(probes.launcher_info()["idmap"])
+    idmap = probes.launcher_info().idmap
     assert seen["owner"] == ([0, 0] if idmap else [65534, 65534])
 
 
@@ -314,8 +314,8 @@ def test_bind_mounts_rw_and_ro(sandbox: Sandbox, busybox_image: Image, tmp_path:
     (rw / "later").write_text("after start\n")
     assert c.exec(["cat", "/data/later"]).check().stdout == b"after start\n"
     assert (rw / "by-root").read_text() == "by-root\n"
-    idmap = bool(probes.launcher_info()["idmap"])
-    base = 0 if idmap else int(probes.launcher_info()["uid_base"])
+    idmap = probes.launcher_info().idmap
+    base = 0 if idmap else probes.launcher_info().uid_base
     by_root, by_app = (rw / "by-root").stat(), (rw / "by-app").stat()
     assert (by_root.st_uid, by_root.st_gid) == (base, base)
     assert (by_app.st_uid, by_app.st_gid) == (base + 1000, base + 1000)
