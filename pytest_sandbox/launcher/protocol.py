@@ -43,7 +43,7 @@ import signal
 import socket
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 from ..core.spec import ContainerSpec, ProcessSpec
@@ -98,13 +98,7 @@ class Hello:
     cgroup_describe: str  # one line for the pytest header
 
     def to_wire(self) -> Wire:
-        return {
-            "pid": self.pid,
-            "uid_base": self.uid_base,
-            "idmap": self.idmap,
-            "cgroup": self.cgroup,
-            "cgroup_describe": self.cgroup_describe,
-        }
+        return asdict(self)
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Hello:
@@ -122,7 +116,7 @@ class Started:
     init_pid: int = 0
 
     def to_wire(self) -> Wire:
-        return {"pid": self.pid, "init_pid": self.init_pid}
+        return asdict(self)
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Started:
@@ -231,10 +225,7 @@ class _ById(Request[R]):
 
 
 @dataclass(frozen=True)
-class CreateRequest(Request[Started]):
-    """Create a container; answered when its command has started."""
-
-    op: ClassVar[Op] = Op.CREATE
+class _WithSpec(Request[R]):
     spec: bytes  # encode_spec(): travels as the blob, and on to a spare as it is
     directory: str  # its state directory, made by the client
 
@@ -245,24 +236,22 @@ class CreateRequest(Request[Started]):
     def to_wire(self) -> Wire:
         return {"dir": self.directory}
 
+
+@dataclass(frozen=True)
+class CreateRequest(_WithSpec[Started]):
+    """Create a container; answered when its command has started."""
+
+    op: ClassVar[Op] = Op.CREATE
+
     def reply(self, ok: Mapping[str, Any]) -> Started:
         return Started.from_wire(ok)
 
 
 @dataclass(frozen=True)
-class RunRequest(Request[Exited]):
+class RunRequest(_WithSpec[Exited]):
     """Create a container; answered when its command has exited (``sandbox.run``)."""
 
     op: ClassVar[Op] = Op.RUN
-    spec: bytes
-    directory: str
-
-    @property
-    def blob(self) -> bytes:
-        return self.spec
-
-    def to_wire(self) -> Wire:
-        return {"dir": self.directory}
 
     def reply(self, ok: Mapping[str, Any]) -> Exited:
         return Exited.from_wire(ok)
@@ -532,9 +521,6 @@ class UsernsMade:
 
     ev: ClassVar[Event] = Event.USERNS
 
-    def to_wire(self) -> Wire:
-        return {}
-
 
 @dataclass(frozen=True)
 class CommandStarted:
@@ -542,18 +528,12 @@ class CommandStarted:
 
     ev: ClassVar[Event] = Event.STARTED
 
-    def to_wire(self) -> Wire:
-        return {"pid": self.pid}
-
 
 @dataclass(frozen=True)
 class SetupFailed:
     error: Wire  # to_wire() of the exception
 
     ev: ClassVar[Event] = Event.ERROR
-
-    def to_wire(self) -> Wire:
-        return {"error": self.error}
 
 
 @dataclass(frozen=True)
@@ -570,15 +550,13 @@ class CommandExited:
             return cls(None, os.WTERMSIG(status))
         return cls(os.WEXITSTATUS(status), None)
 
-    def to_wire(self) -> Wire:
-        return {"code": self.code, "signal": self.signal}
-
 
 StatusEvent = UsernsMade | CommandStarted | SetupFailed | CommandExited
 
 
 def encode_event(event: StatusEvent) -> bytes:
-    return json.dumps({"ev": event.ev.value, **event.to_wire()}, separators=(",", ":")).encode() + b"\n"
+    # vars(), not asdict(): no deep copy, on the path of every start (the fields are flat)
+    return json.dumps({"ev": event.ev.value, **vars(event)}, separators=(",", ":")).encode() + b"\n"
 
 
 def decode_event(line: bytes) -> StatusEvent:
