@@ -21,11 +21,13 @@ and ``import`` show progress on stderr (a live line on a terminal, a line per la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import TextIO
 
 from .core.errors import SandboxError
@@ -71,6 +73,88 @@ def _ago(created: str) -> str:
     return "just now"
 
 
+# -- progress (what pull, push and import tell as they go) ---------------------------------------
+
+
+class Progress:
+    """Per-layer progress on a stream: a live line on a terminal, one line per layer otherwise."""
+
+    def __init__(self, stream: TextIO | None = None, *, what: str = "") -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.what = what
+        try:
+            self.tty = self.stream.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+
+    def _write(self, text: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.write(text)
+            self.stream.flush()
+
+    @contextlib.contextmanager
+    def layer(
+        self, index: int, count: int, digest: str, size: int, verb: str = "pull"
+    ) -> Iterator[Callable[[int], None]]:
+        label = f"{verb} {self.what} layer {index}/{count} {digest[7:19]}"
+        last = [0.0]
+
+        def update(n: int) -> None:
+            now = time.monotonic()
+            if self.tty and now - last[0] > 0.1:
+                last[0] = now
+                pct = f" {100 * n // size:3d}%" if size else ""
+                self._write(f"\r{label} {human_size(n)}/{human_size(size)}{pct}\x1b[K")
+
+        start = time.monotonic()
+        try:
+            yield update
+        except BaseException:
+            if self.tty:
+                self._write("\n")  # keep the partial line; the error is printed below it
+            raise
+        elapsed = time.monotonic() - start
+        prefix, suffix = ("\r", "\x1b[K") if self.tty else ("", "")
+        self._write(f"{prefix}{label} {human_size(size)} in {elapsed:.1f}s{suffix}\n")
+
+    def note(self, text: str) -> None:
+        self._write(f"{text}\n")
+
+    def callback(self, verb: str = "import") -> Callable[[str, int, int], None]:
+        """A ``progress(name, bytes_done, bytes_total)`` for :func:`~.images.archive.import_image`:
+        a live line on a terminal, and one line per layer (or archive) once it is read."""
+        current, start, last = "", 0.0, 0.0
+
+        def update(name: str, done: int, total: int) -> None:
+            nonlocal current, start, last
+            now = time.monotonic()
+            if name != current:
+                current, start, last = name, now, 0.0
+            short = name[7:19] if name.startswith("sha256:") else os.path.basename(name)
+            label = " ".join(w for w in (verb, self.what, short) if w)
+            if done >= total:
+                prefix, suffix = ("\r", "\x1b[K") if self.tty else ("", "")
+                self._write(f"{prefix}{label} {human_size(total)} in {now - start:.1f}s{suffix}\n")
+                current = ""
+            elif self.tty and now - last > 0.1:
+                last = now
+                self._write(
+                    f"\r{label} {human_size(done)}/{human_size(total)} {100 * done // total:3d}%\x1b[K"
+                )
+
+        return update
+
+
+def human_size(n: int, sep: str = " ") -> str:
+    """``1234567`` -> ``1.2 MB`` (decimal units, as Docker prints sizes)."""
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f}{sep}{unit}" if unit == "B" else f"{size:.1f}{sep}{unit}"
+        size /= 1000
+    return f"{n}{sep}B"  # pragma: no cover
+
+
 def cmd_images(args: argparse.Namespace, out: TextIO) -> int:
     store = _store(args)
     rows: list[tuple[str, ...]] = []
@@ -95,7 +179,7 @@ def cmd_images(args: argparse.Namespace, out: TextIO) -> int:
                     _short(image.id),
                     _ago(image.record.created),
                     f"{base}{len(image.record.layers)}",
-                    registry.human_size(size, sep=""),
+                    human_size(size, sep=""),
                 )
             )
     if args.quiet:
@@ -109,9 +193,13 @@ def cmd_images(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _shown(ref: str) -> Progress:
+    return Progress(sys.stderr, what=str(parse_reference(ref)))
+
+
 def cmd_pull(args: argparse.Namespace, out: TextIO) -> int:
     result = registry.pull(
-        args.ref, _store(args), client=_client(args, args.ref), quiet=args.quiet, progress=sys.stderr
+        args.ref, _store(args), client=_client(args, args.ref), quiet=args.quiet, progress=_shown(args.ref)
     )
     out.write(f"{result.ref or result.image_id}\n")
     return 0
@@ -119,7 +207,7 @@ def cmd_pull(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
     result = registry.push(
-        args.ref, _store(args), client=_client(args, args.ref), quiet=args.quiet, progress=sys.stderr
+        args.ref, _store(args), client=_client(args, args.ref), quiet=args.quiet, progress=_shown(args.ref)
     )
     out.write(f"{args.ref}@{result.manifest_digest}\n")
     return 0
@@ -128,7 +216,7 @@ def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     from .images import archive as oci
 
-    show = None if args.quiet else registry.Progress(sys.stderr, what=args.ref or "")
+    show = None if args.quiet else Progress(sys.stderr, what=args.ref or "")
     image_id = oci.import_image(
         args.src, args.ref, store=_store(args), progress=show.callback("import") if show else None
     )

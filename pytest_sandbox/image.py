@@ -116,9 +116,10 @@ class Image:
     @classmethod
     def pull(cls, ref: str) -> Image:
         """Pull ``ref`` from its registry into the default store (skipping layers already there)."""
-        from .images.registry import pull_image
+        from .images.registry import pull
 
-        return pull_image(ref)
+        result = pull(ref)  # ids: the registry client knows nothing of Image
+        return cls.load(result.ref or result.image_id, store=None)
 
     @classmethod
     def from_record(cls, record: ImageRecord, store: Store, image_id: str | None = None) -> Image:

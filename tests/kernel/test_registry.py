@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox import Image, Sandbox
+from pytest_sandbox.cli import Progress
 from pytest_sandbox.core.errors import (
     RegistryAuthError,
     RegistryConnectionError,
@@ -43,7 +44,6 @@ from pytest_sandbox.images.manifest import (
     host_platform,
 )
 from pytest_sandbox.images.registry import (
-    Progress,
     RegistryClient,
     RegistrySettings,
     pull,
@@ -395,7 +395,7 @@ def test_push_then_pull_into_an_empty_store_round_trips_and_runs(
     src = Store(str(tmp_path / "src"))
     record = make_image(src, busybox_layer, tmp_path, ref)
     out = io.StringIO()
-    pushed = push(ref, src, client=client_for(registry), progress=out)
+    pushed = push(ref, src, client=client_for(registry), progress=Progress(out, what=ref))
     assert len(pushed.uploaded) == 2
     assert out.getvalue().count("push ") == 2
     assert f"pushed {ref}: manifest {pushed.manifest_digest}" in out.getvalue()
@@ -406,7 +406,7 @@ def test_push_then_pull_into_an_empty_store_round_trips_and_runs(
 
     dst = Store(str(tmp_path / "dst"))
     out = io.StringIO()
-    pulled = pull(ref, dst, client=client_for(registry), progress=out)
+    pulled = pull(ref, dst, client=client_for(registry), progress=Progress(out, what=ref))
     assert pulled.manifest_digest == pushed.manifest_digest
     assert pulled.ref == ref
     assert pulled.downloaded == record.layers
@@ -759,7 +759,7 @@ def test_import_progress_callback_draws_a_live_line_per_layer(monkeypatch: pytes
             return True
 
     clock = iter(float(t) for t in range(100))
-    monkeypatch.setattr("pytest_sandbox.images.registry.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("pytest_sandbox.cli.time.monotonic", lambda: next(clock))
     out = Terminal()
     update = Progress(out, what="app:1").callback("import")
     digest = sha256_digest(b"layer")

@@ -28,9 +28,7 @@ ALLOWED_EDGES = {
 
 # Edges another part of issue 8 removes (each owner drops its line): cycles through them are
 # tolerated until then, and an entry whose import is gone fails the test like ALLOWED_EDGES.
-PENDING_EDGES = {
-    ("pytest_sandbox.images.registry", "pytest_sandbox.image"): "TODO(issue 8): registry.pull returns ids",
-}
+PENDING_EDGES: dict[tuple[str, str], str] = {}
 
 # What the launcher (the fork server that runs as root) may import of the package.
 LAUNCHER_MAY_REACH = ("pytest_sandbox.core", "pytest_sandbox.host", "pytest_sandbox.launcher")
