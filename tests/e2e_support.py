@@ -25,10 +25,8 @@ from tests.probes import V1_CONTROLLERS
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
-Proc = tuple[int, int]
-Spawn = Callable[
-    ..., subprocess.Popen[bytes]
-]  # the ``spawn`` fixture (tests/conftest.py)  # (pid, start time in clock ticks since boot)
+Proc = tuple[int, int]  # (pid, start time in clock ticks since boot)
+Spawn = Callable[..., subprocess.Popen[bytes]]  # the ``spawn`` fixture (tests/kernel_fixtures.py)
 
 
 # -- processes -----------------------------------------------------------------------------------

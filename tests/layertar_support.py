@@ -108,3 +108,11 @@ def tree(root: Path) -> dict[str, str]:
             else:
                 out[rel] = f"other:{stat.S_IFMT(st.st_mode):o}:{st.st_rdev}"
     return out
+
+
+def text_layer(parent: Path, name: str, content: str) -> Path:
+    """A layer directory ``parent/name`` holding one file, ``<name>.txt``, with ``content``."""
+    d = parent / name
+    d.mkdir()
+    (d / f"{name}.txt").write_text(content)
+    return d

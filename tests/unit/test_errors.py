@@ -11,6 +11,7 @@ from pytest_sandbox import (
     InvalidSpecError,
     LayerNotADirectoryError,
     LayerNotFoundError,
+    Sandbox,
     SandboxError,
     UserNotFoundError,
 )
@@ -52,3 +53,12 @@ def test_hint_is_shown() -> None:
     """A hint is part of the message users see."""
     shown = str(SetupError("mount failed", hint="enable overlayfs"))
     assert shown == "mount failed\n  hint: enable overlayfs"
+
+
+def test_closed_handle_refuses_work() -> None:
+    """A closed handle (its fixture scope ended) refuses new containers; closing twice is silent."""
+    sb = Sandbox()
+    sb.close()
+    sb.close()
+    with pytest.raises(SandboxError, match="closed"):
+        sb.run(["true"])
