@@ -161,7 +161,7 @@ def run_step(cmd: Sequence[str], *, timeout: float | None = None) -> LayerStep:
                     f"--- output (last lines) ---\n{container.log_tail()}",
                     result=result,
                 )
-            uid_base = sb.runtime.config.uid_base
+            uid_base = sb.runtime.settings.uid_base
             return commit_upper(
                 st, container.dir, container.spec, uid_base=uid_base, parent=parent, created_by=line
             )

@@ -30,30 +30,40 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TextIO
 
+from .config import Settings
 from .core.errors import SandboxError
 from .core.reference import parse_reference
 from .images import registry
 from .images.store import Store
 
+#: how this command spells the settings it takes as options (in error messages)
+CLI_OPTIONS = {
+    "data_root": "--data-root",
+    "insecure_registries": "--insecure-registry",
+    "registry_mirrors": "--registry-mirror",
+}
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings as the plugin resolves them, with this command's options in place of pytest's."""
+    return Settings.resolve(
+        options={
+            "data_root": args.data_root,
+            "insecure_registries": args.insecure_registry,
+            "registry_mirrors": args.registry_mirror,
+        },
+        env=os.environ,
+        option_names=CLI_OPTIONS,
+    )
+
 
 def _store(args: argparse.Namespace) -> Store:
-    from .runtime import default_data_root
-
-    root = os.path.abspath(os.path.expanduser(args.data_root)) if args.data_root else default_data_root()
-    return Store(os.path.join(root, "store"))
+    return Store.default(_settings(args))
 
 
 def _client(args: argparse.Namespace, ref: str) -> registry.RegistryClient:
-    env = registry.RegistrySettings.from_env()
-    settings = registry.RegistrySettings.parse(
-        ",".join(args.insecure_registry) if args.insecure_registry else ",".join(env.insecure),
-        ",".join(args.registry_mirror)
-        if args.registry_mirror
-        else ",".join(f"{origin}={mirror}" for origin, mirror in env.mirrors),
-        source="--insecure-registry/--registry-mirror",
-    )
     host, _ = registry.registry_repository(parse_reference(ref))
-    return registry.RegistryClient(host, settings=settings)
+    return registry.RegistryClient(host, settings=_settings(args).registries)
 
 
 def _short(image_id: str) -> str:

@@ -259,7 +259,7 @@ class Container:
 
         if self._removed:
             raise ContainerNotRunningError(f"container {self.name} was removed; commit before removing it")
-        return commit_container(self, ref, uid_base=self._runtime.config.uid_base, store=store)
+        return commit_container(self, ref, uid_base=self._runtime.settings.uid_base, store=store)
 
     def remove(self) -> None:
         """Kill whatever runs, delete the container's layer, logs and cgroup.  Idempotent."""

@@ -30,6 +30,7 @@ from .core.layerstack import ImageLike, LayerStack
 from .host.overlays import check_layer, check_layers, check_not_nested
 from .images.layers import check_state_dir, child_record, commit_upper, record_of
 from .images.store import Store
+from .runtime import current_settings
 
 if TYPE_CHECKING:
     from .container import Container
@@ -109,17 +110,21 @@ class Image:
     @classmethod
     def load(cls, ref: str, *, store: Store | None = None) -> Image:
         """The image ``ref`` (``name[:tag]``, ``name@sha256:..`` or ``sha256:<id>``) from the store."""
-        st = store or Store.default()
+        st = store or Store.default(current_settings())
         image_id = st.resolve_id(ref)
         return cls.from_record(st.get_image(image_id), st, image_id)
 
     @classmethod
     def pull(cls, ref: str) -> Image:
-        """Pull ``ref`` from its registry into the default store (skipping layers already there)."""
+        """Pull ``ref`` from its registry into the default store (skipping layers already there).
+
+        The store and the registry settings (insecure registries, mirrors) are the session's.
+        """
         from .images.registry import pull
 
-        result = pull(ref)  # ids: the registry client knows nothing of Image
-        return cls.load(result.ref or result.image_id, store=None)
+        settings = current_settings()
+        result = pull(ref, settings=settings)  # ids: the registry client knows nothing of Image
+        return cls.load(result.ref or result.image_id, store=Store.default(settings))
 
     @classmethod
     def from_record(cls, record: ImageRecord, store: Store, image_id: str | None = None) -> Image:
@@ -196,7 +201,7 @@ class Image:
     # -- storing -----------------------------------------------------------------------------
 
     def _store(self, store: Store | None = None) -> Store:
-        return store or self.store or Store.default()
+        return store or self.store or Store.default(current_settings())
 
     def _stored_in(self, store: Store) -> bool:
         return self.image_id is not None and self.store == store and store.has_image(self.image_id)

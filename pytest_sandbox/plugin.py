@@ -6,80 +6,76 @@ has ``tmp_path_factory``: ``sandbox`` (function), ``sandbox_class``, ``sandbox_m
 when its scope ends.  ``@pytest.mark.sandbox(memory="64m", ...)`` sets default options for the
 ``sandbox`` fixture of that test.  When a test fails, the output of the containers it started is
 added to the report.
+
+Settings (:mod:`pytest_sandbox.config`) are resolved once, at configure time, from the options,
+the ini file and the environment, and kept on ``config.stash``; a bad value is a
+``pytest.UsageError`` (exit code 4).  The session's runtime is created from them at session start.
+
+A pytest run that uses no sandbox should pay almost nothing for this plugin (``bench/
+plugin_import.py``): at module level it imports only pytest, the hook specs and the settings;
+the runtime, the sandbox and the cgroup code are imported by the hooks and fixtures that use them.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import hookspecs
-from .container import Container
-from .core.errors import InvalidSpecError
-from .host.cgroups import detect
-from .net.ipam import parse_address_pools
-from .runtime import (
-    DEFAULT_UID_BASE,
-    RuntimeConfig,
-    configure,
-    default_data_root,
-    parse_uid_base,
-    shutdown_runtime,
-)
-from .sandbox import Sandbox
+from .config import SETTINGS, Setting, Settings
+from .core.errors import SettingsError
 
-_SANDBOXES = pytest.StashKey[list[Sandbox]]()
+if TYPE_CHECKING:
+    from .container import Container
+    from .runtime import Runtime
+    from .sandbox import Sandbox
+
+#: The session's settings, resolved at configure time.
+SETTINGS_KEY = pytest.StashKey[Settings]()
+#: The runtime this session uses, and whether this session opened it (and closes it at its end).
+_RUNTIME: pytest.StashKey[tuple[Runtime, bool]] = pytest.StashKey()
+_SANDBOXES: pytest.StashKey[list[Sandbox]] = pytest.StashKey()
+_PACKAGE_SANDBOX: pytest.StashKey[Sandbox] = pytest.StashKey()
+
+
+def _dest(setting: Setting) -> str:
+    return "sandbox_" + setting.name
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("sandbox", "pytest_sandbox: isolated containers from the kernel")
-    group.addoption(
-        "--sandbox-data-root",
-        default=None,
-        help="where images and the host base are stored (default: $PYTEST_SANDBOX_DATA_ROOT or "
-        "~/.cache/pytest-sandbox), like daemon.json's data-root",
-    )
-    parser.addini("sandbox_data_root", "where images and the host base are stored", default="")
-    parser.addini(
-        "sandbox_state_dir", "where containers' writable layers and logs go (default /dev/shm)", default=""
-    )
-    parser.addini(
-        "sandbox_uid_base",
-        f"first host uid of the containers' id range (default {DEFAULT_UID_BASE})",
-        default="",
-    )
-    parser.addini("sandbox_cgroup_root", "where the cgroup hierarchies are mounted", default="/sys/fs/cgroup")
-    parser.addini(
-        "sandbox_insecure_registries",
-        "registries reached over plain http: host[:port] or CIDR, comma-separated (as daemon.json's "
-        "insecure-registries; default $PYTEST_SANDBOX_INSECURE_REGISTRIES)",
-        default="",
-    )
-    parser.addini(
-        "sandbox_registry_mirrors",
-        "registry mirrors tried first, comma-separated: MIRROR (of Docker Hub) or ORIGIN=MIRROR "
-        "(default $PYTEST_SANDBOX_REGISTRY_MIRRORS)",
-        default="",
-    )
-    parser.addini(
-        "sandbox_address_pools",
-        "subnets for sandbox.network(), as Docker's default-address-pools: 'base=10.243.0.0/16,size=24' "
-        "(several separated by spaces or lines)",
-        type="linelist",
-        default=[],
-    )
+    for s in SETTINGS:
+        where = f"default: ${s.env}, else {s.default}; as daemon.json's {s.docker}"
+        if s.option:
+            group.addoption(
+                s.option, dest=_dest(s), default=None, metavar="VALUE", help=f"{s.help} ({where})"
+            )
+        if s.ini and s.linelist:
+            parser.addini(s.ini, f"{s.help}: {s.expected} ({where})", type="linelist", default=[])
+        elif s.ini:
+            parser.addini(s.ini, f"{s.help}: {s.expected} ({where})", type="string", default="")
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hookspecs)
 
 
-def _config_value(config: pytest.Config, option: str | None, ini: str) -> str:
-    value = config.getoption(option) if option else None
-    return str(value or config.getini(ini) or "")
+def resolve_settings(config: pytest.Config) -> Settings:
+    """The settings of this session: option > ini > environment > default (a UsageError if bad)."""
+    try:
+        return Settings.resolve(
+            options={s.name: config.getoption(_dest(s)) for s in SETTINGS if s.option},
+            ini={s.name: config.getini(s.ini) for s in SETTINGS if s.ini},
+            env=os.environ,
+        )
+    except SettingsError as e:
+        hint = f"\n  hint: {e.hint}" if e.hint else ""
+        raise pytest.UsageError(
+            f"pytest_sandbox: bad setting {e.source}: {e.message}\n  expected: {e.expected}{hint}"
+        ) from None
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -87,48 +83,68 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "sandbox(**options): default options (memory=, cpus=, pids=, env=, ...) for the `sandbox` fixture",
     )
-    data_root = _config_value(config, "sandbox_data_root", "sandbox_data_root")
-    uid_base = _config_value(config, None, "sandbox_uid_base")
-    kwargs: dict[str, Any] = {"cgroup_root": config.getini("sandbox_cgroup_root") or "/sys/fs/cgroup"}
-    if data_root:
-        kwargs["data_root"] = os.path.abspath(os.path.expanduser(data_root))
-    state_dir = config.getini("sandbox_state_dir")
-    if state_dir:
-        kwargs["state_parent"] = os.path.abspath(os.path.expanduser(str(state_dir)))
-    try:
-        if uid_base:
-            kwargs["uid_base"] = parse_uid_base(uid_base, what="sandbox_uid_base")
-        pools = config.getini("sandbox_address_pools")
-        if pools:
-            kwargs["address_pools"] = parse_address_pools(pools, what="sandbox_address_pools")
-        configure(RuntimeConfig(**kwargs))
-        insecure = config.getini("sandbox_insecure_registries")
-        mirrors = config.getini("sandbox_registry_mirrors")
-        if insecure or mirrors:
-            from .images import registry
+    config.stash[SETTINGS_KEY] = resolve_settings(config)
 
-            registry.configure(insecure=str(insecure), mirrors=str(mirrors))
-    except InvalidSpecError as e:
-        raise pytest.UsageError(str(e)) from None
+
+def _open_runtime(config: pytest.Config) -> tuple[Runtime, bool]:
+    """The process's runtime, created from this session's settings if none is open.
+
+    A session run inside another one (pytester's in-process ``runpytest``, which also moves
+    $HOME, hence the default data root) finds the outer one's open and shares it, with its
+    settings, and leaves it open at its end.  A runtime of its own would have the same owner tag
+    (the process's), so the same state directory and cgroups: closing it would remove the outer
+    session's.
+    """
+    from .runtime import open_runtime, runtime_if_open
+
+    outer = runtime_if_open()
+    if outer is not None:
+        return outer, False
+    return open_runtime(config.stash[SETTINGS_KEY]), True
+
+
+def _runtime(config: pytest.Config) -> Runtime:
+    runtime, _ = config.stash.get(_RUNTIME, (None, False))
+    if runtime is None or runtime.closed or runtime.pid != os.getpid():  # closed by a test: a new one
+        config.stash[_RUNTIME] = _open_runtime(config)
+        runtime, _ = config.stash[_RUNTIME]
+    return runtime
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Before collection: an Image.pull() at a test module's top level uses the session's data root
+    # and registries.  Cheap: the runtime starts its launcher only when a container is asked for.
+    _runtime(session.config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutdown_runtime()
+    _, opened = config.stash.get(_RUNTIME, (None, False))
+    if opened:  # whichever runtime the process has now (a test may have replaced it)
+        from .runtime import shutdown_runtime
+
+        shutdown_runtime()
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    backend = detect(config.getini("sandbox_cgroup_root") or "/sys/fs/cgroup")
-    data_root = _config_value(config, "sandbox_data_root", "sandbox_data_root") or default_data_root()
-    return f"sandbox: cgroup {backend.describe()}; data root {data_root}"
+    from .host.cgroups import detect
+
+    settings = config.stash[SETTINGS_KEY]
+    return f"sandbox: cgroup {detect(settings.cgroup_root).describe()}; data root {settings.data_root}"
 
 
-def _handle(request: pytest.FixtureRequest, defaults: dict[str, Any] | None = None) -> Iterator[Sandbox]:
+def _new_sandbox(request: pytest.FixtureRequest, defaults: dict[str, Any] | None = None) -> Sandbox:
+    from .sandbox import Sandbox
+
     hook = request.config.hook
 
     def started(container: Container) -> None:
         hook.pytest_sandbox_container_started(container=container, request=request)
 
-    sandbox = Sandbox(defaults=defaults, on_start=started)
+    return Sandbox(defaults=defaults, on_start=started, runtime=_runtime(request.config))
+
+
+def _handle(request: pytest.FixtureRequest, defaults: dict[str, Any] | None = None) -> Iterator[Sandbox]:
+    sandbox = _new_sandbox(request, defaults)
     request.node.stash.setdefault(_SANDBOXES, []).append(sandbox)
     try:
         yield sandbox
@@ -159,10 +175,21 @@ def sandbox_module(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
     yield from _handle(request)
 
 
-@pytest.fixture(scope="package")
-def sandbox_package(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
-    """A sandbox handle shared by a package's tests."""
-    yield from _handle(request)
+@pytest.fixture(scope="module")
+def sandbox_package(request: pytest.FixtureRequest) -> Sandbox:
+    """A sandbox handle shared by a package's tests (a directory with ``__init__.py``; tests outside
+    any package share one for the session), closed when the package's last test has run.
+
+    Module-scoped, each module getting its package's handle: pytest caches a package-scoped fixture
+    of a plugin for the whole session (``get_scope_package`` looks for the package defining it).
+    """
+    chain = request.node.listchain()
+    node = next((n for n in reversed(chain) if isinstance(n, pytest.Package)), request.session)
+    sandbox = node.stash.get(_PACKAGE_SANDBOX, None)
+    if sandbox is None:
+        sandbox = node.stash[_PACKAGE_SANDBOX] = _new_sandbox(request)
+        node.addfinalizer(sandbox.close)  # the package's teardown (it is on the setup stack now)
+    return sandbox
 
 
 @pytest.fixture(scope="session")

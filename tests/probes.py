@@ -106,12 +106,12 @@ def owner() -> str:
 
 def uid_base() -> int:
     """The first host uid of the containers' id range, as configured."""
-    return runtime().config.uid_base
+    return runtime().settings.uid_base
 
 
 def cgroup_root() -> str:
     """The cgroup filesystem root this session uses."""
-    return runtime().config.cgroup_root
+    return runtime().settings.cgroup_root
 
 
 def new_runtime(**settings: Any) -> Runtime:
@@ -119,7 +119,7 @@ def new_runtime(**settings: Any) -> Runtime:
     caller closes it.  For tests of how a session behaves on another host layout."""
     from pytest_sandbox.runtime import Runtime
 
-    return Runtime(dataclasses.replace(runtime().config, **settings))
+    return Runtime(dataclasses.replace(runtime().settings, **settings))
 
 
 def closed_runtime() -> Runtime:
@@ -133,11 +133,12 @@ def closed_runtime() -> Runtime:
 
 
 def use_data_root(monkeypatch: pytest.MonkeyPatch, root: str) -> None:
-    """Make ``root`` the data root (image store, host base) of runtimes made during the test."""
-    from pytest_sandbox import runtime as runtime_module
+    """Make ``root`` the data root of the images the test loads, pulls and tags (the store)."""
+    from pytest_sandbox.runtime import current_settings
 
-    config = dataclasses.replace(runtime_module.current_config(), data_root=root)
-    monkeypatch.setattr(runtime_module, "_config", config)
+    settings = dataclasses.replace(current_settings(), data_root=root)
+    # Where Image.load/pull/tag read the session's settings.
+    monkeypatch.setattr("pytest_sandbox.image.current_settings", lambda: settings)
 
 
 # -- the launcher -------------------------------------------------------------------------------

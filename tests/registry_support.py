@@ -36,8 +36,8 @@ from typing import Any
 
 import pytest
 
+from pytest_sandbox.config import RegistrySettings
 from pytest_sandbox.image import History, ImageConfig
-from pytest_sandbox.images.registry import RegistrySettings
 from pytest_sandbox.images.store import ImageRecord, Store
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"

@@ -31,6 +31,20 @@ class InvalidSpecError(SandboxError, ValueError):
     """A value given to run()/start()/Image was wrong; raised before anything is created."""
 
 
+class SettingsError(InvalidSpecError):
+    """A setting (ini key, command-line option or environment variable) has a value of the wrong form.
+
+    ``source`` names where the value came from (``sandbox_uid_base``, ``--sandbox-uid-base``,
+    ``PYTEST_SANDBOX_UID_BASE``) and ``expected`` the form it should have; the pytest plugin turns
+    this into a ``pytest.UsageError`` (exit code 4).
+    """
+
+    def __init__(self, message: str, *, source: str = "", expected: str = "", hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.source = source
+        self.expected = expected
+
+
 class InvalidSignalError(InvalidSpecError):
     """A signal name or number that does not exist."""
 

@@ -45,6 +45,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
+from ..config import Settings
 from ..core import naming
 from ..core.errors import (
     ImageNotFoundError,
@@ -146,11 +147,9 @@ class Store:
         self._owner_dir: tuple[int, str] | None = None
 
     @classmethod
-    def default(cls) -> Store:
-        """The store under the configured data root (``sandbox_data_root`` / env / ~/.cache)."""
-        from ..runtime import current_config
-
-        return cls(os.path.join(current_config().data_root, "store"))
+    def default(cls, settings: Settings | None = None) -> Store:
+        """The store under the settings' data root (default: the environment's, else ~/.cache)."""
+        return cls((settings or Settings.from_env()).store_root)
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"

@@ -46,17 +46,29 @@ from .protocol import (
     WaitRequest,
 )
 
-_BOOTSTRAP = (
-    "import sys, types\n"
-    # Import the launcher's modules without running pytest_sandbox/__init__.py (which would pull
-    # in the public API and third-party packages): a bare parent package pointing at our files.
-    "pkg = types.ModuleType('pytest_sandbox'); pkg.__path__ = [sys.argv[1]]\n"
-    "sys.modules['pytest_sandbox'] = pkg\n"
-    "from pytest_sandbox.launcher.server import main\n"
-    "main(sys.argv[2:])\n"
-)
-PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The package's parent directory: the launcher's only import path (see launcher_argv).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 START_TIMEOUT = 30.0
+
+
+def launcher_argv() -> list[str]:
+    """``python -I -S``, then ``pytest_sandbox.launcher.server.main``: from this package's copy only.
+
+    ``-I`` (no environment, no user site, no script directory) and ``-S`` (no site-packages): the
+    launcher runs as root and forks every container, so it sees nothing but the standard library
+    and this package -- whose ``__init__`` imports nothing (PEP 562) -- and not pytest, pluggy,
+    filelock or pyroute2 (unless they sit next to it).  ``PYTHONPATH`` is ignored under ``-I``, so
+    ``-c`` puts the package's parent first on the path (``-m`` alone could not find the package).
+    """
+    return [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        "import sys; sys.path[:0] = [sys.argv.pop(1)]; "
+        "from pytest_sandbox.launcher.server import main; main(sys.argv[1:])",
+        PACKAGE_PARENT,
+    ]
 
 
 def make_private_dir(path: str) -> None:
@@ -219,12 +231,7 @@ class LauncherClient:
             with open(fd, "ab") as log:
                 self._proc = subprocess.Popen(
                     [
-                        sys.executable,
-                        "-I",
-                        "-S",
-                        "-c",
-                        _BOOTSTRAP,
-                        PACKAGE_DIR,
+                        *launcher_argv(),
                         "--fd",
                         str(theirs.fileno()),
                         "--owner",

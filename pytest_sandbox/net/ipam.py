@@ -18,11 +18,10 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import re
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from ..config import AddressPool, default_address_pools
 from ..core import naming
 from ..core.errors import InvalidSpecError, NetworkError
 
@@ -30,50 +29,8 @@ if TYPE_CHECKING:
     from filelock import FileLock
 
 LEASE_DIR = "/run/psbx-ipam"
-_POOL_RE = re.compile(r"^base=([0-9./]+),size=(\d+)$")
-
-
-@dataclass(frozen=True)
-class AddressPool:
-    base: ipaddress.IPv4Network
-    size: int
-
-    def subnets(self) -> Iterator[ipaddress.IPv4Network]:
-        return self.base.subnets(new_prefix=self.size)
-
-    def __str__(self) -> str:
-        return f"base={self.base},size={self.size}"
-
-
-DEFAULT_POOLS = (AddressPool(ipaddress.IPv4Network("10.243.0.0/16"), 24),)
-
-
-def parse_address_pools(raw: str | Iterable[str], *, what: str) -> tuple[AddressPool, ...]:
-    """``"base=10.243.0.0/16,size=24"``, several separated by whitespace or newlines."""
-    items = raw.split() if isinstance(raw, str) else [x for entry in raw for x in str(entry).split()]
-    pools = []
-    for item in items:
-        m = _POOL_RE.match(item)
-        if not m:
-            raise InvalidSpecError(
-                f"{what}: {item!r}: expected 'base=A.B.C.D/N,size=M', e.g. {DEFAULT_POOLS[0]}"
-            )
-        try:
-            base = ipaddress.IPv4Network(m.group(1))
-        except ValueError as e:
-            raise InvalidSpecError(f"{what}: {item!r}: {e}") from None
-        size = int(m.group(2))
-        if not base.prefixlen <= size <= 29:
-            raise InvalidSpecError(
-                f"{what}: {item!r}: size must be between the base's prefix ({base.prefixlen}) and 29 "
-                "(a /29 holds 5 containers)"
-            )
-        if not base.is_private:
-            raise InvalidSpecError(f"{what}: {item!r}: {base} is not a private range (RFC 1918 or similar)")
-        pools.append(AddressPool(base, size))
-    if not pools:
-        raise InvalidSpecError(f"{what}: no pool given; e.g. {DEFAULT_POOLS[0]}")
-    return tuple(pools)
+#: The default pool (10.243.0.0/16 in /24s); pools are parsed with the other settings (config.py).
+DEFAULT_POOLS = default_address_pools()
 
 
 def parse_subnet(subnet: object) -> ipaddress.IPv4Network | None:

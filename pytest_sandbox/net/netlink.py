@@ -80,14 +80,25 @@ def _write_sysctls(pairs: Sequence[tuple[str, str]]) -> None:
                 raise
 
 
-def _ipr() -> IPRoute:
+def require_pyroute2() -> None:
+    """Import pyroute2 in the calling thread, or raise a NetworkError that says how to get it.
+
+    Called before a network is made: without it the first import would happen on psbx-net, and
+    its ModuleNotFoundError would surface there instead of in the test that asked for a network.
+    """
     try:
-        from pyroute2 import IPRoute
+        import pyroute2  # noqa: F401
     except ImportError as e:  # a dependency of the package; missing only from a broken install
         raise NetworkError(
             f"private networks need the pyroute2 package, which cannot be imported ({e})",
             hint="pip install pyroute2 (it is a dependency of pytest-sandbox: reinstall it)",
-        ) from e
+        ) from None
+
+
+def _ipr() -> IPRoute:
+    require_pyroute2()  # checked again here: a Hub may be made without Networks.create
+    from pyroute2 import IPRoute
+
     return IPRoute()
 
 

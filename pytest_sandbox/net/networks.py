@@ -30,10 +30,11 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from ..config import AddressPool
 from ..core import naming
 from ..core.errors import InvalidSpecError, NetworkError
-from .ipam import DEFAULT_POOLS, LEASE_DIR, AddressPool, SubnetLeases, parse_subnet
-from .netlink import Attachment, Hub, host_networks
+from .ipam import DEFAULT_POOLS, LEASE_DIR, SubnetLeases, parse_subnet
+from .netlink import Attachment, Hub, host_networks, require_pyroute2
 from .netthread import NetThread
 
 LOCALHOST_LINES = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
@@ -277,6 +278,7 @@ class Networks:
     def create(self, subnet: object = None, name: object = None) -> Network:
         """A new network: ``subnet`` (e.g. ``"10.50.0.0/24"``) or the next free one of the pools."""
         explicit = parse_subnet(subnet)
+        require_pyroute2()
         if name is not None and (not isinstance(name, str) or not naming.valid_name(name)):
             raise InvalidSpecError(
                 f"name={name!r}: expected letters, digits, '_', '.', '-' (starting with a letter or digit), "

@@ -231,7 +231,7 @@ def test_limit_without_a_controller_is_an_error_never_a_silent_unlimited_run(tmp
     nocg.mkdir()
     shared = tmp_path / "shared"
     shared.mkdir()
-    rt = probes.new_runtime(cgroup_root=str(nocg), state_parent=str(tmp_path / "state"))
+    rt = probes.new_runtime(cgroup_root=str(nocg), state_dir=str(tmp_path / "state"))
     try:
         with Sandbox(runtime=rt) as sb:
             assert rt.info().cgroup == "none"

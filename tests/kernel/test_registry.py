@@ -485,7 +485,8 @@ def test_host_base_image_cannot_be_pushed(registry: RegistryServer, tmp_path: Pa
 
 
 def test_ini_keys_reach_the_client(registry: RegistryServer, mirror: RegistryServer, tmp_path: Path) -> None:
-    """A child pytest run whose ini lists the registry as insecure and a mirror for it."""
+    """A child pytest run whose ini lists the registry as insecure and a mirror for it: the session's
+    settings (those Image.pull gives its client) have them."""
     client = client_for(mirror)
     digest, _ = push_manifest(client, "ini/app", "1", [gz(b"served by the mirror")])
     (tmp_path / "pytest.ini").write_text(
@@ -494,9 +495,10 @@ def test_ini_keys_reach_the_client(registry: RegistryServer, mirror: RegistrySer
         f"sandbox_registry_mirrors = {registry.host}={mirror.host}\n"
     )
     (tmp_path / "test_child.py").write_text(
-        "from pytest_sandbox.images.registry import RegistryClient\n\n"
+        "from pytest_sandbox.images.registry import RegistryClient\n"
+        "from pytest_sandbox.runtime import current_settings\n\n"
         "def test_it():\n"
-        f"    c = RegistryClient({registry.host!r})\n"
+        f"    c = RegistryClient({registry.host!r}, settings=current_settings().registries)\n"
         f"    assert c.get_manifest('ini/app', '1').digest == {digest!r}\n"
         f"    assert c.served_by == [{mirror.host!r}]\n"
         "    assert c.origin.insecure\n"

@@ -17,15 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from pytest_sandbox.config import AddressPool, parse_address_pools
 from pytest_sandbox.core.errors import InvalidSpecError, NetworkError
 from pytest_sandbox.core.naming import interface_name, owner_tag
-from pytest_sandbox.net.ipam import (
-    DEFAULT_POOLS,
-    AddressPool,
-    SubnetLeases,
-    parse_address_pools,
-    parse_subnet,
-)
+from pytest_sandbox.net.ipam import DEFAULT_POOLS, SubnetLeases, parse_subnet
 
 Net = ipaddress.IPv4Network
 
@@ -81,7 +76,8 @@ def test_allocation_skips_leased_and_host_subnets(tmp_path: Path) -> None:
 ALLOCATE_MANY = """
 import json, sys
 from pathlib import Path
-from pytest_sandbox.net.ipam import SubnetLeases, parse_address_pools
+from pytest_sandbox.config import parse_address_pools
+from pytest_sandbox.net.ipam import SubnetLeases
 from pytest_sandbox.core.naming import owner_tag
 directory, count, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 leases = SubnetLeases(directory, owner_tag())

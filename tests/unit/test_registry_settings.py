@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_sandbox.config import RegistrySettings
 from pytest_sandbox.core.errors import (
     InvalidSpecError,
     RegistryAuthError,
@@ -16,7 +17,6 @@ from pytest_sandbox.core.errors import (
 )
 from pytest_sandbox.images.registry import (
     RegistryClient,
-    RegistrySettings,
     docker_credentials,
     parse_challenge,
 )

@@ -132,8 +132,10 @@ def test_record_round_trip_and_id_is_content(tmp_path: Path) -> None:
 
 
 def test_default_store_is_under_the_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_sandbox.config import Settings
+
+    assert Store.default(Settings(data_root=str(tmp_path / "data"))).root == str(tmp_path / "data" / "store")
     probes.use_data_root(monkeypatch, str(tmp_path / "data"))
-    assert Store.default().root == str(tmp_path / "data" / "store")
     image = Image.from_layers(text_layer(tmp_path, "a", "A"), base=None).tag("indefault")
     assert image.store == Store(tmp_path / "data" / "store")
     assert Image.load("indefault").image_id == image.image_id

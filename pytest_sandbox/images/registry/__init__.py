@@ -17,8 +17,6 @@ from .settings import (
     INSECURE_ENV,
     MIRRORS_ENV,
     RegistrySettings,
-    configure,
-    current_settings,
 )
 from .transfer import PullResult, PushResult, TransferProgress, pull, push, registry_repository
 
@@ -36,8 +34,6 @@ __all__ = [
     "RegistryClient",
     "RegistrySettings",
     "TransferProgress",
-    "configure",
-    "current_settings",
     "docker_config_path",
     "docker_credentials",
     "parse_challenge",

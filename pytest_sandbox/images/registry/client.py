@@ -47,7 +47,6 @@ from .settings import (
     RegistrySettings,
     canonical_registry,
     check_host,
-    current_settings,
     mirror_host,
 )
 
@@ -133,7 +132,7 @@ class RegistryClient:
         timeout: float = DEFAULT_TIMEOUT,
         credentials: tuple[str, str] | None = None,
     ) -> None:
-        settings = settings or current_settings()
+        settings = settings or RegistrySettings.from_env()
         self.registry = canonical_registry(host or DOCKER_HUB)
         api_host = DOCKER_HUB_API if self.registry == DOCKER_HUB else check_host(self.registry, "registry")
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ...config import Settings
 from ...core.errors import InvalidSpecError, RegistryError, RegistryNotFoundError
 from ...core.imagemodel import ImageRecord, canonical_json, sha256_digest
 from ...core.reference import Reference, parse_reference
@@ -119,16 +120,19 @@ def pull(
     client: RegistryClient | None = None,
     quiet: bool = False,
     progress: TransferProgress | None = None,
+    settings: Settings | None = None,
 ) -> PullResult:
     """Pull ``[registry/]name[:tag][@digest]`` into ``store`` (default: the data root's) and tag it.
 
+    ``settings`` gives the default store and the registry settings (default: the environment's).
     Returns ids: the image id, the tag, the downloaded and already-present layer digests.
     ``progress`` hears of each layer (``quiet`` silences it).
     """
     parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
-    store = store if store is not None else Store.default()
+    settings = settings or Settings.from_env()
+    store = store if store is not None else Store.default(settings)
     registry, repository = registry_repository(parsed)
-    client = client if client is not None else RegistryClient(registry)
+    client = client if client is not None else RegistryClient(registry, settings=settings.registries)
     what = str(parsed)
     show = None if quiet else progress
     manifest = client.resolve(repository, parsed.ident)
@@ -170,6 +174,7 @@ def push(
     client: RegistryClient | None = None,
     quiet: bool = False,
     progress: TransferProgress | None = None,
+    settings: Settings | None = None,
 ) -> PushResult:
     """Push the stored image ``[registry/]name[:tag]`` to its registry (an OCI manifest, gzip layers).
 
@@ -179,11 +184,12 @@ def push(
     parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
     if parsed.digest:
         raise InvalidSpecError(f"push {ref}: push a name[:tag], not a digest")
-    store = store if store is not None else Store.default()
+    settings = settings or Settings.from_env()
+    store = store if store is not None else Store.default(settings)
     record = store.resolve(parsed)
     config = config_from_record(record, [store.tar_digest(d) for d in record.layers])
     registry, repository = registry_repository(parsed)
-    client = client if client is not None else RegistryClient(registry)
+    client = client if client is not None else RegistryClient(registry, settings=settings.registries)
     what = str(parsed)
     show = None if quiet else progress
     descs: list[Descriptor] = []
