@@ -18,17 +18,14 @@ from pathlib import Path
 PACKAGE = "pytest_sandbox"
 
 # The deliberate exceptions, each an edge (importer, imported) with why.  Keep this list short:
-# an entry whose import is gone fails the test, so that it is removed too.
+# an entry whose import is gone fails the test, so that it is removed too; and such an edge is
+# never imported when its module is (only inside functions, or for type checkers).
 ALLOWED_EDGES = {
     ("pytest_sandbox.container", "pytest_sandbox.image"): (
         "Container.commit returns an Image, and the image facade builds on containers (image.run); "
         "one late import in commit(), the same edge for its return type under TYPE_CHECKING"
     ),
 }
-
-# Edges another part of issue 8 removes (each owner drops its line): cycles through them are
-# tolerated until then, and an entry whose import is gone fails the test like ALLOWED_EDGES.
-PENDING_EDGES: dict[tuple[str, str], str] = {}
 
 # What the launcher (the fork server that runs as root) may import of the package.
 LAUNCHER_MAY_REACH = ("pytest_sandbox.core", "pytest_sandbox.host", "pytest_sandbox.launcher")
@@ -52,39 +49,60 @@ def _modules() -> dict[str, Path]:
     return modules
 
 
-def _imported_names(module: str, path: Path) -> Iterator[tuple[str, int]]:
-    """Each absolute name that ``module`` imports (``a.b`` or ``a.b.c`` for ``from a.b import c``)."""
+def _imports(tree: ast.AST, *, deferred: bool = False) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
+    """Every import statement, and whether it is deferred: in a function, or under TYPE_CHECKING."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node, deferred
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for statement in node.body:  # never runs; its else: does
+                yield from _imports(ast.Module([statement], []), deferred=True)
+            for statement in node.orelse:
+                yield from _imports(ast.Module([statement], []), deferred=deferred)
+        else:
+            functions = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+            yield from _imports(node, deferred=deferred or isinstance(node, functions))
+
+
+def _imported_names(module: str, path: Path) -> Iterator[tuple[str, bool]]:
+    """Each absolute name ``module`` imports (``a.b``, or ``a.b.c`` for ``from a.b import c``), and
+    whether that import is deferred."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node, deferred in _imports(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield alias.name, node.lineno
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                source = ".".join([*base, *([node.module] if node.module else [])])
-            else:
-                source = node.module or ""
-            for alias in node.names:  # a submodule, or a name defined in ``source``
-                yield f"{source}.{alias.name}", node.lineno
+                yield alias.name, deferred
+            continue
+        if node.level:
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            source = ".".join([*base, *([node.module] if node.module else [])])
+        else:
+            source = node.module or ""
+        for alias in node.names:  # a submodule, or a name defined in ``source``
+            yield f"{source}.{alias.name}", deferred
 
 
-def _graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-    """Internal edges module -> module, and the outside top-level packages each module imports."""
-    modules = _modules()
-    internal: dict[str, set[str]] = {m: set() for m in modules}
-    external: dict[str, set[str]] = {m: set() for m in modules}
-    for module, path in modules.items():
-        for name, _ in _imported_names(module, path):
-            if name.split(".")[0] != PACKAGE:
-                external[module].add(name.split(".")[0])
-                continue
-            target = name
-            while target not in modules:  # `from pkg import function`: the edge is to pkg
-                target = target.rpartition(".")[0]
-            if target != module:
-                internal[module].add(target)
-    return internal, external
+class _Graph:
+    """The package's imports: ``internal`` module -> modules, ``eager`` the internal edges made
+    when the module is imported, ``external`` the outside top-level packages each module imports."""
+
+    def __init__(self) -> None:
+        modules = _modules()
+        self.internal: dict[str, set[str]] = {m: set() for m in modules}
+        self.eager: set[tuple[str, str]] = set()
+        self.external: dict[str, set[str]] = {m: set() for m in modules}
+        for module, path in modules.items():
+            for name, deferred in _imported_names(module, path):
+                if name.split(".")[0] != PACKAGE:
+                    self.external[module].add(name.split(".")[0])
+                    continue
+                target = name
+                while target not in modules:  # `from pkg import function`: the edge is to pkg
+                    target = target.rpartition(".")[0]
+                if target != module:
+                    self.internal[module].add(target)
+                    if not deferred:
+                        self.eager.add((module, target))
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -120,9 +138,11 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_cycle_counting_late_and_type_checking_imports() -> None:
-    internal, _ = _graph()
-    for importer, imported in {**ALLOWED_EDGES, **PENDING_EDGES}:
+    graph = _Graph()
+    internal = graph.internal
+    for importer, imported in ALLOWED_EDGES:
         assert imported in internal[importer], f"{importer} -> {imported} is gone: drop its entry here"
+        assert (importer, imported) not in graph.eager, f"{importer} imports {imported} at import time"
         internal[importer].discard(imported)
     cycles = _cycles(internal)
     described = [
@@ -138,7 +158,8 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 
 def test_the_launcher_reaches_only_core_host_and_the_stdlib() -> None:
-    internal, external = _graph()
+    graph = _Graph()
+    internal, external = graph.internal, graph.external
     seen: set[str] = set()
     todo = [m for m in internal if m.startswith("pytest_sandbox.launcher")]
     while todo:
