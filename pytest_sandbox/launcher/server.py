@@ -1,3 +1,5 @@
+# Long module: one event loop's state machine -- every handler reads and moves the same entities
+# (spare, containers, execs, their pipes and waiters); split up, each part would need all of it.
 """The launcher: a small, single-threaded fork server, one per pytest process (stdlib only).
 
 Why it exists: a pytest process is multi-threaded and may be large; forking namespaces straight
@@ -40,9 +42,9 @@ from ..core.spec import ContainerSpec
 from ..host import libc
 from ..host.cgroups import detect
 from ..host.cgroups.base import Cgroup, CgroupBackend, CgroupStats
-from ..host.cleanup import remove_tree
 from ..host.rootfs import ContainerDirs, mask_plan
 from . import protocol, trace
+from .cleaner import Cleaner, remove_quietly
 from .create import LaunchContext, Pipes, first_process
 from .enter import exec_main
 from .protocol import (
@@ -299,7 +301,7 @@ class Launcher:
                 pid, status_r, go_w = self._fork_first(cgroup, spec, dirs)
         except BaseException:
             # Never tracked, so no remove() would delete it: the directory the client made goes now.
-            _remove_quietly(dirs.base)
+            remove_quietly(dirs.base)
             raise
         ent = Entity(
             spec.id,
@@ -740,7 +742,7 @@ class Launcher:
                 if self.cleaner.submit(ent.dirs.base, ent.remove_rids):
                     ent.remove_rids = []
                 else:
-                    _remove_quietly(ent.dirs.base)
+                    remove_quietly(ent.dirs.base)
         for rid in ent.remove_rids:
             self._reply(rid, Ack())
         ent.remove_rids.clear()
@@ -751,7 +753,7 @@ class Launcher:
             self.sel.unregister(self.cleaner.done_fd)
             print("psbx-launcher: the cleaner exited; deleting state directories in-process", file=sys.stderr)
             for path, rids in self.cleaner.take_back():
-                _remove_quietly(path)
+                remove_quietly(path)
                 finished = [*(finished or []), rids]
         for rids in finished or []:
             for rid in rids:
@@ -782,77 +784,10 @@ class Launcher:
         for ent in list(self.entities.values()):
             self._remove_cgroup(ent)
             if ent.dirs is not None:
-                _remove_quietly(ent.dirs.base)
+                remove_quietly(ent.dirs.base)
         self.cleaner.close()
         with contextlib.suppress(OSError):
             self.backend.remove_owner(self.owner)
-
-
-class Cleaner:
-    """A child process that deletes state directories, off the launcher's critical path.
-
-    Deleting a container's upper layer can take a millisecond or (after a test wrote 10,000 files)
-    far more; done in the launcher's loop it would delay the next container's start.  Requests
-    and completions are lines on two pipes; the launcher answers ``remove`` when a line comes back.
-    If the cleaner is gone or its pipe is full, :meth:`submit` says so and the launcher deletes the
-    directory itself; if it dies with requests pending, :meth:`take_back` returns them.
-    """
-
-    def __init__(self, keep: set[int]) -> None:
-        req_r, self._req_w = os.pipe()
-        self.done_fd, done_w = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:
-            try:
-                signal.set_wakeup_fd(-1)
-                libc.close_fds_except({req_r, done_w, 2} | keep)
-                libc.set_process_name("psbx-cleaner")
-                for line in os.fdopen(req_r, "r"):
-                    token, _, path = line.rstrip("\n").partition(" ")
-                    _remove_quietly(path)
-                    os.write(done_w, f"{token}\n".encode())
-            finally:
-                os._exit(0)
-        os.close(req_r)
-        os.close(done_w)
-        os.set_blocking(self._req_w, False)  # a full pipe must not stall the launcher's loop
-        self._waiting: dict[int, tuple[str, list[int]]] = {}
-        self._serial = 0
-        self._buf = b""
-        self.alive = True
-
-    def submit(self, path: str, rids: list[int]) -> bool:
-        """Queue ``path`` for deletion; False if the cleaner cannot take it now."""
-        if not self.alive:
-            return False
-        self._serial += 1
-        try:
-            os.write(self._req_w, f"{self._serial} {path}\n".encode())
-        except (BlockingIOError, BrokenPipeError):
-            return False
-        self._waiting[self._serial] = (path, list(rids))
-        return True
-
-    def done(self) -> list[list[int]] | None:
-        """The rids of finished deletions; None once the cleaner has exited."""
-        data = os.read(self.done_fd, 65536)
-        if not data:
-            self.alive = False
-            return None
-        self._buf += data
-        *lines, self._buf = self._buf.split(b"\n")
-        return [self._waiting.pop(int(token), ("", []))[1] for token in lines if token]
-
-    def take_back(self) -> list[tuple[str, list[int]]]:
-        """What a dead cleaner had not confirmed."""
-        pending, self._waiting = list(self._waiting.values()), {}
-        return pending
-
-    def close(self) -> None:
-        """Let it finish what was asked, then wait for it."""
-        os.close(self._req_w)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
 
 
 def _fork() -> int:
@@ -905,14 +840,6 @@ def write_id_maps(pid: int, base: int) -> None:
             f.write(line)
 
 
-def _remove_quietly(path: str) -> None:
-    """Delete a state directory; a failure is logged, never raised (the launcher must go on)."""
-    try:
-        remove_tree(path)
-    except Exception as e:  # anything: the next session's sweep retries
-        print(f"psbx-launcher: cannot remove {path}: {e!r}", file=sys.stderr)
-
-
 def _describe_status(status: int | None) -> str:
     if status is None:
         return "unknown status"
@@ -949,4 +876,4 @@ def main(argv: list[str]) -> None:
     # gone, so the owner's state directory (launcher.log included) goes too.  Not on a crash of our
     # own: then the log explains it, and the next session's sweep removes the directory.
     if args.state_dir and os.path.basename(os.path.normpath(args.state_dir)) == args.owner:
-        _remove_quietly(args.state_dir)
+        remove_quietly(args.state_dir)
