@@ -14,15 +14,14 @@ There is no module state here: a :class:`Settings` is a value handed to what nee
 runtime, the store, the registry client).  A value of the wrong form raises
 :class:`~pytest_sandbox.core.errors.SettingsError` naming its source and the expected form.
 
-Kept cheap to import (the plugin imports it at every pytest start): ``ipaddress`` is imported by
-the parsers that need it, on first use.
+Kept cheap to import (the plugin imports it at every pytest start): ``ipaddress`` and
+``tempfile`` are imported by the functions that need them, on first use.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -371,6 +370,8 @@ def default_state_dir() -> str:
             return shm
     except OSError:
         pass
+    import tempfile
+
     return tempfile.gettempdir()
 
 

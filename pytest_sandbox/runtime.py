@@ -127,8 +127,6 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the launcher (which removes every container, cgroup and state directory)."""
-        from .host.cleanup import remove_tree
-
         self.closed = True
         with self._lock:
             client = self._client
@@ -136,6 +134,10 @@ class Runtime:
             client.close()
         if self._networks is not None:
             self._networks.close()
+        if not os.path.lexists(self.state_dir):  # nothing was started: nothing to import for it
+            return
+        from .host.cleanup import remove_tree
+
         with contextlib.suppress(OSError):
             remove_tree(self.state_dir)
 
