@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import AnyStr, Generic
 
 from ..core import naming
-from ..core.errors import InvalidSpecError
+from ..core.errors import InvalidSpecError, LayerNotADirectoryError, LayerNotFoundError
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _KEEP_OVERLAY_XATTRS = frozenset({"trusted.overlay.opaque"})
@@ -360,6 +360,41 @@ def copy_file_at(
             os.close(dst)
     finally:
         os.close(src)
+
+
+# -- checks and modes --------------------------------------------------------------------------
+
+
+def check_dir(path: object, what: str) -> str:
+    """The resolved path of an existing directory (not the host's root), or a typed error naming ``what``."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise InvalidSpecError(f"{what}={path!r}: expected a directory path")
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise LayerNotFoundError(f"{what}: {path!r} does not exist", path=path, errno=errno.ENOENT) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise LayerNotADirectoryError(f"{what}: {path!r} is not a directory", path=path, errno=errno.ENOTDIR)
+    if real == "/":
+        raise InvalidSpecError(f"{what}: {path!r} is the host's root")
+    return real
+
+
+def make_private(root: str) -> None:
+    """Make a store's root 0700 when it is ours.
+
+    Layers hold whole systems owned by (container) root, setuid programs among them -- a pulled
+    image's ``su``, a committed ``chmod u+s`` -- and where a container's ids are not idmapped
+    those stay owned by the host's root.  Overlayfs reaches layers as root whatever this
+    directory's mode, so nobody else needs a way in; left world-traversable (a data root in
+    /var/tmp, say), any local user could run them.
+    """
+    st = os.stat(root)
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(root, stat.S_IMODE(st.st_mode) & 0o700)
 
 
 # -- atomic files ------------------------------------------------------------------------------

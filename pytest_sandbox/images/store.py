@@ -14,7 +14,8 @@ Layout under ``root`` (``<data_root>/store``; the data root is ini ``sandbox_dat
     tmp/psbx-<pid>-<start>/...       work in progress (layers, files being written), swept once
                                      its owner process is dead -- never while it lives
 
-The root is 0700: layers hold setuid programs owned by (container) root (see ``_make_private``).
+The root is 0700: layers hold setuid programs owned by (container) root (see
+:func:`~pytest_sandbox.host.fstree.make_private`).
 
 A layer's digest is its ``diff_id``: sha256 of the deterministic uncompressed tar
 (:mod:`pytest_sandbox.images.layertar`) of the directory.  Ownership in layers is numeric and relative
@@ -37,10 +38,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
-import hashlib
 import json
 import os
-import stat
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
@@ -50,14 +49,10 @@ from ..core import naming
 from ..core.errors import (
     ImageNotFoundError,
     InvalidSpecError,
-    LayerNotADirectoryError,
     LayerNotFoundError,
     LayerTarError,
 )
-
-# The records live in the pure core (the store, the archives and Image share them); the store
-# re-exports them as its vocabulary.
-from ..core.imagemodel import ImageRecord, LayerInfo, StoredImage, canonical_json
+from ..core.imagemodel import ImageRecord, LayerInfo, StoredImage, canonical_json, sha256_digest
 from ..core.reference import Reference, is_digest, parse_digest, parse_reference
 from ..host.cleanup import remove_tree
 
@@ -65,13 +60,18 @@ from ..host.cleanup import remove_tree
 from ..host.fstree import (
     OVERFLOW_ID,
     IdMap,
+    check_dir,
     copy_file_at,
     copy_tree,
-    file_snapshot,
+    make_private,
     shift_ids,
     stat_snapshot,
     write_atomic,
 )
+
+# The records live in the pure core (the store, the archives and Image share them); the store
+# re-exports them as its vocabulary.
+from .snapcache import SnapshotCache
 
 if TYPE_CHECKING:
     from filelock import FileLock
@@ -85,7 +85,6 @@ __all__ = [
     "StoredImage",
     "copy_file_at",
     "copy_tree",
-    "file_snapshot",
     "now_rfc3339",
     "shift_ids",
     "stat_snapshot",
@@ -95,41 +94,6 @@ __all__ = [
 
 def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _check_dir(path: object, what: str) -> str:
-    if isinstance(path, os.PathLike):
-        path = os.fspath(path)
-    if not isinstance(path, str) or not path or "\0" in path:
-        raise InvalidSpecError(f"{what}={path!r}: expected a directory path")
-    real = os.path.realpath(path)
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        raise LayerNotFoundError(f"{what}: {path!r} does not exist", path=path, errno=errno.ENOENT) from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise LayerNotADirectoryError(f"{what}: {path!r} is not a directory", path=path, errno=errno.ENOTDIR)
-    if real == "/":
-        raise InvalidSpecError(f"{what}: {path!r} is the host's root")
-    return real
-
-
-def _make_private(root: str) -> None:
-    """Make the store root 0700 when it is ours.
-
-    Layers hold whole systems owned by (container) root, setuid programs among them -- a pulled
-    image's ``su``, a committed ``chmod u+s`` -- and where a container's ids are not idmapped
-    those stay owned by the host's root.  Overlayfs reaches layers as root whatever this
-    directory's mode, so nobody else needs a way in; left world-traversable (a data root in
-    /var/tmp, say), any local user could run them.
-    """
-    st = os.stat(root)
-    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(root, stat.S_IMODE(st.st_mode) & 0o700)
 
 
 # -- the store -----------------------------------------------------------------------------
@@ -145,6 +109,7 @@ class Store:
         self.root = os.path.realpath(os.path.abspath(raw))
         self._ready = False
         self._owner_dir: tuple[int, str] | None = None
+        self._snapshots = SnapshotCache(self._p("cache", "dirs"), self._write_atomic)
 
     @classmethod
     def default(cls, settings: Settings | None = None) -> Store:
@@ -169,7 +134,7 @@ class Store:
         if self._ready:
             return
         os.makedirs(self.root, mode=0o700, exist_ok=True)
-        _make_private(self.root)
+        make_private(self.root)
         for sub in ("layers/sha256", "images/sha256", "cache/dirs", "cache/build", "locks"):
             os.makedirs(self._p(sub), exist_ok=True)
         os.makedirs(self._p("tmp"), mode=0o700, exist_ok=True)
@@ -184,7 +149,9 @@ class Store:
 
     def _lock(self, key: str | None = None) -> FileLock:
         self._ensure()
-        path = self._p("lock") if key is None else self._p("locks", _sha256_hex(key.encode())[:32] + ".lock")
+        path = (
+            self._p("lock") if key is None else self._p("locks", sha256_digest(key.encode())[7:39] + ".lock")
+        )
         # Imported on first use, as hostbase and ipam do: `import pytest_sandbox` needs only the
         # stdlib (a non-root caller gets its clear SetupError even where filelock is missing).
         from filelock import FileLock
@@ -309,18 +276,18 @@ class Store:
         self, src_dir: str | os.PathLike[str], *, created_by: str = "", parent: str | None = None
     ) -> LayerInfo:
         """Store a copy of ``src_dir`` as a layer; an unchanged directory is a hit reading no contents."""
-        src = _check_dir(src_dir, "layer")
+        src = check_dir(src_dir, "layer")
         own = self.layer_digest_of(src)
         if own is not None:
             return self.layer_info(own)
         self._ensure()
         key = "dir\0" + src
         snap = stat_snapshot(src)
-        hit = self._dir_cache_get(key, snap)
+        hit = self._snapshots.get(key, snap)
         if hit is not None and self.has_layer(hit):
             return self.layer_info(hit)
         with self._lock(key):
-            hit = self._dir_cache_get(key, snap)
+            hit = self._snapshots.get(key, snap)
             if hit is not None and self.has_layer(hit):
                 return self.layer_info(hit)
             with self.tempdir() as tmp:
@@ -330,7 +297,7 @@ class Store:
                     tmp, created_by=created_by or f"layer from {src}", parent=parent
                 )
             if after == snap:  # unchanged while we copied: the snapshot names this content
-                self._dir_cache_put(key, snap, info.digest)
+                self._snapshots.put(key, snap, info.digest)
             return info
 
     def content_digest(self, path: str | os.PathLike[str]) -> str:
@@ -338,8 +305,6 @@ class Store:
 
         Cached on a stat snapshot like :meth:`add_layer_dir`: an unchanged source is not re-read.
         """
-        from .layertar import digest_dir
-
         raw = os.fspath(path)
         real = os.path.realpath(raw)
         try:
@@ -347,44 +312,7 @@ class Store:
         except FileNotFoundError:
             raise LayerNotFoundError(f"{raw!r} does not exist", path=raw, errno=errno.ENOENT) from None
         self._ensure()
-        key = "content\0" + real
-        snap = stat_snapshot(real) if stat.S_ISDIR(st.st_mode) else file_snapshot(real)
-        hit = self._dir_cache_get(key, snap)
-        if hit is not None:
-            return hit
-        if stat.S_ISDIR(st.st_mode):
-            digest = digest_dir(real).diff_id
-        elif stat.S_ISREG(st.st_mode):
-            h = hashlib.sha256(f"{stat.S_IMODE(st.st_mode):o}\0".encode())
-            with open(real, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            digest = "sha256:" + h.hexdigest()
-        else:
-            raise InvalidSpecError(f"{raw!r}: only files and directories can be copied into an image")
-        after = stat_snapshot(real) if stat.S_ISDIR(st.st_mode) else file_snapshot(real)
-        if after == snap:
-            self._dir_cache_put(key, snap, digest)
-        return digest
-
-    def _dir_cache_path(self, key: str) -> str:
-        return self._p("cache", "dirs", _sha256_hex(key.encode("utf-8", "surrogateescape")) + ".json")
-
-    def _dir_cache_get(self, key: str, snap: str) -> str | None:
-        try:
-            with open(self._dir_cache_path(key), "rb") as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            return None
-        digest = data.get("digest")
-        if data.get("snapshot") != snap or not isinstance(digest, str) or not is_digest(digest):
-            return None
-        return digest
-
-    def _dir_cache_put(self, key: str, snap: str, digest: str) -> None:
-        self._write_atomic(
-            self._dir_cache_path(key), canonical_json({"key": key, "snapshot": snap, "digest": digest})
-        )
+        return self._snapshots.content_digest(raw, real, st)
 
     def add_layer_tar(
         self,
@@ -473,7 +401,7 @@ class Store:
                 data = f.read()
         except FileNotFoundError:
             raise ImageNotFoundError(f"image {image_id} is not in the store at {self.root}") from None
-        if "sha256:" + _sha256_hex(data) != image_id:
+        if sha256_digest(data) != image_id:
             raise ImageNotFoundError(
                 f"image record {image_id} is corrupt (its content does not match its id)",
                 hint=f"remove {path} and tag, build or pull the image again",
@@ -497,10 +425,6 @@ class Store:
     @staticmethod
     def check_tag(ref: str | Reference) -> str:
         """``ref`` normalised (``name`` -> ``name:latest``) if it can be a tag; InvalidSpecError if not."""
-        return Store._tag_ref(ref)
-
-    @staticmethod
-    def _tag_ref(ref: str | Reference) -> str:
         parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
         if parsed.digest:
             raise InvalidSpecError(f"{ref!s}: a tag cannot carry a digest; give name[:tag]")
@@ -508,7 +432,7 @@ class Store:
 
     def tag(self, ref: str | Reference, image_id: str) -> str:
         """Point ``ref`` (``name[:tag]``) at the image; the normalised reference."""
-        name = self._tag_ref(ref)
+        name = self.check_tag(ref)
         parse_digest(image_id, what="image id")
         if not self.has_image(image_id):
             raise ImageNotFoundError(f"image {image_id} is not in the store at {self.root}")
@@ -571,7 +495,7 @@ class Store:
 
     def untag(self, ref: str | Reference) -> str:
         """Remove the tag ``ref``; the image id it named."""
-        name = self._tag_ref(ref)
+        name = self.check_tag(ref)
         with self._lock():
             refs = self._read_refs()
             if name not in refs:
@@ -587,7 +511,7 @@ class Store:
         """
         by_id = isinstance(ref, str) and ref.startswith("sha256:")
         # Both checked before the lock, which creates the store: bad input creates nothing.
-        name = parse_digest(ref, what="image id") if by_id else self._tag_ref(ref)
+        name = parse_digest(ref, what="image id") if by_id else self.check_tag(ref)
         with self._lock():
             refs = self._read_refs()
             if by_id:
@@ -652,7 +576,7 @@ class Store:
 
     @staticmethod
     def build_key(parent: str, step: str, inputs: Sequence[Any]) -> str:
-        return _sha256_hex(canonical_json([parent, step, list(inputs)]))
+        return sha256_digest(canonical_json([parent, step, list(inputs)]))[7:]
 
     def _build_path(self, key: str) -> str:
         return self._p("cache", "build", key)
