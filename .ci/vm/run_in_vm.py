@@ -25,7 +25,7 @@ the environment, xz decompression, a lock, a timeout that kills the VM and clean
 
 KVM is used only when it can run a stock kernel (kvm_intel or kvm_amd loaded): nested "PVM" KVM
 (kvm_pvm) exposes /dev/kvm but stops stock kernels with an emulation failure, so such hosts use
-TCG (pure emulation: ~7 s to boot, Python 10-30x slower than native).
+TCG (pure emulation: `-- true` takes 7-14 s, Python runs 10-30x slower than native).
 """
 
 from __future__ import annotations
