@@ -59,6 +59,20 @@ def alive(proc: Proc) -> bool:
     return process_start_time(pid) == start and proc_state(pid) not in (None, "Z", "X")
 
 
+def settled_pids(pids: Callable[[], set[int]], at_least: int, timeout: float = 10.0) -> set[Proc]:
+    """The processes ``pids()`` reports once there are ``at_least`` of them (or at the timeout).
+
+    A shell's ``cmd &`` returns before the child forked its own children (a ``setsid sh -c 'a & b'``
+    daemon's ``a``): counting right after the shell said "ready" races with those forks.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        procs = {p for p in map(ident, pids()) if p is not None}
+        if len(procs) >= at_least or time.monotonic() > deadline:
+            return procs
+        time.sleep(0.01)
+
+
 def survivors(procs: Iterable[Proc]) -> set[Proc]:
     return {p for p in procs if alive(p)}
 

@@ -28,7 +28,7 @@ from pytest_sandbox.host.cgroups import (
     V1Cgroup,
     detect,
 )
-from tests.e2e_support import Spawn, ident, live_owner, survivors
+from tests.e2e_support import Spawn, ident, live_owner, settled_pids, survivors
 from tests.probes import cgroup_fs
 
 ROOT = "/sys/fs/cgroup"
@@ -281,7 +281,7 @@ def test_kill_gets_daemons_and_frozen_chmodded_sub_cgroups(make: Make, spawn: Sp
     p = spawn(["/bin/sh", "-c", DAEMONS, "sh", *cg.paths], cg, stdout=subprocess.PIPE)
     assert p.stdout is not None
     assert p.stdout.readline() == b"ready\n"
-    victims = {p for p in map(ident, cg.pids()) if p is not None}
+    victims = settled_pids(cg.pids, 9)
     assert len(victims) >= 9  # 5 sleeps + the daemon's 2 + the moved one + the main one
     sub = [f"{d}/sub" for d in cg.paths]
     assert all(os.stat(s).st_mode & 0o777 == 0 for s in sub)
