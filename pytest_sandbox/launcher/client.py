@@ -58,14 +58,16 @@ def launcher_argv() -> list[str]:
     launcher runs as root and forks every container, so it sees nothing but the standard library
     and this package -- whose ``__init__`` imports nothing (PEP 562) -- and not pytest, pluggy,
     filelock or pyroute2 (unless they sit next to it).  ``PYTHONPATH`` is ignored under ``-I``, so
-    ``-c`` puts the package's parent first on the path (``-m`` alone could not find the package).
+    ``-c`` adds the package's parent to the path (``-m`` alone could not find the package) -- *last*:
+    that parent is often site-packages, where a stray ``json.py`` or a backport named like a stdlib
+    module must never shadow the standard library in a process that runs as root.
     """
     return [
         sys.executable,
         "-I",
         "-S",
         "-c",
-        "import sys; sys.path[:0] = [sys.argv.pop(1)]; "
+        "import sys; sys.path.append(sys.argv.pop(1)); "
         "from pytest_sandbox.launcher.server import main; main(sys.argv[1:])",
         PACKAGE_PARENT,
     ]
