@@ -200,6 +200,10 @@ class LauncherClient:
         """Kill a container or exec and delete everything it had; done when the future is."""
         return self.request(RemoveRequest(ident))
 
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Ask the launcher to kill and remove everything and exit (see :meth:`close`)."""
+        self._call(ShutdownRequest(), timeout=timeout)
+
     def wait_or_kill(
         self, ident: str, exiting: Future[Exited], timeout: float | None
     ) -> tuple[Exited | None, bool]:
@@ -371,7 +375,7 @@ class LauncherClient:
         if sock is None or proc is None:
             return
         with contextlib.suppress(LauncherError, TimeoutError, OSError):
-            self._call(ShutdownRequest(), timeout=timeout)
+            self.shutdown(timeout)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
