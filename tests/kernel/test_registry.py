@@ -29,6 +29,7 @@ from pytest_sandbox.core.errors import (
     RegistryAuthError,
     RegistryConnectionError,
     RegistryDigestError,
+    RegistryError,
     RegistryNotFoundError,
     SandboxError,
 )
@@ -442,6 +443,33 @@ def test_pull_by_digest_does_not_tag(registry: RegistryServer, busybox_layer: Pa
     assert result.ref is None
     assert dst.refs() == {}
     assert dst.get_image(result.image_id).layers == src.resolve(ref).layers
+
+
+@pytest.mark.parametrize(
+    "diff_ids", [["md5:0"], ["sha256:../../x"], "sha256:" + "0" * 64], ids=["md5", "path", "not-a-list"]
+)
+def test_malformed_diff_ids_from_a_registry_are_a_registry_error(
+    registry: RegistryServer, tmp_path: Path, diff_ids: object
+) -> None:
+    """The config is the registry's reply: a RegistryError, before any layer is downloaded (as
+    before issue 8's re-layout, where the shared config parser raised LayerTarError instead)."""
+    client = client_for(registry)
+    os_name, arch = host_platform()
+    rootfs = {"type": "layers", "diff_ids": diff_ids}
+    config = json.dumps({"architecture": arch, "os": os_name, "rootfs": rootfs}).encode()
+    cdesc = push_blob(client, "bad/diffids", config, MEDIA_CONFIG)
+    ldesc = push_blob(client, "bad/diffids", gz(b"a layer"))
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_MANIFEST,
+        "config": cdesc.to_json(),
+        "layers": [ldesc.to_json()],
+    }
+    client.put_manifest("bad/diffids", "1", json.dumps(manifest).encode(), MEDIA_MANIFEST)
+    dst = Store(str(tmp_path / "dst"))
+    with pytest.raises(RegistryError, match=r"rootfs\.diff_ids"):
+        pull(f"{registry.host}/bad/diffids:1", dst, client=client_for(registry), quiet=True)
+    assert dst.images() == []
 
 
 def test_corrupted_layer_blob_is_rejected_and_nothing_is_stored(

@@ -28,6 +28,7 @@ from ..manifest import (
     MEDIA_LAYER_GZIP,
     MEDIA_MANIFEST,
     Descriptor,
+    check_digest,
     config_from_record,
     gzip_blob,
     host_platform,
@@ -105,12 +106,21 @@ def _image_record(client: RegistryClient, repository: str, manifest: Manifest, w
     if not isinstance(config, dict):
         raise RegistryError(f"{what}: the image config is not a JSON object")
     _check_platform(config, what)
-    record = record_from_config(config)
-    if len(record.layers) != len(layers):
+    _check_diff_ids(config, len(layers), what)
+    return record_from_config(config)
+
+
+def _check_diff_ids(config: dict[str, Any], count: int, what: str) -> None:
+    """One sha256 digest per layer, or RegistryError: the config is the registry's reply (the
+    shared parser, :func:`record_from_config`, raises LayerTarError, an archive's error)."""
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or len(diff_ids) != count:
         raise RegistryError(
-            f"{what}: the config's rootfs.diff_ids does not list one digest per layer ({len(layers)} layers)"
+            f"{what}: the config's rootfs.diff_ids does not list one digest per layer ({count} layers)"
         )
-    return record
+    for d in diff_ids:
+        check_digest(d, f"{what} rootfs.diff_ids", RegistryError)
 
 
 def pull(
