@@ -5,6 +5,7 @@ Pure: no root, no launcher, no container.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import ipaddress
 import os
@@ -199,6 +200,17 @@ def test_every_public_name_resolves_and_dir_lists_it() -> None:
         assert name in dir(pytest_sandbox)
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         pytest_sandbox.Nope  # noqa: B018
+
+
+def test_every_error_the_readme_names_is_public() -> None:
+    """The README's error tree is what a user catches: each name imports from the package itself
+    (their modules moved in the re-layout; the package is the one address that does not)."""
+    text = (ROOT / "README.md").read_text()
+    errors = text[text.index("**Errors** are one tree") : text.index("**Configuration.**")]
+    named = {n for n in re.findall(r"`(\w+Error)`", errors) if not hasattr(builtins, n)}
+    assert "RegistryError" in named
+    assert named <= set(pytest_sandbox.__all__)
+    assert issubclass(pytest_sandbox.RegistryError, OSError)
 
 
 def test_the_plugin_imports_no_container_code() -> None:
