@@ -2,7 +2,7 @@
 
 The launcher forks us into a new PID namespace (it unshares CLONE_NEWPID just for that fork), so
 we are PID 1 from the start and no second fork is needed (a forked Python process costs ~0.7 ms).
-Order (each step needs the one before; see DESIGN.md "How a container is born"):
+Order (each step needs the one before; see docs/architecture.md, "How a container is born"):
 
 1. (host root) close every inherited fd we do not need, become non-dumpable, join the cgroup
    leaf (before any namespace: the cgroup namespace's root is the cgroup we are in when we
