@@ -62,3 +62,13 @@ def test_closed_handle_refuses_work() -> None:
     sb.close()
     with pytest.raises(SandboxError, match="closed"):
         sb.run(["true"])
+
+
+def test_the_error_tree_keeps_its_old_address() -> None:
+    """``pytest_sandbox.errors`` (the flat layout's module) still names the same classes."""
+    import pytest_sandbox
+    from pytest_sandbox import errors
+    from pytest_sandbox.core import errors as core_errors
+
+    assert errors.SandboxError is core_errors.SandboxError is pytest_sandbox.SandboxError
+    assert all(getattr(errors, name) is getattr(core_errors, name) for name in errors.__all__)

@@ -1,0 +1,66 @@
+"""The error tree at the address it had before the re-layout (``pytest_sandbox.errors``).
+
+The errors live in :mod:`pytest_sandbox.core.errors` (pure, usable in the launcher); the public
+ones are also on ``pytest_sandbox`` itself.  This module keeps ``from pytest_sandbox.errors import
+SandboxError`` working for code written against the flat layout.
+"""
+
+from .core.errors import (
+    BuildError,
+    CgroupUnavailableError,
+    CommandNotExecutableError,
+    CommandNotFoundError,
+    ContainerNotRunningError,
+    ContainerStateError,
+    ImageNotFoundError,
+    InvalidSignalError,
+    InvalidSpecError,
+    LauncherError,
+    LayerError,
+    LayerNotADirectoryError,
+    LayerNotFoundError,
+    LayerPermissionError,
+    LayerTarError,
+    NetworkError,
+    ReadinessError,
+    RegistryAuthError,
+    RegistryConnectionError,
+    RegistryDigestError,
+    RegistryError,
+    RegistryNotFoundError,
+    SandboxError,
+    SandboxTimeoutError,
+    SettingsError,
+    SetupError,
+    UserNotFoundError,
+)
+
+__all__ = [
+    "BuildError",
+    "CgroupUnavailableError",
+    "CommandNotExecutableError",
+    "CommandNotFoundError",
+    "ContainerNotRunningError",
+    "ContainerStateError",
+    "ImageNotFoundError",
+    "InvalidSignalError",
+    "InvalidSpecError",
+    "LauncherError",
+    "LayerError",
+    "LayerNotADirectoryError",
+    "LayerNotFoundError",
+    "LayerPermissionError",
+    "LayerTarError",
+    "NetworkError",
+    "ReadinessError",
+    "RegistryAuthError",
+    "RegistryConnectionError",
+    "RegistryDigestError",
+    "RegistryError",
+    "RegistryNotFoundError",
+    "SandboxError",
+    "SandboxTimeoutError",
+    "SettingsError",
+    "SetupError",
+    "UserNotFoundError",
+]
