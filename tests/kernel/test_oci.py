@@ -269,7 +269,7 @@ def test_host_base_images_are_not_exported(store: Store, tmp_path: Path) -> None
     assert not (tmp_path / "out.tar").exists()
 
 
-# -- progress, and what registry.py reuses ----------------------------------------------------
+# -- progress, and what images/registry/ reuses -------------------------------------------
 
 
 def _small_image(store: Store, tmp_path: Path) -> tuple[str, list[str]]:
