@@ -11,6 +11,39 @@ from __future__ import annotations
 
 from typing import Any
 
+# Every error class and the wire helpers (pytest_sandbox.errors, the flat layout's address, re-exports it).
+__all__ = [
+    "BuildError",
+    "CgroupUnavailableError",
+    "CommandNotExecutableError",
+    "CommandNotFoundError",
+    "ContainerNotRunningError",
+    "ContainerStateError",
+    "ImageNotFoundError",
+    "InvalidSignalError",
+    "InvalidSpecError",
+    "LauncherError",
+    "LayerError",
+    "LayerNotADirectoryError",
+    "LayerNotFoundError",
+    "LayerPermissionError",
+    "LayerTarError",
+    "NetworkError",
+    "ReadinessError",
+    "RegistryAuthError",
+    "RegistryConnectionError",
+    "RegistryDigestError",
+    "RegistryError",
+    "RegistryNotFoundError",
+    "SandboxError",
+    "SandboxTimeoutError",
+    "SettingsError",
+    "SetupError",
+    "UserNotFoundError",
+    "from_wire",
+    "to_wire",
+]
+
 
 class SandboxError(Exception):
     """Base of every error raised by pytest_sandbox."""

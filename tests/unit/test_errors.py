@@ -72,3 +72,5 @@ def test_the_error_tree_keeps_its_old_address() -> None:
 
     assert errors.SandboxError is core_errors.SandboxError is pytest_sandbox.SandboxError
     assert all(getattr(errors, name) is getattr(core_errors, name) for name in errors.__all__)
+    defined = {n for n, v in vars(core_errors).items() if isinstance(v, type) and issubclass(v, Exception)}
+    assert defined <= set(errors.__all__)  # a new error class is listed in core.errors.__all__ too
