@@ -152,6 +152,57 @@ def _handle(request: pytest.FixtureRequest, defaults: dict[str, Any] | None = No
         sandbox.close()
 
 
+class _InvalidSandboxMarker(pytest.Collector):
+    """Stands in for a test whose ``sandbox`` marker is wrong: collecting it is an error naming that
+    test, reported before any test runs, as a bad ``parametrize`` is (the session stops after
+    collection unless ``--continue-on-collection-errors``; the module's other tests are kept)."""
+
+    def __init__(self, *, message: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.message = message
+
+    def collect(self) -> list[pytest.Item | pytest.Collector]:
+        raise self.CollectError(self.message)
+
+
+def _marker_problem(item: pytest.Item) -> str | None:
+    """What is wrong with a ``sandbox`` marker of this test (the options run() would refuse), if anything."""
+    markers = list(item.iter_markers("sandbox"))
+    if not markers:
+        return None
+    from .core.errors import InvalidSpecError
+    from .core.spec import check_defaults
+
+    for marker in markers:
+        given = [repr(a) for a in marker.args] + [f"{k}={v!r}" for k, v in marker.kwargs.items()]
+        shown = f"@pytest.mark.sandbox({', '.join(given)})"
+        if marker.args:
+            return f"{shown}: takes keyword arguments only, e.g. memory='64m'"
+        try:
+            check_defaults(marker.kwargs)
+        except InvalidSpecError as e:
+            return f"{shown}: {e}"
+    return None
+
+
+def _checked(node: pytest.Item | pytest.Collector) -> pytest.Item | pytest.Collector:
+    problem = _marker_problem(node) if isinstance(node, pytest.Item) else None
+    if problem is None or node.parent is None:  # an item made by pytest_pycollect_makeitem has one
+        return node
+    return _InvalidSandboxMarker.from_parent(node.parent, name=node.name, message=f"{node.nodeid}: {problem}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pycollect_makeitem(
+    collector: pytest.Module | pytest.Class, name: str, obj: object
+) -> Generator[None, Any, Any]:
+    """A marker's options are checked when its test is collected, not at its first run()."""
+    made = yield
+    if isinstance(made, list):
+        return [_checked(node) for node in made]
+    return made if made is None else _checked(made)
+
+
 @pytest.fixture
 def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
     """A sandbox handle for this test; its containers are removed when the test ends."""

@@ -23,11 +23,11 @@ from .core import naming
 from .core.errors import InvalidSpecError, LauncherError, SandboxError, SandboxTimeoutError
 from .core.layerstack import ImageLike, LayerStack
 from .core.spec import (
-    OPTION_NAMES,
     BindMount,
     ContainerSpec,
     Options,
     ProcessSpec,
+    check_option_names,
     parse_argv,
     parse_env,
     parse_options,
@@ -242,11 +242,7 @@ class Sandbox:
         argv = parse_argv(cmd)
         merged = {**self.defaults, **opts}
         default_image = merged.pop("image", None)  # defaults (a marker) may name the image too
-        unknown = sorted(set(merged) - OPTION_NAMES)
-        if unknown:
-            raise InvalidSpecError(
-                f"unknown option {unknown[0]!r}; the options are: image, {', '.join(sorted(OPTION_NAMES))}"
-            )
+        check_option_names(merged)
         image = image if image is not None else default_image
         if image is None:
             image = LayerStack()  # the host base

@@ -7,6 +7,7 @@ launcher receives a :class:`ContainerSpec` (options + the image's overlay plan +
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 import posixpath
@@ -427,3 +428,27 @@ def parse_aliases(aliases: object) -> tuple[str, ...]:
 
 
 OPTION_NAMES = frozenset(inspect.signature(parse_options).parameters)
+
+#: What defaults (``@pytest.mark.sandbox``, ``Sandbox(defaults=)``) may name: run()'s options and image.
+DEFAULT_NAMES = OPTION_NAMES | {"image"}
+# Checked only at run(): a bind mount's source may not exist yet when a test is collected, and a
+# network (and its aliases) is an object made by a running test.
+_RUN_TIME_OPTIONS = frozenset({"image", "mounts", "network", "aliases"})
+
+
+def check_option_names(names: Iterable[str]) -> None:
+    """InvalidSpecError for an unknown option, naming the closest valid one (a typo like memroy=)."""
+    unknown = sorted(set(names) - DEFAULT_NAMES)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(DEFAULT_NAMES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InvalidSpecError(
+            f"unknown option {unknown[0]!r}{hint}; the options are: {', '.join(sorted(DEFAULT_NAMES))}"
+        )
+
+
+def check_defaults(defaults: Mapping[str, object]) -> None:
+    """What can be checked of default options before a test runs (a marker's, at collection):
+    their names, and the values that do not depend on what exists at run time."""
+    check_option_names(defaults)
+    parse_options(**{k: v for k, v in defaults.items() if k not in _RUN_TIME_OPTIONS})

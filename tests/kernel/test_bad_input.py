@@ -266,7 +266,10 @@ def test_bad_input_refused_before_anything_exists(
 def test_misspelled_option_is_refused(sandbox: Sandbox, launcher_requests: list[str]) -> None:
     """An unknown keyword (a typo like memroy=) is an InvalidSpecError naming it and listing the
     options, never silently ignored; so is one given as a default (a marker's)."""
-    with pytest.raises(InvalidSpecError, match=r"unknown option 'memroy'; the options are: image, .*memory"):
+    with pytest.raises(
+        InvalidSpecError,
+        match=r"unknown option 'memroy' \(did you mean 'memory'\?\); the options are: .*image, .*memory",
+    ):
         sandbox.run(["true"], memroy="64m")
     with pytest.raises(InvalidSpecError, match="unknown option 'cpu'"):
         Sandbox(defaults={"cpu": 1}).run(["true"])

@@ -140,9 +140,9 @@ def test_positional_is_refused(sandbox):
     pass
 """
     )
-    result = pytester.runpytest("-p", "no:randomly")
+    result = pytester.runpytest("-p", "no:randomly", "--continue-on-collection-errors")
     result.assert_outcomes(passed=4, errors=1)
-    result.stdout.fnmatch_lines(["*@pytest.mark.sandbox takes keyword arguments only*"])
+    result.stdout.fnmatch_lines(["*@pytest.mark.sandbox('positional'): takes keyword arguments only*"])
 
 
 def test_a_failing_test_reports_its_containers_output(pytester: pytest.Pytester) -> None:

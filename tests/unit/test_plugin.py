@@ -115,3 +115,53 @@ def test_the_hook_spec_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*pytest_sandbox_container_started*", "*extra*"])
+
+
+def test_a_bad_marker_option_is_a_collection_error_naming_the_test(pytester: pytest.Pytester) -> None:
+    """Issue 9, item 15: a typo in a marker (memroy=), a bad value (memory="lots") or a positional
+    argument is reported when the test is collected -- naming the test, the marker and the closest
+    valid option -- not at its first run(); the other tests, of the same module too, are kept."""
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.sandbox(memroy="64m")
+        def test_typo(sandbox):
+            raise AssertionError("never runs")
+
+        @pytest.mark.sandbox(pids=8)
+        class TestValues:
+            @pytest.mark.sandbox(memory="lots")
+            def test_bad_value(self):
+                raise AssertionError("never runs")
+
+            def test_class_marker_is_fine(self):
+                pass
+
+        @pytest.mark.sandbox("64m")
+        def test_positional():
+            raise AssertionError("never runs")
+
+        @pytest.mark.sandbox(memory="64m", cpus=0.5, env={"A": "1"}, mounts={"/made/at/run": "/m"})
+        def test_fine():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.INTERRUPTED  # as a bad parametrize: nothing ran
+    result.stdout.fnmatch_lines(
+        [
+            "test_a_bad_marker_option_is_a_collection_error_naming_the_test.py::test_typo: "
+            "@pytest.mark.sandbox(memroy='64m'): unknown option 'memroy' (did you mean 'memory'?); "
+            "the options are: *",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        ["*::TestValues::test_bad_value: @pytest.mark.sandbox(memory='lots'): memory='lots': invalid size*"]
+    )
+    result.stdout.fnmatch_lines(
+        ["*::test_positional: @pytest.mark.sandbox('64m'): takes keyword arguments only, e.g. memory='64m'"]
+    )
+    result.stdout.fnmatch_lines(["*Interrupted: 3 errors during collection*"])
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--continue-on-collection-errors")
+    result.assert_outcomes(passed=2, errors=3)
