@@ -10,7 +10,9 @@ owners (a run killed with SIGKILL) are swept by the next allocation; live ones a
 The networks themselves live in each session's own namespace, so two sessions with the same subnet
 would not even meet; the lease keeps subnets distinct anyway, so that addresses in logs and failure
 reports name one network each, and a subnet the host itself uses is skipped (a container's service
-reached by address from a host tool would otherwise be ambiguous).
+reached by address from a host tool would otherwise be ambiguous).  A ``subnet=`` given explicitly
+is not leased, for the same reason it cannot collide; the process's own networks refuse an
+overlapping one, and give its subnets as busy to :meth:`SubnetLeases.allocate`.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ Composition over :mod:`~pytest_sandbox.net.netlink` (netlink), :mod:`~pytest_san
 * One :class:`Networks` per pytest process (the runtime holds it): the ``psbx-net`` thread, the
   hub namespace (made on first use), the subnet leases.  Closing it -- or the process dying --
   frees the hub and everything in it.
-* A :class:`Network` is one bridge in the hub with one leased subnet.  Containers get the next
-  free address (``.1`` is kept free, as Docker keeps it for the gateway).
+* A :class:`Network` is one bridge in the hub with one leased subnet, or the ``subnet=`` given,
+  which must not overlap another network of this process (Docker's "Pool overlaps").  Containers
+  get the next free address (``.1`` is kept free, as Docker keeps it for the gateway).
 * Names: every member of a network is written to the ``/etc/hosts`` of every other member --
   ``<address> <name> <aliases...> <hostname>`` -- a file of the container's state directory
   bind-mounted read-only; containers joining later are *appended* (O_APPEND, one write per
@@ -253,6 +254,10 @@ class Networks:
         self._serial = itertools.count()
         self._names: set[str] = set()
         self._open: list[Network] = []
+        # Subnet -> the name of this process's network holding it (under _lock).  _choosing is
+        # held across "is it free" and "record it", so two threads cannot both take one subnet.
+        self._subnets: dict[ipaddress.IPv4Network, str] = {}
+        self._choosing = threading.Lock()
         self.closed = False
 
     @property
@@ -291,16 +296,12 @@ class Networks:
             self._names.add(label)
         try:
             hub = self.hub
-            if explicit is None:
-                chosen = self.leases.allocate(self.pools, lambda: host_networks(hub.net))
-            else:
-                chosen = explicit  # yours: not leased (this session's hub is private to it anyway)
+            chosen = self._choose_subnet(explicit, label, hub)
             try:
                 bridge = self.interface_name("b")
                 index = hub.add_bridge(bridge)
             except BaseException:
-                if explicit is None:
-                    self.leases.release(chosen)
+                self._give_back(chosen, leased=explicit is None)
                 raise
         except BaseException:
             with self._lock:
@@ -312,6 +313,40 @@ class Networks:
         with self._lock:
             self._open.append(network)
         return network
+
+    def _choose_subnet(
+        self, explicit: ipaddress.IPv4Network | None, label: str, hub: Hub
+    ) -> ipaddress.IPv4Network:
+        """``explicit`` if no network of this process overlaps it, else the next free subnet of
+        the pools (leased host-wide, and skipping this process's explicit subnets); recorded."""
+        with self._choosing:
+            with self._lock:
+                held = dict(self._subnets)
+            if explicit is None:
+                chosen = self.leases.allocate(self.pools, lambda: [*host_networks(hub.net), *held])
+            else:
+                # Two bridges of one hub with overlapping subnets: a container on both would get
+                # one address twice (eth0 and eth1) and route to only one (Docker refuses it too).
+                # Not leased: another process's hub is its own namespace, never meets this one, and
+                # refusing there would fail parallel tests that pick the same fixed subnet.
+                chosen = explicit
+                for subnet, holder in held.items():
+                    if subnet.overlaps(explicit):
+                        raise NetworkError(
+                            f"subnet={str(explicit)!r}: Pool overlaps with other one on this address "
+                            f"space: network {holder!r} has {subnet}",
+                            hint=f"choose a subnet outside {subnet}, leave subnet= out for a free one, "
+                            f"or close network {holder!r} first",
+                        )
+            with self._lock:
+                self._subnets[chosen] = label
+            return chosen
+
+    def _give_back(self, subnet: ipaddress.IPv4Network, *, leased: bool) -> None:
+        with self._lock:
+            self._subnets.pop(subnet, None)
+        if leased:
+            self.leases.release(subnet)
 
     def attach(self, networks: Sequence[Network], names: Sequence[str]) -> Attached:
         """Reserve addresses and make the container's namespace, wired to ``networks``."""
@@ -421,8 +456,7 @@ class Networks:
             hub = self._hub
         if hub is not None:
             hub.remove_bridge(network.bridge_index)
-        if network._leased:
-            self.leases.release(network.subnet)
+        self._give_back(network.subnet, leased=network._leased)
 
     def close(self) -> None:
         """Close every network, the hub (the kernel frees all in it) and the psbx-net thread."""

@@ -368,6 +368,51 @@ def test_an_explicit_subnet_and_a_full_one(sandbox: Sandbox) -> None:
     assert sandbox.start(["sleep", "30"], network=net).ip() == "10.99.7.2"  # freed, reused
 
 
+def test_an_overlapping_subnet_is_refused_naming_the_network_that_has_it(sandbox: Sandbox) -> None:
+    """Issue 9, item 13: a second network on 10.98.0.0/24 (or a /25 in it, or a /16 around it),
+    from this handle or another of the session, is a NetworkError naming the first, as Docker's
+    "Pool overlaps" -- and no bridge is made for it; closed, the subnet is free again."""
+    hub = probes.hub()
+    first = sandbox.network(subnet="10.98.0.0/24", name="first")
+    bridges = sorted(hub.link_names())
+    with Sandbox() as other:
+        for handle, subnet in [
+            (sandbox, "10.98.0.0/24"),
+            (sandbox, "10.98.0.128/25"),
+            (other, "10.98.0.0/16"),
+        ]:
+            with pytest.raises(
+                NetworkError,
+                match=rf"subnet='{subnet}': Pool overlaps with other one on this address space: "
+                r"network 'first' has 10\.98\.0\.0/24",
+            ):
+                handle.network(subnet=subnet)
+        assert str(other.network(subnet="10.98.1.0/24").subnet) == "10.98.1.0/24"  # next to it: fine
+    assert sorted(hub.link_names()) == bridges
+    first.close()
+    assert str(sandbox.network(subnet="10.98.0.0/16").subnet) == "10.98.0.0/16"
+
+
+def test_the_pool_skips_a_subnet_taken_explicitly(tmp_path: Any) -> None:
+    """Issue 9, item 13: a network from the pool never overlaps one given as subnet= in the same
+    process: with a pool of two /24s and the first taken explicitly, the pool gives the second,
+    then has none left."""
+    from pytest_sandbox.config import parse_address_pools
+    from pytest_sandbox.core.naming import owner_tag
+    from pytest_sandbox.net.networks import Networks
+
+    pools = parse_address_pools("base=10.97.0.0/23,size=24", what="test")
+    networks = Networks(pools, lease_dir=str(tmp_path), owner=owner_tag())
+    try:
+        networks.create(subnet="10.97.0.0/24")
+        assert str(networks.create().subnet) == "10.97.1.0/24"
+        with pytest.raises(NetworkError, match="no free subnet"):
+            networks.create()
+    finally:
+        networks.close()
+    assert networks.leases.mine() == []
+
+
 def test_a_networked_start_that_fails_gives_everything_back(sandbox: Sandbox) -> None:
     net = sandbox.network()
     networks = probes.networks()
