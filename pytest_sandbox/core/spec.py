@@ -235,7 +235,7 @@ def parse_user(user: object) -> str | None:
     if len(parts) > 2 or not all(parts):
         raise InvalidSpecError(f"user={user!r}: expected 'uid', 'uid:gid', 'name' or 'name:group'")
     for part in parts:
-        if part.isdigit():
+        if part.isascii() and part.isdigit():  # not str.isdigit alone: int("²") raises ValueError
             if int(part) > MAX_MAPPED_ID:
                 raise InvalidSpecError(
                     f"user={user!r}: id {part} is outside the container's user namespace (0-{MAX_MAPPED_ID})"

@@ -26,7 +26,7 @@ from ..core.errors import (
     from_wire,
     to_wire,
 )
-from ..core.spec import DEFAULT_PATH, ProcessSpec
+from ..core.spec import DEFAULT_PATH, MAX_MAPPED_ID, ProcessSpec
 from ..host import libc
 
 # capabilities(7) numbers of podman's default set: CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID
@@ -35,37 +35,76 @@ DEFAULT_CAPS = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 31})
 _MAX_DB_BYTES = 4 << 20
 
 
-def _read_db(path: str) -> list[list[str]]:
-    """Lines of an /etc/passwd-style file, split on ':'; a bounded read (it may be hostile)."""
+def _read_db(path: str) -> bytes:
+    """An /etc/passwd-style file, read with a bound (it may be hostile); b"" if absent or odd."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
-        return []
+        return b""
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return []
-        data = os.read(fd, _MAX_DB_BYTES)
+            return b""
+        return os.read(fd, _MAX_DB_BYTES)
     finally:
         os.close(fd)
+
+
+def parse_db(data: bytes) -> list[tuple[int, list[str]]]:
+    """(line number from 1, fields split on ':') of each entry of an /etc/passwd-style file."""
     return [
-        line.split(":") for line in data.decode("utf-8", "replace").splitlines() if line and line[0] != "#"
+        (number, line.split(":"))
+        for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1)
+        if line and line[0] != "#"
     ]
+
+
+def mapped_id(text: str, what: str, where: str) -> int:
+    """``text`` as a uid/gid of the container's user namespace, or UserNotFoundError naming ``where``.
+
+    Only ASCII digits up to MAX_MAPPED_ID: an id outside the map fails setresuid with EINVAL, and
+    -1 / 4294967295 -- which int() and Python's uid converter accept -- *is* (uid_t)-1, "leave
+    unchanged" to setresuid(2)/setresgid(2)/setgroups: the command would keep our uid 0 and root's
+    capabilities (issue 9, item 5).
+    """
+    if text.isascii() and text.isdigit() and int(text) <= MAX_MAPPED_ID:
+        return int(text)
+    raise UserNotFoundError(
+        f"{where}: {what} {text!r} is not an id of the container's user namespace (0-{MAX_MAPPED_ID})",
+        path=where.partition(" line ")[0] if " line " in where else "",
+        errno=errno.EINVAL,
+        hint=f"give the entry a {what} from 0 to {MAX_MAPPED_ID} in the image",
+    )
 
 
 def resolve_user(user: str | None) -> tuple[int, int, list[int], str]:
     """(uid, gid, supplementary gids, home) for ``user`` as Docker resolves it."""
+    return resolve_user_in(user, _read_db("/etc/passwd"), _read_db("/etc/group"))
+
+
+def resolve_user_in(
+    user: str | None, passwd_data: bytes, group_data: bytes
+) -> tuple[int, int, list[int], str]:
+    """:func:`resolve_user` on the given file contents (pure); every id checked by :func:`mapped_id`."""
     if user is None:
         user = "0"
     name, _, group = user.partition(":")
-    passwd = _read_db("/etc/passwd")
+    numeric = name.isascii() and name.isdigit()
     entry = next(
-        (e for e in passwd if len(e) >= 7 and (e[0] == name or (name.isdigit() and e[2] == name))), None
+        (
+            (n, e)
+            for n, e in parse_db(passwd_data)
+            if len(e) >= 7 and (e[0] == name or (numeric and e[2] == name))
+        ),
+        None,
     )
     if entry is not None:
-        uid, gid, home, login = int(entry[2]), int(entry[3]), entry[5] or "/", entry[0]
-    elif name.isdigit():
+        where = f"/etc/passwd line {entry[0]}"
+        e = entry[1]
+        uid, gid = mapped_id(e[2], "uid", where), mapped_id(e[3], "gid", where)
+        home, login = e[5] or "/", e[0]
+    elif numeric:
         # Docker: a numeric uid unknown to the image runs with gid 0 and HOME=/.
-        uid, gid, home, login = int(name), 0, "/", ""
+        uid, gid, home, login = mapped_id(name, "uid", f"user={user!r}"), 0, "/", ""
     else:
         raise UserNotFoundError(
             f"user {name!r} not found in the image's /etc/passwd",
@@ -73,24 +112,24 @@ def resolve_user(user: str | None) -> tuple[int, int, list[int], str]:
             errno=errno.ENOENT,
             hint="use a numeric uid, or add the user to the image",
         )
-    groups_db = _read_db("/etc/group")
+    groups_db = parse_db(group_data)
     if group:
-        if group.isdigit():
-            gid = int(group)
+        if group.isascii() and group.isdigit():
+            gid = mapped_id(group, "gid", f"user={user!r}")
         else:
-            g = next((e for e in groups_db if len(e) >= 3 and e[0] == group), None)
+            g = next(((n, e) for n, e in groups_db if len(e) >= 3 and e[0] == group), None)
             if g is None:
                 raise UserNotFoundError(
                     f"group {group!r} not found in the image's /etc/group",
                     path="/etc/group",
                     errno=errno.ENOENT,
                 )
-            gid = int(g[2])
+            gid = mapped_id(g[1][2], "gid", f"/etc/group line {g[0]}")
     supplementary = {gid}
     if login:
-        for e in groups_db:
-            if len(e) >= 4 and login in e[3].split(",") and e[2].isdigit():
-                supplementary.add(int(e[2]))
+        for n, e in groups_db:
+            if len(e) >= 4 and login in e[3].split(","):
+                supplementary.add(mapped_id(e[2], "gid", f"/etc/group line {n}"))
     if uid == 0 and entry is None:
         home = "/root"
     return uid, gid, sorted(supplementary), home

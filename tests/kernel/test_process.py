@@ -24,6 +24,7 @@ from pytest_sandbox import (
     ContainerNotRunningError,
     Image,
     InvalidSignalError,
+    InvalidSpecError,
     ReadinessError,
     Result,
     Sandbox,
@@ -197,6 +198,57 @@ def test_unknown_user_raises(sandbox: Sandbox, busybox_image: Image) -> None:
     # ...while a known name resolves to its ids.
     r = sandbox.run(["id"], user="app", image=busybox_image)
     assert r.stdout.startswith(b"uid=1000(app) gid=1000(app)")
+
+
+def _image_with_etc(busybox_layer: Path, tmp_path: Path, passwd: str, group: str) -> Image:
+    """The busybox image with its /etc/passwd and /etc/group replaced by an upper layer."""
+    etc = tmp_path / "etc-layer" / "etc"
+    etc.mkdir(parents=True)
+    (etc / "passwd").write_text(passwd)
+    (etc / "group").write_text(group)
+    return Image.from_layers(busybox_layer, etc.parent, base=None)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("app:x:-1:1000::/:/bin/sh", "app:x:1000:", r"/etc/passwd line 2: uid '-1'"),
+        ("app:x:4294967295:1000::/:/bin/sh", "app:x:1000:", r"/etc/passwd line 2: uid '4294967295'"),
+        ("app:x:1000:4294967295::/:/bin/sh", "app:x:1000:", r"/etc/passwd line 2: gid '4294967295'"),
+        ("app:x:1000:1000::/:/bin/sh", "wheel:x:70000:app", r"/etc/group line 2: gid '70000'"),
+    ],
+)
+def test_user_with_unmapped_id_in_image_is_refused(
+    sandbox: Sandbox, busybox_layer: Path, tmp_path: Path, case: tuple[str, str, str]
+) -> None:
+    """Issue 9 item 5: an image's passwd/group entry with an id outside the map never means root.
+
+    uid -1 (= 4294967295 = (uid_t)-1) made setresuid leave uid 0 in place: the command ran as root
+    with root's capabilities.  Now run() and exec() raise UserNotFoundError naming the line, and
+    the command does not run (no marker file appears).
+    """
+    passwd_line, group_line, named = case
+    image = _image_with_etc(
+        busybox_layer, tmp_path, f"root:x:0:0::/root:/bin/sh\n{passwd_line}\n", f"root:x:0:\n{group_line}\n"
+    )
+    with pytest.raises(UserNotFoundError, match=named):
+        sandbox.run(["sh", "-c", "id; touch /ran"], user="app", image=image)
+    c = sandbox.start(["sleep", "100"], image=image)
+    with pytest.raises(UserNotFoundError, match=named):
+        c.exec(["touch", "/ran"], user="app")
+    assert c.exec(["sh", "-c", "test -e /ran || echo absent"]).stdout == b"absent\n"
+    assert c.exec(["id", "-u"], user="root").stdout == b"0\n"  # the container itself is fine
+
+
+def test_numeric_user_outside_the_map_is_refused(sandbox: Sandbox) -> None:
+    """user="4294967295" or "0:65536" to run() or exec(): InvalidSpecError before anything is created."""
+    for user in ("4294967295", "65536", "0:65536", "1000:4294967295"):
+        with pytest.raises(InvalidSpecError, match="outside the container's user namespace"):
+            sandbox.run(["true"], user=user)
+    c = sandbox.start(["sleep", "100"])
+    with pytest.raises(InvalidSpecError, match="outside the container's user namespace"):
+        c.exec(["true"], user="4294967295")
+    assert sandbox.containers == [c]
 
 
 def test_missing_workdir_is_created(sandbox: Sandbox) -> None:
