@@ -28,6 +28,7 @@ from typing import Any
 from .core.errors import BuildError, InvalidSpecError, LayerNotFoundError, SandboxTimeoutError
 from .core.imagemodel import ImageConfig, ImageRecord
 from .core.spec import container_path, parse_argv, parse_env, parse_timeout, parse_user
+from .host.fstree import root_required
 from .images.layers import child_record, commit_upper, make_parents, stack_of
 from .images.store import Store, copy_file_at, copy_tree
 from .sandbox import Sandbox
@@ -101,6 +102,8 @@ def copy_step(store: Store, src: object, dst: str) -> LayerStep:
         raise InvalidSpecError(f"copy(src={raw!r}): refusing to copy the host's root")
     if not is_dir and into:
         target = os.path.join(target, os.path.basename(real))
+    if os.geteuid() != 0:  # the copy is owned by container root (host uid 0): chown(2) needs root
+        raise root_required(f"copy(src={raw!r})")
     digest = store.content_digest(real)
     mtime = st_src.st_mtime_ns
 

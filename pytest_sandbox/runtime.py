@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .config import Settings
 from .core import naming
-from .core.errors import NetworkError, SetupError
+from .core.errors import NetworkError, RootRequiredError, SetupError
 
 # Imported where they are used: the pytest plugin opens a runtime at every session start (before
 # collection, so that an Image.pull() at a module's top level gets the session's settings), and
@@ -35,9 +35,9 @@ if TYPE_CHECKING:
 
 
 def require_root() -> None:
-    """Raise a SetupError that says so unless we are root (checked before anything is made)."""
+    """A RootRequiredError (a SetupError) unless we are root (checked before anything is made)."""
     if os.geteuid() != 0:
-        raise SetupError(
+        raise RootRequiredError(
             f"pytest_sandbox needs root to create containers (running as uid {os.geteuid()})",
             call="geteuid",
             hint="run pytest as root (CI runners, a container or VM where you are root); rootless mode "

@@ -35,6 +35,7 @@ __all__ = [
     "RegistryDigestError",
     "RegistryError",
     "RegistryNotFoundError",
+    "RootRequiredError",
     "SandboxError",
     "SandboxTimeoutError",
     "SettingsError",
@@ -147,6 +148,11 @@ class CommandNotExecutableError(SetupError, PermissionError):
     """The command exists but cannot be executed (Docker's 126)."""
 
     exit_code = 126
+
+
+class RootRequiredError(SetupError, PermissionError):
+    """Needs root, and this process is not: making a container or a network, or storing a layer
+    (its files are owned by container root, host uid 0).  Rootless mode is not supported yet."""
 
 
 class UserNotFoundError(SetupError, LookupError):

@@ -11,6 +11,7 @@ walked.
 * :func:`copy_tree` / :func:`copy_file_at` -- a tree copied as an overlay layer holds it: modes,
   numeric owners (shifted by an :data:`IdMap`), mtimes, hardlinks, xattrs, whiteouts.
 * :class:`AtomicFile` / :func:`write_atomic` -- a file that appears whole or not at all.
+* :func:`root_required` -- the error for a copy only root may make (someone else's files).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import AnyStr, Generic
 
 from ..core import naming
-from ..core.errors import InvalidSpecError, LayerNotADirectoryError, LayerNotFoundError
+from ..core.errors import InvalidSpecError, LayerNotADirectoryError, LayerNotFoundError, RootRequiredError
+from .cleanup import remove_tree
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _KEEP_OVERLAY_XATTRS = frozenset({"trusted.overlay.opaque"})
@@ -437,3 +439,36 @@ def write_atomic(path: str, data: bytes, *, tmp_dir: str | None = None) -> None:
     """Write ``data`` to ``path`` (0644) via a temporary file in ``tmp_dir`` and a rename."""
     with AtomicFile(path, tmp_dir=tmp_dir) as out:
         out.file.write(data)
+
+
+def root_required(what: str, cause: OSError | None = None) -> RootRequiredError:
+    """Storing a layer whose files need an owner other than this user's: only root may chown a file
+    to another user, make a device node (a whiteout) or set a ``trusted.*`` attribute (an opaque
+    directory) -- chown(2), mknod(2), xattr(7); a layer's files are owned by container root, host
+    uid 0, whenever the image (or a build step) says so."""
+    why = f" ({cause.strerror}: {cause.filename})" if cause is not None and cause.filename else ""
+    return RootRequiredError(
+        f"{what} needs root: stored layers keep their files' owners (container root is host uid 0), "
+        f"device nodes and trusted.* attributes, which only root can set (running as uid {os.geteuid()})"
+        + why,
+        call="geteuid",
+        errno=errno.EPERM,
+        hint="run as root (CI runners, a container or VM where you are root); rootless mode "
+        "(layers owned by a subordinate uid range) is not supported yet",
+    )
+
+
+@contextlib.contextmanager
+def root_needed_for_others_files(what: str, *, tmp: str) -> Iterator[None]:
+    """EPERM from a copy made without root into ``tmp`` (chown, mknod or setxattr of someone
+    else's files) as a :func:`root_required` error; ``tmp`` is removed, and its parent (the
+    writer's own directory) too if that leaves it empty: nothing is left of the attempt."""
+    try:
+        yield
+    except PermissionError as e:
+        if e.errno != errno.EPERM or os.geteuid() == 0:
+            raise
+        remove_tree(tmp)
+        with contextlib.suppress(OSError):  # not empty: another thread's write is under way
+            os.rmdir(os.path.dirname(tmp))
+        raise root_required(what, e) from e

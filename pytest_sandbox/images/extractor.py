@@ -153,7 +153,8 @@ class _Extractor:
             except LayerTarError:
                 raise
             except OSError as e:
-                if e.errno in _HOST_ERRNOS:
+                # EPERM without root: chown/mknod/setxattr of a valid entry (the store says so).
+                if e.errno in _HOST_ERRNOS or (e.errno == errno.EPERM and os.geteuid() != 0):
                     raise
                 raise LayerTarError(
                     f"layer tar entry {entry.shown!r} cannot be extracted: {e.strerror or e}", hint=HINT

@@ -64,6 +64,7 @@ from ..host.fstree import (
     copy_file_at,
     copy_tree,
     make_private,
+    root_needed_for_others_files,
     shift_ids,
     stat_snapshot,
     write_atomic,
@@ -162,7 +163,8 @@ class Store:
         """``tmp/psbx-<pid>-<start>/``: this process's work in progress, swept once it is dead."""
         self._ensure()
         pid = os.getpid()
-        if self._owner_dir is None or self._owner_dir[0] != pid:  # a forked child is another owner
+        # A forked child is another owner; a refused store removed it (root_needed_for_others_files).
+        if self._owner_dir is None or self._owner_dir[0] != pid or not os.path.isdir(self._owner_dir[1]):
             path = self._p("tmp", naming.owner_tag(pid))
             os.makedirs(path, mode=0o700, exist_ok=True)
             self._owner_dir = (pid, path)
@@ -170,10 +172,12 @@ class Store:
 
     @contextlib.contextmanager
     def tempdir(self) -> Iterator[str]:
-        """A fresh directory in the store's tmp/ (same filesystem as the store); removed on exit."""
+        """A fresh directory in the store's tmp/ (same filesystem as the store); removed on exit.
+        Without root, someone else's files cannot be stored: nothing is left of the attempt."""
         path = tempfile.mkdtemp(dir=self._owner_tmp())
         try:
-            yield path
+            with root_needed_for_others_files("storing a layer", tmp=path):
+                yield path
         finally:
             remove_tree(path)
 
