@@ -12,6 +12,7 @@ import inspect
 import os
 import posixpath
 import re
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,13 +29,17 @@ _HOSTNAME_RE = re.compile(
 )
 _USER_RE = re.compile(r"^[a-zA-Z0-9_.][a-zA-Z0-9_.-]{0,31}\$?$")
 MAX_MAPPED_ID = ID_RANGE - 1
+MAX_MOUNTS = 200  # bind mounts per container: their fds go in one SCM_RIGHTS message (SCM_MAX_FD 253)
 
 
 @dataclass(frozen=True)
 class BindMount:
-    source: str  # absolute host path
+    source: str  # absolute host path, with no symlink in it
     target: str  # absolute container path
     read_only: bool = False
+    # (st_dev, st_ino) of the source when run() resolved it: the object the launcher must mount
+    # (host/bindsource opens it again, by fd, and refuses anything else).  None: not resolved yet.
+    identity: tuple[int, int] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,8 @@ class ContainerSpec:
             "process": self.process.to_wire(),
             "overlays": [{"target": o.target, "lowers": list(o.lowers)} for o in self.overlays],
             "mounts": [
-                {"source": m.source, "target": m.target, "read_only": m.read_only} for m in self.mounts
+                {"source": m.source, "target": m.target, "read_only": m.read_only, "identity": m.identity}
+                for m in self.mounts
             ],
             "tmpfs": [{"target": t.target, "size": t.size, "mode": t.mode} for t in self.tmpfs],
             "limits": self.limits.to_wire(),
@@ -141,7 +147,10 @@ class ContainerSpec:
             hostname=d["hostname"],
             process=ProcessSpec.from_wire(d["process"]),
             overlays=tuple(OverlaySpec(o["target"], tuple(o["lowers"])) for o in d["overlays"]),
-            mounts=tuple(BindMount(m["source"], m["target"], m["read_only"]) for m in d["mounts"]),
+            mounts=tuple(
+                BindMount(m["source"], m["target"], m["read_only"], _identity_from_wire(m.get("identity")))
+                for m in d["mounts"]
+            ),
             tmpfs=tuple(TmpfsMount(t["target"], t["size"], t["mode"]) for t in d["tmpfs"]),
             limits=Limits.from_wire(d["limits"]),
             cgroup=d["cgroup"],
@@ -150,6 +159,14 @@ class ContainerSpec:
             read_only=d["read_only"],
             stdin=d["stdin"],
         )
+
+
+def _identity_from_wire(value: object) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"a mount's identity must be [dev, ino], not {value!r}")
+    return (int(value[0]), int(value[1]))
 
 
 def parse_argv(cmd: object) -> tuple[str, ...]:
@@ -267,6 +284,11 @@ def parse_mounts(mounts: object) -> tuple[BindMount, ...]:
             raise InvalidSpecError(f"mounts: two mounts target {mount.target!r}")
         targets.add(mount.target)
         out.append(mount)
+    if len(out) > MAX_MOUNTS:
+        raise InvalidSpecError(
+            f"mounts: {len(out)} given; at most {MAX_MOUNTS} bind mounts per container (each source "
+            "travels to the launcher as a descriptor, and one message carries at most 253)"
+        )
     return tuple(out)
 
 
@@ -304,7 +326,35 @@ def _bind_mount(given: object, dst: object, mode: object) -> BindMount:
     target = container_path(dst, what=f"mounts[{src!r}]")
     if target == "/":
         raise InvalidSpecError(f"mounts: cannot mount {src!r} over the container's root; use an image layer")
-    return BindMount(os.path.realpath(src), target, mode == "ro")
+    real, identity = _resolve_source(src)
+    return BindMount(real, target, mode == "ro", identity)
+
+
+def _resolve_source(src: str) -> tuple[str, tuple[int, int]]:
+    """``src`` normalised and its (st_dev, st_ino); it must be its own canonical path (no symlink).
+
+    Resolved once, here; the launcher mounts exactly this object or nothing (issue 9, item 1).
+    A symlink is refused rather than followed: a container with a read-write bind of a parent
+    directory can plant one (``ln -s / shared/cache``) for the next container that mounts it, and
+    a symlink followed later, when the mount is made, can be swapped in between the two lookups.
+    """
+    try:
+        real = os.path.realpath(src)
+    except OSError as e:  # readlink of a symlink swapped for a directory meanwhile: EINVAL
+        raise InvalidSpecError(f"mounts: source {src!r} changed while resolved ({e.strerror})") from None
+    if real != posixpath.normpath(src):
+        raise InvalidSpecError(
+            f"mounts: source {src!r} goes through a symlink (it resolves to {real!r}); give the "
+            "resolved path: a bind source is never followed through a symlink, which a container "
+            "writing a parent directory could have planted"
+        )
+    try:
+        st = os.stat(real, follow_symlinks=False)
+    except OSError as e:
+        raise InvalidSpecError(f"mounts: source {src!r}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):  # replaced by a symlink since realpath looked
+        raise InvalidSpecError(f"mounts: source {src!r} changed while resolved (now a symlink)")
+    return real, (st.st_dev, st.st_ino)
 
 
 def parse_tmpfs(tmpfs: object) -> tuple[TmpfsMount, ...]:

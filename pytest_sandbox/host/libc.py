@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import platform
 import socket
+import stat
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -54,6 +56,7 @@ AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 AT_SYMLINK_NOFOLLOW = 0x100
 MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_IDMAP = 0x00100000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 
@@ -74,6 +77,7 @@ _NR_COMMON = {
     "move_mount": 429,
     "close_range": 436,
     "mount_setattr": 442,
+    "openat2": 437,
 }
 _NR_ARCH = {
     "x86_64": {"pivot_root": 155, "keyctl": 250, "capset": 126},
@@ -223,9 +227,10 @@ def mount_setattr(
     flags: int = AT_EMPTY_PATH,
     userns_fd: int = 0,
     attr_clr: int = 0,
+    propagation: int = 0,
     what: str = "",
 ) -> None:
-    attr = _MountAttr(attr_set=attr_set, attr_clr=attr_clr, propagation=0, userns_fd=userns_fd)
+    attr = _MountAttr(attr_set=attr_set, attr_clr=attr_clr, propagation=propagation, userns_fd=userns_fd)
     syscall(
         "mount_setattr",
         ctypes.c_int(fd),
@@ -248,6 +253,52 @@ def move_mount_fd(fd: int, target: str, *, what: str = "") -> None:
         ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
         path=what or target,
     )
+
+
+# openat2(2)
+RESOLVE_NO_SYMLINKS = 0x04
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def open_no_symlinks(path: str) -> int:
+    """An ``O_PATH`` fd of absolute ``path``, reached without following a symlink in any component.
+
+    ``openat2(RESOLVE_NO_SYMLINKS)`` (Linux >= 5.6) fails with ELOOP at the first symlink, magic
+    links included, so the object opened is the one the path names now, with nothing redirected;
+    on an older kernel the same walk is made one component at a time with ``O_NOFOLLOW``.
+    """
+    flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+    how = _OpenHow(flags=flags, mode=0, resolve=RESOLVE_NO_SYMLINKS)
+    ret = _libc.syscall(
+        _nr("openat2"), ctypes.c_int(AT_FDCWD), _b(path), ctypes.byref(how), ctypes.sizeof(how)
+    )
+    if ret >= 0:
+        return int(ret)
+    err = ctypes.get_errno()
+    if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: a seccomp filter that does not know it
+        raise _fail("openat2", path, err)
+    return _walk_no_symlinks(path, flags)
+
+
+def _walk_no_symlinks(path: str, flags: int) -> int:
+    fd = os.open("/", flags)
+    try:
+        for part in [p for p in path.split("/") if p]:
+            if part == "..":
+                raise _fail("openat", path, errno.EXDEV)  # as openat2 with RESOLVE_BENEATH would say
+            with named("openat", path):
+                child = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            if stat.S_ISLNK(os.fstat(fd).st_mode):  # O_PATH|O_NOFOLLOW opens the link itself
+                raise _fail("openat", path, errno.ELOOP)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:

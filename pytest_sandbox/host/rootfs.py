@@ -11,8 +11,10 @@ Runs in the container's first process (its PID 1), in two halves:
    passed to overlayfs as ``/proc/self/fd/N``: no path escaping (``:``/``,`` in layer paths), and
    the mount data stays short for deep stacks.  Idmapping needs CAP_SYS_ADMIN in the user
    namespace of the layer's filesystem (the host's), which is why this half runs before the
-   container's user namespace exists.  User bind mounts are cloned here too, for the same reason,
-   and attached after ``pivot_root`` so their targets resolve inside the container.
+   container's user namespace exists.  User bind mounts are cloned just before (:func:`clone_binds`,
+   from the fds pytest opened), for the same reason, and attached after ``pivot_root`` so their
+   targets resolve inside the container.  Layers, binds and the overlays are all ``nodev``: only
+   the container's own /dev holds device nodes that open.
 
 2. :func:`finish_rootfs` -- inside the container's user and mount namespaces.  The copied mounts
    are *locked* (mount_namespaces(7)): ``pivot_root`` refuses a locked new root, so the rootfs is
@@ -119,7 +121,8 @@ def _layer_fd(path: str, idmap_fd: int | None, index: int, attach_at: str) -> in
             f"layer {index}: {path!r} is not a directory", path=path, errno=errno.ENOTDIR
         )
     try:
-        _try_idmap(fd, idmap_fd, libc.MOUNT_ATTR_RDONLY, path)
+        # nodev: a device node in a layer directory (a disk, /dev/kvm) must not open inside.
+        _try_idmap(fd, idmap_fd, libc.MOUNT_ATTR_RDONLY | libc.MOUNT_ATTR_NODEV, path)
         libc.move_mount_fd(fd, attach_at, what=path)
     finally:
         os.close(fd)
@@ -154,10 +157,8 @@ def _mkdir_owned(path: str, uid: int) -> None:
         os.chown(path, uid, uid)
 
 
-def mount_image(
-    spec: ContainerSpec, dirs: ContainerDirs, idmap_fd: int | None, root_uid: int
-) -> list[PreparedBind]:
-    """Half 1 (host root, private mount namespace): overlays at ``dirs.rootfs`` and bind clones."""
+def mount_image(spec: ContainerSpec, dirs: ContainerDirs, idmap_fd: int | None, root_uid: int) -> None:
+    """Half 1 (host root, private mount namespace): overlays at ``dirs.rootfs``, and its /dev."""
     with libc.named("mkdir", dirs.rootfs):
         os.mkdir(dirs.rootfs, 0o755)
     for index, overlay in enumerate(spec.overlays):
@@ -170,7 +171,6 @@ def mount_image(
         target = dirs.rootfs if not overlay.target else _plain_dir(dirs.rootfs, overlay.target)
         _mount_overlay(target, overlay.lowers, upper, work, idmap_fd)
     _make_dev(_plain_dir(dirs.rootfs, "dev"), root_uid)
-    return [_clone_bind(m, idmap_fd) for m in spec.mounts]
 
 
 def _make_dev(dev: str, root_uid: int) -> None:
@@ -219,8 +219,9 @@ def _mount_overlay(target: str, lowers: Iterable[str], upper: str, work: str, id
         lowerdir = ":".join(f"/proc/self/fd/{fd}" for fd in fds[:-2])
         data = f"lowerdir={lowerdir},upperdir=/proc/self/fd/{ufd},workdir=/proc/self/fd/{wfd}"
         # volatile (Linux >= 5.10): the upper layer is thrown away with the container, so skip
-        # its syncs.
-        libc.mount("overlay", target, "overlay", 0, data + ",volatile")
+        # its syncs.  nodev: the lowers are nodev, but the overlay is a mount of its own and
+        # would open a device node of a layer again.
+        libc.mount("overlay", target, "overlay", libc.MS_NODEV, data + ",volatile")
     finally:
         for fd in fds:
             os.close(fd)
@@ -273,9 +274,39 @@ def _plain_dir(root: str, rel: str) -> str:
     return path
 
 
-def _clone_bind(m: BindMount, idmap_fd: int | None) -> PreparedBind:
+def clone_binds(
+    mounts: Iterable[BindMount], source_fds: Iterable[int], idmap_fd: int | None
+) -> list[PreparedBind]:
+    """Half 0 (host root, still in the launcher's mount namespace): detached clones of the sources.
+
+    Each source comes as the O_PATH fd pytest opened (host/bindsource) and is cloned from that fd,
+    never looked up by path again: a path would be walked a second time, through whatever symlink
+    a container planted or swapped in meanwhile (issue 9, item 1).  This must happen before the
+    private mount namespace: open_tree clones only a mount of the caller's namespace
+    (``may_copy_tree``), and the fds name mounts of the host's.
+    """
+    mounts, source_fds = list(mounts), list(source_fds)
+    if len(mounts) != len(source_fds):
+        raise SetupError(
+            f"mounts: {len(source_fds)} source fds for {len(mounts)} mounts",
+            call="open_tree",
+            errno=errno.EINVAL,
+        )
+    binds: list[PreparedBind] = []
     try:
-        fd = libc.open_tree(m.source, libc.OPEN_TREE_CLONE | libc.OPEN_TREE_CLOEXEC | libc.AT_RECURSIVE)
+        for m, source_fd in zip(mounts, source_fds, strict=True):
+            binds.append(_clone_bind(m, source_fd, idmap_fd))
+    except BaseException:
+        for b in binds:
+            os.close(b.fd)
+        raise
+    return binds
+
+
+def _clone_bind(m: BindMount, source_fd: int, idmap_fd: int | None) -> PreparedBind:
+    flags = libc.OPEN_TREE_CLONE | libc.OPEN_TREE_CLOEXEC | libc.AT_RECURSIVE | libc.AT_EMPTY_PATH
+    try:
+        fd = libc.open_tree("", flags, dirfd=source_fd)
     except SetupError as e:
         raise SetupError(
             f"mounts: cannot bind {m.source!r}: {os.strerror(e.errno or 0)}",
@@ -283,8 +314,25 @@ def _clone_bind(m: BindMount, idmap_fd: int | None) -> PreparedBind:
             path=m.source,
             errno=e.errno or 0,
         ) from None
-    _try_idmap(fd, idmap_fd, libc.MOUNT_ATTR_RDONLY if m.read_only else 0, m.source, recursive=True)
-    return PreparedBind(fd, m.target, stat.S_ISDIR(os.fstat(fd).st_mode))
+    try:
+        st = os.fstat(fd)
+        if m.identity is not None and (st.st_dev, st.st_ino) != m.identity:
+            raise SetupError(
+                f"mounts: {m.source!r} is no longer the object run() resolved; refusing to mount it",
+                call="open_tree",
+                path=m.source,
+                errno=errno.ESTALE,
+            )
+        # Private: a clone of a shared host mount joins its peer group, and mounts made under it
+        # inside would propagate to the host (the old path-based clone came after MS_PRIVATE).
+        libc.mount_setattr(fd, 0, flags=libc.AT_EMPTY_PATH | libc.AT_RECURSIVE, propagation=libc.MS_PRIVATE)
+        # nodev: a device node in a bind source (a disk, /dev/kvm) must not open inside.
+        attrs = libc.MOUNT_ATTR_NODEV | (libc.MOUNT_ATTR_RDONLY if m.read_only else 0)
+        _try_idmap(fd, idmap_fd, attrs, m.source, recursive=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return PreparedBind(fd, m.target, stat.S_ISDIR(st.st_mode))
 
 
 def mount_proc(rootfs: str) -> None:

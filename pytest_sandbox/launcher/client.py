@@ -27,8 +27,9 @@ from typing import Any, TypeVar
 
 from ..core.errors import LauncherError, SandboxError, SetupError, from_wire
 from ..core.spec import ContainerSpec, ProcessSpec
+from ..host.bindsource import opened_sources
 from ..host.cgroups.base import CgroupStats
-from . import protocol
+from . import fdpass, protocol
 from .protocol import (
     CgroupFiles,
     CreateRequest,
@@ -168,12 +169,17 @@ class LauncherClient:
             return self._hello
 
     def create(self, spec: ContainerSpec, directory: str) -> Future[Started]:
-        """Create a container in its state directory ``directory``; the future holds its start."""
-        return self.request(CreateRequest(protocol.encode_spec(spec), directory))
+        """Create a container in its state directory ``directory``; the future holds its start.
+
+        Its bind sources go along as descriptors (host/bindsource), never as paths to look up again.
+        """
+        with opened_sources(spec) as (sent, fds):
+            return self.request(CreateRequest(protocol.encode_spec(sent), directory, fds))
 
     def run(self, spec: ContainerSpec, directory: str) -> Future[Exited]:
         """:meth:`create`, answered only when the command has exited (one round trip, not two)."""
-        return self.request(RunRequest(protocol.encode_spec(spec), directory))
+        with opened_sources(spec) as (sent, fds):
+            return self.request(RunRequest(protocol.encode_spec(sent), directory, fds))
 
     def exec(
         self, exec_id: str, parent: str, process: ProcessSpec, *, stdout: str, stderr: str, stdin: str | None
@@ -352,7 +358,7 @@ class LauncherClient:
             self._pending[rid] = (request, future)
         try:
             with self._send_lock:
-                protocol.send(sock, protocol.encode_request(rid, request))
+                fdpass.send(sock, protocol.encode_request(rid, request), request.fds)
         except OSError as e:
             with self._lock:
                 self._pending.pop(rid, None)

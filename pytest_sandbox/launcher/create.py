@@ -8,10 +8,12 @@ Order (each step needs the one before; see docs/architecture.md, "How a containe
    leaf (before any namespace: the cgroup namespace's root is the cgroup we are in when we
    unshare it) -- a *spare* does this ahead of time, then waits for a spec -- and put stdio on
    the container's log files.
-2. (host root) private mount namespace; mount the image's overlays, /dev and /proc, and clone
-   bind sources -- see :mod:`pytest_sandbox.host.rootfs` for why this happens before the user
-   namespace exists.  /proc is mounted here because our PID namespace is owned by the host's
-   user namespace: the container's root could not mount it, and cannot mount another one.
+2. (host root) clone the bind sources from the fds pytest opened (in the launcher's mount
+   namespace: open_tree clones only mounts of the caller's); private mount namespace; mount
+   the image's overlays, /dev and /proc -- see :mod:`pytest_sandbox.host.rootfs` for why this
+   happens before the user namespace exists.  /proc is mounted here because our PID namespace
+   is owned by the host's user namespace: the container's root could not mount it, and cannot
+   mount another one.
 3. unshare the user namespace; the launcher writes uid_map/gid_map (only a process with
    CAP_SETUID in the *parent* namespace may write a multi-id map); become root in it.
 4. unshare mount, UTS, IPC, network and cgroup namespaces, all owned by the new user namespace,
@@ -28,13 +30,14 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 from dataclasses import dataclass
 from typing import NoReturn
 
 from ..core.spec import ContainerSpec
 from ..host import libc, rootfs
 from ..host.cgroups.base import Cgroup
-from . import trace
+from . import fdpass, trace
 from .init import report_setup_failure, run_init
 from .protocol import UsernsMade, decode_handover, decode_spec, write_event
 
@@ -123,6 +126,8 @@ def first_process(
     cgroup: Cgroup | None,
     spec: ContainerSpec | None = None,
     dirs: rootfs.ContainerDirs | None = None,
+    *,
+    mount_fds: tuple[int, ...] = (),
 ) -> NoReturn:
     """Run in a fresh fork of the launcher.  Never returns.
 
@@ -135,7 +140,7 @@ def first_process(
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if launcher_gone(ctx.lifeline_fd):
             os._exit(137)  # the launcher died before prctl took effect
-        keep = {pipes.status_fd, pipes.go_fd, pipes.spec_fd, ctx.lifeline_fd} | trace.fds()
+        keep = {pipes.status_fd, pipes.go_fd, pipes.spec_fd, ctx.lifeline_fd, *mount_fds} | trace.fds()
         libc.close_fds_except(keep | ({ctx.idmap_fd} if ctx.idmap_fd is not None else set()))
         libc.set_process_name("psbx-spare" if spec is None else "psbx-init")
         # Non-dumpable: processes inside cannot ptrace us or our PID 1, nor open our /proc/<pid>/
@@ -144,31 +149,46 @@ def first_process(
         if cgroup is not None:
             cgroup.attach(0)
         if spec is None or dirs is None:
-            spec, dirs = _receive_spec(pipes.spec_fd)
+            spec, dirs, mount_fds = _receive_spec(pipes.spec_fd)
             libc.set_process_name("psbx-init")
         trace.event("first: in cgroup, has spec")
-        _become_container(ctx, pipes, spec, dirs)
+        _become_container(ctx, pipes, spec, dirs, mount_fds)
     except BaseException as e:
         report_setup_failure(pipes.status_fd, e)
 
 
-def _receive_spec(fd: int) -> tuple[ContainerSpec, rootfs.ContainerDirs]:
-    data = b"".join(iter(lambda: os.read(fd, 1 << 16), b""))
-    os.close(fd)
-    if not data:
+def _receive_spec(fd: int) -> tuple[ContainerSpec, rootfs.ContainerDirs, tuple[int, ...]]:
+    """The spec on the spare's socket (read to EOF), and the bind sources' fds that came with it."""
+    chunks: list[bytes] = []
+    fds: list[int] = []
+    with socket.socket(fileno=fd) as channel:
+        while True:
+            data, got = fdpass.recv(channel)
+            fds += got
+            if not data:
+                break
+            chunks.append(data)
+    if not chunks:
         os._exit(0)  # the launcher is shutting down and no longer needs this spare
-    directory, spec = decode_handover(data)
-    return decode_spec(spec), rootfs.ContainerDirs(directory)
+    directory, spec = decode_handover(b"".join(chunks))
+    return decode_spec(spec), rootfs.ContainerDirs(directory), tuple(fds)
 
 
 def _become_container(
-    ctx: LaunchContext, pipes: Pipes, spec: ContainerSpec, dirs: rootfs.ContainerDirs
+    ctx: LaunchContext,
+    pipes: Pipes,
+    spec: ContainerSpec,
+    dirs: rootfs.ContainerDirs,
+    mount_fds: tuple[int, ...],
 ) -> NoReturn:
     open_stdio(spec.stdin, dirs.stdout, dirs.stderr)
+    binds = rootfs.clone_binds(spec.mounts, mount_fds, ctx.idmap_fd)
+    for fd in mount_fds:
+        os.close(fd)  # an fd of a host directory must never reach the container
     libc.unshare(libc.CLONE_NEWNS)
     # Private, so nothing we mount propagates back to the host's namespace (and vice versa).
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
-    binds = rootfs.mount_image(spec, dirs, ctx.idmap_fd, ctx.root_uid)
+    rootfs.mount_image(spec, dirs, ctx.idmap_fd, ctx.root_uid)
     rootfs.mount_proc(dirs.rootfs)
     if spec.netns is not None:
         _join_prepared_netns(spec.netns)

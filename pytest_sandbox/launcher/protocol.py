@@ -209,6 +209,10 @@ class Request(Generic[R]):
     def blob(self) -> bytes:
         return b""
 
+    @property
+    def fds(self) -> tuple[int, ...]:  # sent with the frame (launcher/fdpass)
+        return ()
+
     def to_wire(self) -> Wire:
         return {}
 
@@ -228,13 +232,18 @@ class _ById(Request[R]):
 class _WithSpec(Request[R]):
     spec: bytes  # encode_spec(): travels as the blob, and on to a spare as it is
     directory: str  # its state directory, made by the client
+    mount_fds: tuple[int, ...] = ()  # an O_PATH fd per bind mount (host/bindsource), by SCM_RIGHTS
 
     @property
     def blob(self) -> bytes:
         return self.spec
 
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return self.mount_fds
+
     def to_wire(self) -> Wire:
-        return {"dir": self.directory}
+        return {"dir": self.directory, "fds": len(self.mount_fds)}
 
 
 @dataclass(frozen=True)
@@ -349,11 +358,11 @@ AnyRequest = (
 )
 
 
-def _request_from_wire(op: Op, h: Wire, blob: bytes) -> AnyRequest:
+def _request_from_wire(op: Op, h: Wire, blob: bytes, fds: tuple[int, ...]) -> AnyRequest:
     if op is Op.CREATE:
-        return CreateRequest(blob, str(h["dir"]))
+        return CreateRequest(blob, str(h["dir"]), fds)
     if op is Op.RUN:
-        return RunRequest(blob, str(h["dir"]))
+        return RunRequest(blob, str(h["dir"]), fds)
     if op is Op.EXEC:
         stdin = h["stdin"]
         return ExecRequest(
@@ -407,14 +416,14 @@ def encode_request(rid: int, request: Request[Any]) -> bytes:
     return encode_frame({"rid": rid, "op": request.op.value, **request.to_wire()}, request.blob)
 
 
-def decode_request(header: Wire, blob: bytes) -> AnyRequest:
+def decode_request(header: Wire, blob: bytes, fds: tuple[int, ...] = ()) -> AnyRequest:
     """The typed request of a frame; ProtocolError if it is not a well-formed one."""
     try:
         op = Op(header.get("op"))
     except ValueError:
         raise ProtocolError(f"launcher protocol: unknown operation {header.get('op')!r}") from None
     try:
-        return _request_from_wire(op, header, blob)
+        return _request_from_wire(op, header, blob, fds)
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"launcher protocol: malformed {op.value} request ({e!r})") from None
 

@@ -20,8 +20,8 @@ are swept by the next session (their names carry the owner's pid and start time)
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
-import fcntl
 import gc
 import os
 import secrets
@@ -43,7 +43,7 @@ from ..host import libc
 from ..host.cgroups import detect
 from ..host.cgroups.base import Cgroup, CgroupBackend, CgroupStats
 from ..host.rootfs import ContainerDirs, mask_plan
-from . import protocol, trace
+from . import fdpass, protocol, trace
 from .cleaner import Cleaner, remove_quietly
 from .create import LaunchContext, Pipes, first_process
 from .enter import exec_main
@@ -72,6 +72,7 @@ from .protocol import (
 )
 
 SPEC_PIPE_SIZE = 1 << 20  # a spare's spec is written in one go; a larger spec gets a fresh fork
+_SO_SNDBUFFORCE = 32  # socket(7); not in Python's socket module
 # Sent straight to the command, not through its init: the init cannot forward SIGSTOP, and keeps
 # SIGPIPE and SIGCHLD for itself (init._NOT_FORWARDED) -- through it they would be lost.
 _DIRECT_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGCONT, signal.SIGPIPE, signal.SIGCHLD})
@@ -135,6 +136,7 @@ class Launcher:
         self.pid = os.getpid()
         self.sel = selectors.DefaultSelector()
         self.frames = protocol.FrameBuffer()
+        self.fd_inbox: collections.deque[int] = collections.deque()  # SCM_RIGHTS not yet claimed
         self.entities: dict[str, Entity] = {}
         self.by_pid: dict[int, Entity] = {}
         self.backend: CgroupBackend = detect(cgroup_root)
@@ -227,9 +229,10 @@ class Launcher:
 
     def _on_socket(self, _sock: object) -> None:
         try:
-            data = self.sock.recv(1 << 16)
+            data, fds = fdpass.recv(self.sock)
         except ConnectionError:
-            data = b""
+            data, fds = b"", []
+        self.fd_inbox.extend(fds)
         if not data:
             self.running = False  # the pytest process is gone
             return
@@ -259,46 +262,55 @@ class Launcher:
 
     def _dispatch(self, header: protocol.Wire, blob: bytes) -> None:
         rid = protocol.rid_of(header)
+        fds: tuple[int, ...] = ()
         try:
-            request = protocol.decode_request(header, blob)
+            fds = fdpass.take(header, self.fd_inbox)
+            request = protocol.decode_request(header, blob, fds)
             reply = self.handlers[request.op](rid, request)
         except BaseException as e:  # report, never die: other containers depend on us
             self._reply_error(rid, to_wire(e))
             return
+        finally:
+            for fd in fds:  # the container's first process has its own copies by now
+                os.close(fd)
         if reply is not None:  # None: answered later (at start, exit or removal)
             self._reply(rid, reply)
 
     # -- operations ------------------------------------------------------------------------
 
     def op_create(self, rid: int, request: CreateRequest) -> None:
-        self._create(rid, request.spec, request.directory, until_exit=False)
+        self._create(rid, request, until_exit=False)
 
     def op_run(self, rid: int, request: RunRequest) -> None:
-        self._create(rid, request.spec, request.directory, until_exit=True)
+        self._create(rid, request, until_exit=True)
 
-    def _create(self, rid: int, spec_bytes: bytes, directory: str, *, until_exit: bool) -> None:
+    def _create(self, rid: int, request: CreateRequest | RunRequest, *, until_exit: bool) -> None:
         trace.event("launcher: create")
         # Parsed here for what the launcher needs (id, limits); a spare gets the bytes as they came.
-        spec = protocol.decode_spec(spec_bytes)
+        spec = protocol.decode_spec(request.spec)
         if spec.id in self.entities:
             raise SandboxError(f"container {spec.id} already exists")
-        dirs = ContainerDirs(directory)
+        if len(request.mount_fds) != len(spec.mounts):
+            raise SandboxError(
+                f"container {spec.id}: {len(request.mount_fds)} fds came for {len(spec.mounts)} mounts"
+            )
+        dirs = ContainerDirs(request.directory)
         try:
             if spec.cgroup:
                 self.backend.check(spec.limits)
-            payload = protocol.encode_handover(directory, spec_bytes)
+            payload = protocol.encode_handover(request.directory, request.spec)
             spare = self.spare if spec.cgroup and len(payload) < SPEC_PIPE_SIZE else None
             handed = False
             if spare is not None:
                 self.spare = None
-                handed = self._hand_over(spare, spec, payload)
+                handed = self._hand_over(spare, spec, payload, request.mount_fds)
             if spare is not None and handed:
                 pid, status_r, go_w, cgroup = spare.pid, spare.status_fd, spare.go_fd, spare.cgroup
             else:
                 cgroup = None
                 if spec.cgroup:
                     cgroup = self.backend.create(self.owner, cgroup_leaf_name(spec.id), spec.limits)
-                pid, status_r, go_w = self._fork_first(cgroup, spec, dirs)
+                pid, status_r, go_w = self._fork_first(cgroup, spec, dirs, mount_fds=request.mount_fds)
         except BaseException:
             # Never tracked, so no remove() would delete it: the directory the client made goes now.
             remove_quietly(dirs.base)
@@ -323,7 +335,9 @@ class Launcher:
         if self.spare is None:
             self._make_spare()
 
-    def _hand_over(self, spare: Spare, spec: ContainerSpec, payload: bytes) -> bool:
+    def _hand_over(
+        self, spare: Spare, spec: ContainerSpec, payload: bytes, mount_fds: tuple[int, ...]
+    ) -> bool:
         """Give the spare its container's limits and spec; False if the spare is gone (use a fork).
 
         A spare may have died (its cgroup attach failed, say) before its SIGCHLD was handled:
@@ -331,8 +345,9 @@ class Launcher:
         """
         try:
             spare.cgroup.apply(spec.limits)
-            os.write(spare.spec_fd, payload)
-            os.close(spare.spec_fd)
+            channel, spare.spec_fd = socket.socket(fileno=spare.spec_fd), -1
+            with channel:  # closed after: the spare reads to EOF
+                fdpass.send(channel, payload, mount_fds)
         except OSError as e:
             self._discard_spare(spare)
             if isinstance(e, (BrokenPipeError, ConnectionError)):
@@ -349,6 +364,7 @@ class Launcher:
         spec: ContainerSpec | None = None,
         dirs: ContainerDirs | None = None,
         spec_r: int = -1,
+        mount_fds: tuple[int, ...] = (),
     ) -> tuple[int, int, int]:
         """Fork a container's first process: (pid, status fd, go fd); a spare when spec is None."""
         status_r, status_w = os.pipe()
@@ -375,7 +391,7 @@ class Launcher:
                 cgroup.remove()
             raise
         if pid == 0:
-            first_process(self.ctx, Pipes(status_w, go_r, spec_r), cgroup, spec, dirs)
+            first_process(self.ctx, Pipes(status_w, go_r, spec_r), cgroup, spec, dirs, mount_fds=mount_fds)
         os.close(status_w)
         os.close(go_r)
         return pid, status_r, go_w
@@ -412,9 +428,7 @@ class Launcher:
             )
             self.spares = False
             return
-        spec_r, spec_w = os.pipe()
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(spec_w, fcntl.F_SETPIPE_SZ, SPEC_PIPE_SIZE)
+        spec_r, spec_w = _spec_channel()
         try:
             pid, status_r, go_w = self._fork_first(cgroup, spec_r=spec_r)
         except OSError as e:
@@ -788,6 +802,22 @@ class Launcher:
         self.cleaner.close()
         with contextlib.suppress(OSError):
             self.backend.remove_owner(self.owner)
+
+
+def _spec_channel() -> tuple[int, int]:
+    """A spare's (read, write) ends for its spec: a unix socket, as the spec's mount fds ride along.
+
+    Its send buffer holds a whole spec, so the hand-over never waits for the spare to read (what
+    a pipe of SPEC_PIPE_SIZE did before; SO_SNDBUFFORCE passes net.core.wmem_max, as root).
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for option in (_SO_SNDBUFFORCE, socket.SO_SNDBUF):
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, option, SPEC_PIPE_SIZE)
+            break
+        except OSError:
+            continue
+    return theirs.detach(), ours.detach()
 
 
 def _fork() -> int:
