@@ -39,6 +39,10 @@ Raw = str | Sequence[str] | None
 DEFAULT_UID_BASE = 1_000_000_000
 DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup"
 DEFAULT_POOL = "base=10.243.0.0/16,size=24"
+DEFAULT_LOG_MAX_SIZE = 64 << 20
+DEFAULT_LOG_MAX_FILE = 1  # Docker's json-file default: one file, started over when full
+MIN_LOG_MAX_SIZE = 4 << 10
+MAX_LOG_FILES = 100
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 DOCKER_HUB_ALIASES = frozenset({DOCKER_HUB, "index.docker.io", DOCKER_HUB_API})
@@ -143,6 +147,27 @@ SETTINGS: tuple[Setting, ...] = (
         "registry-mirrors",
         "MIRROR (of Docker Hub) or ORIGIN=MIRROR, comma-separated; a mirror is [http[s]://]host[:port]",
         "mirrors tried before the registry for reads, in order",
+    ),
+    Setting(
+        "log_max_size",
+        "sandbox_log_max_size",
+        "--sandbox-log-max-size",
+        "PYTEST_SANDBOX_LOG_MAX_SIZE",
+        "64m",
+        "log-opts.max-size",
+        "a size from 4k: bytes, or a number with k, m or g, e.g. 64m (as Docker's max-size)",
+        "size at which a container's log file (each of stdout, stderr) is rotated; logs() returns at most "
+        "this much of each stream",
+    ),
+    Setting(
+        "log_max_file",
+        "sandbox_log_max_file",
+        "--sandbox-log-max-file",
+        "PYTEST_SANDBOX_LOG_MAX_FILE",
+        str(DEFAULT_LOG_MAX_FILE),
+        "log-opts.max-file",
+        f"a number of files from 1 to {MAX_LOG_FILES}",
+        "log files kept per stream, the current one included (1: the file starts over when full)",
     ),
     Setting(
         "trace_file",
@@ -342,6 +367,23 @@ def parse_uid_base(raw: str, *, what: str) -> int:
     return int(raw)
 
 
+def parse_log_max_size(raw: str, *, what: str) -> int:
+    """daemon.json's ``log-opts`` ``max-size``: ``"64m"``; at least 4 KiB."""
+    from .core.units import parse_size  # its patterns compile on import: not at every pytest start
+
+    size = parse_size(raw.strip(), what=what)
+    if size < MIN_LOG_MAX_SIZE:
+        raise InvalidSpecError(f"{what}={raw!r}: a log file must be allowed at least 4k")
+    return size
+
+
+def parse_log_max_file(raw: str, *, what: str) -> int:
+    """daemon.json's ``log-opts`` ``max-file``: how many files a stream keeps, the current one included."""
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= MAX_LOG_FILES:
+        raise InvalidSpecError(f"{what}={raw!r}: expected a number of files from 1 to {MAX_LOG_FILES}")
+    return int(raw)
+
+
 def parse_path(raw: str, *, what: str) -> str:
     path = raw.strip()
     if "\0" in path:
@@ -401,6 +443,8 @@ class Settings:
     #: (origin registry, mirror host) pairs, in the order they are tried.
     registry_mirrors: tuple[tuple[str, str], ...] = ()
     trace_file: str | None = None
+    log_max_size: int = DEFAULT_LOG_MAX_SIZE
+    log_max_file: int = DEFAULT_LOG_MAX_FILE
 
     @property
     def registries(self) -> RegistrySettings:
@@ -487,4 +531,6 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "cgroup_root": lambda raw, what: parse_path(raw, what=what),
     "address_pools": lambda raw, what: parse_address_pools(raw, what=what),
     "trace_file": lambda raw, what: parse_path(raw, what=what),
+    "log_max_size": lambda raw, what: parse_log_max_size(raw, what=what),
+    "log_max_file": lambda raw, what: parse_log_max_file(raw, what=what),
 }

@@ -34,8 +34,10 @@ from .core.spec import (
     parse_timeout,
     parse_user,
 )
+from .core.terminal import output_text
 from .core.units import parse_signal
 from .host.cgroups.base import CgroupStats
+from .launcher.logs import LogFollower, check_stream, newest, read_logs, read_tail, rotated_paths
 from .launcher.protocol import Exited
 from .net.forward import Forwarder
 from .net.netlink import socket_in
@@ -48,6 +50,8 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 LOG_TAIL_LINES = 20
+TAIL_BYTES = 1 << 14  # what a report or an error quotes, at most, of each stream
+WAIT_WINDOW = 1 << 20  # wait_for_log searches the newest output in windows of this size
 
 
 def _parse_port(port: object) -> int:
@@ -93,7 +97,8 @@ class Result:
 
 
 def _tail(data: bytes, lines: int = LOG_TAIL_LINES) -> str:
-    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+    """The last ``lines`` lines of output, at most TAIL_BYTES of it, safe for a terminal."""
+    return "\n".join(output_text(data[-TAIL_BYTES:]).splitlines()[-lines:])
 
 
 def result_from_exit(exited: Exited, stdout: bytes, stderr: bytes, argv: tuple[str, ...]) -> Result:
@@ -111,19 +116,6 @@ def result_from_exit(exited: Exited, stdout: bytes, stderr: bytes, argv: tuple[s
         cpu_usage_s=stats.cpu_usage_s,
         argv=argv,
     )
-
-
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return b""
-
-
-def read_logs(directory: str) -> tuple[bytes, bytes]:
-    """The stdout and stderr a container's command wrote so far."""
-    return _read(os.path.join(directory, "stdout")), _read(os.path.join(directory, "stderr"))
 
 
 class Container:
@@ -156,7 +148,7 @@ class Container:
         self.init_pid = init_pid
         self._result: Result | None = None
         self._removed = False
-        self._logs: tuple[bytes, bytes] | None = None
+        self._log_limits = runtime.log_limits
         self._exec_count = 0
         self._lock = threading.Lock()
         self._exit_future: Future[Exited] | None = None
@@ -194,15 +186,28 @@ class Container:
 
     # -- output ----------------------------------------------------------------------------
 
-    def logs(self, stream: str = "both") -> bytes:
-        """The command's output so far: ``"stdout"``, ``"stderr"`` or ``"both"`` (stdout, then stderr)."""
-        if stream not in ("stdout", "stderr", "both"):
-            raise ValueError(f"stream={stream!r}: expected 'stdout', 'stderr' or 'both'")
-        out, err = self._logs if self._logs is not None else read_logs(self.dir)
-        return out if stream == "stdout" else err if stream == "stderr" else out + err
+    def logs(self, stream: str = "both", *, max_bytes: int | None = None) -> bytes:
+        """The command's output so far: ``"stdout"``, ``"stderr"`` or ``"both"`` (stdout, then stderr).
+
+        At most the newest ``max_bytes`` of each stream (default: ini ``sandbox_log_max_size``),
+        read across its rotated files.  Once removed: the output its :class:`Result` holds (if
+        it was waited for), else nothing -- remove() never reads a log.
+        """
+        streams = check_stream(stream)
+        if max_bytes is not None and (
+            isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0
+        ):
+            raise InvalidSpecError(f"max_bytes={max_bytes!r}: expected a number of bytes (an int >= 0)")
+        if self._removed:
+            res = self._result
+            kept = {"stdout": res.stdout if res else b"", "stderr": res.stderr if res else b""}
+            return b"".join(newest(kept[s], max_bytes) for s in streams)
+        return b"".join(read_tail(os.path.join(self.dir, s), self._log_limits, max_bytes) for s in streams)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        return _tail(self.logs(), lines)
+        """The last ``lines`` lines of output (stdout, then stderr), control characters escaped:
+        what failure reports and readiness errors quote.  Reads at most a few KiB."""
+        return _tail(self.logs(max_bytes=TAIL_BYTES), lines)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -221,9 +226,8 @@ class Container:
             ) from None
         with self._lock:
             if self._result is None:
-                self._result = result_from_exit(
-                    exited, self.logs("stdout"), self.logs("stderr"), self.spec.process.argv
-                )
+                out, err = read_logs(self.dir, self._log_limits)
+                self._result = result_from_exit(exited, out, err, self.spec.process.argv)
         return self._result
 
     def kill(self, signal: int | str = _signal.SIGKILL) -> None:
@@ -265,9 +269,7 @@ class Container:
         """Kill whatever runs, delete the container's layer, logs and cgroup.  Idempotent."""
         if self._removed:
             return
-        with contextlib.suppress(OSError):
-            self._logs = read_logs(self.dir)
-        self._removed = True
+        self._removed = True  # never reads a log: a hostile one must not keep the container alive
         try:
             with contextlib.suppress(LauncherError):
                 self._client.remove(self.id).result()
@@ -318,6 +320,7 @@ class Container:
             n = self._exec_count
         exec_id = f"{self.id}.{n}"
         out, err = (os.path.join(self.dir, f"exec.{n}.{s}") for s in ("stdout", "stderr"))
+        limits = self._log_limits
         stdin = None
         if input is not None:
             stdin = os.path.join(self.dir, f"exec.{n}.stdin")
@@ -330,14 +333,14 @@ class Container:
                 raise SandboxTimeoutError(
                     f"exec {list(argv)} in {self.name} did not start within {timeout} s; killed", result=None
                 )
-            result = result_from_exit(exited, _read(out), _read(err), argv)
+            result = result_from_exit(exited, read_tail(out, limits), read_tail(err, limits), argv)
             if timed_out:
                 raise SandboxTimeoutError(
                     f"exec {list(argv)} in {self.name} did not finish in {timeout} s; killed", result=result
                 )
             return result
         finally:
-            for path in (out, err, stdin):
+            for path in (*rotated_paths(out, limits.max_file), *rotated_paths(err, limits.max_file), stdin):
                 if path:
                     with contextlib.suppress(OSError):
                         os.unlink(path)
@@ -534,14 +537,23 @@ class Container:
             pattern = pattern.encode()
         regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
         found: list[re.Match[bytes]] = []
+        # Incremental and bounded: each stream's new bytes are searched in a window of its newest
+        # output (WAIT_WINDOW), never the whole log.
+        followers = [LogFollower(os.path.join(self.dir, s), WAIT_WINDOW) for s in check_stream(stream)]
 
         def check() -> bool:
-            m = regex.search(self.logs(stream))
-            if m:
-                found.append(m)
-            return m is not None
+            for follower in followers:
+                m = follower.search(regex)
+                if m:
+                    found.append(m)
+                    return True
+            return False
 
-        self.wait_for(check, timeout=timeout, what=f"log line matching {regex.pattern!r}")
+        try:
+            self.wait_for(check, timeout=timeout, what=f"log line matching {regex.pattern!r}")
+        finally:
+            for follower in followers:
+                follower.close()
         return found[0]
 
     def wait_for(

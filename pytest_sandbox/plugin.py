@@ -255,16 +255,27 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed and call.when == "call":
+        from .core.terminal import output_text
+
         for sandbox in item.stash.get(_SANDBOXES, []):
             for container in sandbox.containers:
                 report.sections.append(
-                    (f"sandbox {container.name} {list(container.spec.process.argv)}", container.log_tail(50))
+                    (f"sandbox {container.name} {list(container.spec.process.argv)}", _log_tail(container))
                 )
             for result in sandbox.results:
                 report.sections.append(
                     (
                         f"sandbox run {list(result.argv)} -> exit {result.exit_code}",
-                        (result.stdout + result.stderr).decode(errors="replace")[-4000:],
+                        output_text((result.stdout + result.stderr)[-4000:]),  # escaped: no raw ESC
                     )
                 )
     return report
+
+
+def _log_tail(container: Container) -> str:
+    """The tail of a container's output for the report: bounded, escaped, and never an
+    INTERNALERROR -- a report that cannot read it says so."""
+    try:
+        return container.log_tail(50)
+    except Exception as e:
+        return f"(cannot read its output: {type(e).__name__}: {e})"

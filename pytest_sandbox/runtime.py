@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .core.spec import OverlaySpec
     from .host.hostbase import HostLayout
     from .launcher.client import LauncherClient
+    from .launcher.logs import LogLimits
     from .launcher.protocol import Hello
     from .net.networks import Networks
 
@@ -75,8 +76,16 @@ class Runtime:
                     owner=self.owner,
                     uid_base=self.settings.uid_base,
                     cgroup_root=self.settings.cgroup_root,
+                    log_limits=self.log_limits,
                 )
             return self._client
+
+    @property
+    def log_limits(self) -> LogLimits:
+        """How large containers' log files grow, and how many each stream keeps (``log-opts``)."""
+        from .launcher.logs import LogLimits
+
+        return LogLimits(self.settings.log_max_size, self.settings.log_max_file)
 
     def info(self) -> Hello:
         """Start the launcher if needed; what it found (idmap support, cgroup backend)."""

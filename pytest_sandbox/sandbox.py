@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .container import Container, Result, read_logs, result_from_exit
+from .container import Container, Result, result_from_exit
 from .core import naming
 from .core.errors import InvalidSpecError, LauncherError, SandboxError, SandboxTimeoutError
 from .core.layerstack import ImageLike, LayerStack
@@ -35,6 +35,7 @@ from .core.spec import (
 from .host.cleanup import remove_tree
 from .host.overlays import check_layers
 from .launcher import trace
+from .launcher.logs import read_logs
 from .net.networks import Attached, Network
 from .runtime import Runtime, get_runtime, require_root
 
@@ -154,7 +155,7 @@ class Sandbox:
                 hint="raise timeout= (it includes the container's setup)",
             )
         planned.release()  # the command has exited; the namespace lives while processes are in it
-        out, err = read_logs(planned.directory)
+        out, err = read_logs(planned.directory, self.runtime.log_limits)
         result = result_from_exit(exited, out, err, planned.spec.process.argv)
         trace.event("client: result")
         self._remove_later(planned.spec.id)

@@ -30,6 +30,7 @@ from ..core.spec import ContainerSpec, ProcessSpec
 from ..host.bindsource import opened_sources
 from ..host.cgroups.base import CgroupStats
 from . import fdpass, protocol
+from .logs import LogLimits
 from .protocol import (
     CgroupFiles,
     CreateRequest,
@@ -114,11 +115,20 @@ R = TypeVar("R")
 
 
 class LauncherClient:
-    def __init__(self, *, state_dir: str, owner: str, uid_base: int, cgroup_root: str) -> None:
+    def __init__(
+        self,
+        *,
+        state_dir: str,
+        owner: str,
+        uid_base: int,
+        cgroup_root: str,
+        log_limits: LogLimits | None = None,
+    ) -> None:
         self.state_dir = state_dir
         self.owner = owner
         self.uid_base = uid_base
         self.cgroup_root = cgroup_root
+        self.log_limits = log_limits or LogLimits()
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._sock: socket.socket | None = None
@@ -254,6 +264,10 @@ class LauncherClient:
                         str(self.uid_base),
                         "--cgroup-root",
                         self.cgroup_root,
+                        "--log-max-size",
+                        str(self.log_limits.max_size),
+                        "--log-max-file",
+                        str(self.log_limits.max_file),
                     ],
                     stdin=subprocess.DEVNULL,
                     stdout=log,

@@ -7,7 +7,7 @@ Order (each step needs the one before; see docs/architecture.md, "How a containe
 1. (host root) close every inherited fd we do not need, become non-dumpable, join the cgroup
    leaf (before any namespace: the cgroup namespace's root is the cgroup we are in when we
    unshare it) -- a *spare* does this ahead of time, then waits for a spec -- and put stdio on
-   the container's log files.
+   the container's output pipes.
 2. (host root) clone the bind sources from the fds pytest opened (in the launcher's mount
    namespace: open_tree clones only mounts of the caller's); private mount namespace; mount
    the image's overlays, /dev and /proc -- see :mod:`pytest_sandbox.host.rootfs` for why this
@@ -50,20 +50,15 @@ NAMESPACES = (
 NAMESPACES_BUT_NET = NAMESPACES & ~libc.CLONE_NEWNET
 
 
-def open_stdio(stdin: str | None, stdout: str, stderr: str) -> None:
-    """fds 0, 1, 2 of the container: the input file (or /dev/null) and the two log files."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-    fds = []
-    for path, how, mode in (
-        (stdin or "/dev/null", os.O_RDONLY | os.O_CLOEXEC, 0),
-        (stdout, flags, 0o644),
-        (stderr, flags, 0o644),
-    ):
-        with libc.named("open", path):
-            fds.append(os.open(path, how, mode))
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)  # dup2 clears close-on-exec on the target: the command inherits it
-        os.close(fd)
+def open_stdio(stdin: str | None, output_fds: tuple[int, int]) -> None:
+    """fds 0, 1, 2 of the container: the input file (or /dev/null) and the write ends of its output
+    pipes -- never a log file, which the command could truncate or grow sparse (issue 9, item 2):
+    the launcher copies the pipes into capped, rotated files (:mod:`.logs`)."""
+    with libc.named("open", stdin or "/dev/null"):
+        fd = os.open(stdin or "/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    for target, source in enumerate((fd, *output_fds)):
+        os.dup2(source, target)  # dup2 clears close-on-exec on the target: the command inherits it
+        os.close(source)
 
 
 @dataclass(frozen=True)
@@ -82,6 +77,7 @@ class Pipes:
     status_fd: int  # events to the launcher
     go_fd: int  # the launcher's "id maps written"
     spec_fd: int = -1  # a spare reads its spec here
+    output_fds: tuple[int, int] = (-1, -1)  # write ends of the stdout and stderr pipes
 
 
 def become_namespace_root() -> None:
@@ -140,7 +136,8 @@ def first_process(
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if launcher_gone(ctx.lifeline_fd):
             os._exit(137)  # the launcher died before prctl took effect
-        keep = {pipes.status_fd, pipes.go_fd, pipes.spec_fd, ctx.lifeline_fd, *mount_fds} | trace.fds()
+        keep = {pipes.status_fd, pipes.go_fd, pipes.spec_fd, ctx.lifeline_fd, *mount_fds, *pipes.output_fds}
+        keep |= trace.fds()
         libc.close_fds_except(keep | ({ctx.idmap_fd} if ctx.idmap_fd is not None else set()))
         libc.set_process_name("psbx-spare" if spec is None else "psbx-init")
         # Non-dumpable: processes inside cannot ptrace us or our PID 1, nor open our /proc/<pid>/
@@ -181,7 +178,7 @@ def _become_container(
     dirs: rootfs.ContainerDirs,
     mount_fds: tuple[int, ...],
 ) -> NoReturn:
-    open_stdio(spec.stdin, dirs.stdout, dirs.stderr)
+    open_stdio(spec.stdin, pipes.output_fds)
     binds = rootfs.clone_binds(spec.mounts, mount_fds, ctx.idmap_fd)
     for fd in mount_fds:
         os.close(fd)  # an fd of a host directory must never reach the container

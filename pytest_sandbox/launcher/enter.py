@@ -31,8 +31,7 @@ def exec_main(
     init_pidfd: int,
     status_fd: int,
     stdin: str | None,
-    stdout: str,
-    stderr: str,
+    output_fds: tuple[int, int],
     launcher_pid: int,
 ) -> NoReturn:
     """Run in a fresh fork of the launcher.  Never returns."""
@@ -41,7 +40,7 @@ def exec_main(
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != launcher_pid:
             os._exit(137)
-        open_stdio(stdin, stdout, stderr)
+        open_stdio(stdin, output_fds)
         libc.close_fds_except({status_fd, init_pidfd} | trace.fds())
         libc.set_process_name("psbx-exec")
         libc.prctl(libc.PR_SET_DUMPABLE, 0)

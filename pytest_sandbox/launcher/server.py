@@ -47,6 +47,7 @@ from . import fdpass, protocol, trace
 from .cleaner import Cleaner, remove_quietly
 from .create import LaunchContext, Pipes, first_process
 from .enter import exec_main
+from .logs import LogLimits, LogPipe, output_pipes
 from .protocol import (
     Ack,
     CgroupFiles,
@@ -87,6 +88,7 @@ class Spare:
     go_fd: int
     spec_fd: int
     cgroup: Cgroup
+    output_fds: tuple[int, int]  # read ends of its stdout and stderr pipes
 
 
 @dataclass
@@ -114,6 +116,7 @@ class Entity:
     error: protocol.Wire | None = None
     stats: CgroupStats | None = None
     lines: protocol.LineBuffer = field(default_factory=protocol.LineBuffer)
+    logs: tuple[LogPipe, ...] = ()  # its stdout and stderr, copied into capped files
     reaped: bool = False
     wait_status: int | None = None  # of ``pid``, once reaped
     pipe_closed: bool = False
@@ -129,8 +132,12 @@ class Entity:
 
 
 class Launcher:
-    def __init__(self, sock: socket.socket, owner: str, uid_base: int, cgroup_root: str) -> None:
+    def __init__(
+        self, sock: socket.socket, owner: str, uid_base: int, cgroup_root: str, log_limits: LogLimits
+    ) -> None:
         self.sock = sock
+        self.log_limits = log_limits
+        self.log_pipes: set[LogPipe] = set()  # open until EOF, or the container's end
         self.owner = owner
         self.uid_base = uid_base
         self.pid = os.getpid()
@@ -306,11 +313,14 @@ class Launcher:
                 handed = self._hand_over(spare, spec, payload, request.mount_fds)
             if spare is not None and handed:
                 pid, status_r, go_w, cgroup = spare.pid, spare.status_fd, spare.go_fd, spare.cgroup
+                outputs = spare.output_fds
             else:
                 cgroup = None
                 if spec.cgroup:
                     cgroup = self.backend.create(self.owner, cgroup_leaf_name(spec.id), spec.limits)
-                pid, status_r, go_w = self._fork_first(cgroup, spec, dirs, mount_fds=request.mount_fds)
+                pid, status_r, go_w, outputs = self._fork_first(
+                    cgroup, spec, dirs, mount_fds=request.mount_fds
+                )
         except BaseException:
             # Never tracked, so no remove() would delete it: the directory the client made goes now.
             remove_quietly(dirs.base)
@@ -330,6 +340,7 @@ class Launcher:
         with contextlib.suppress(OSError):
             ent.pidfd = os.pidfd_open(pid)  # our child, not yet reaped: it is the right process
         self._track(ent)
+        self._follow_output(ent, outputs, (dirs.stdout, dirs.stderr))
         # Now, while this container sets itself up on another CPU: the next one's spare.  Its
         # first event (the id-map request) comes about a millisecond later, after the fork is done.
         if self.spare is None:
@@ -365,10 +376,12 @@ class Launcher:
         dirs: ContainerDirs | None = None,
         spec_r: int = -1,
         mount_fds: tuple[int, ...] = (),
-    ) -> tuple[int, int, int]:
-        """Fork a container's first process: (pid, status fd, go fd); a spare when spec is None."""
+    ) -> tuple[int, int, int, tuple[int, int]]:
+        """Fork a container's first process: (pid, status fd, go fd, read ends of its stdout and
+        stderr pipes); a spare when spec is None."""
         status_r, status_w = os.pipe()
         go_r, go_w = os.pipe()
+        output_r, output_w = output_pipes()
         pid = -1
         try:
             # The child is PID 1 of a new PID namespace (unshare(CLONE_NEWPID) affects only the
@@ -385,16 +398,18 @@ class Launcher:
                     os.kill(pid, signal.SIGKILL)
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
-            for fd in (status_r, status_w, go_r, go_w):
+            for fd in (status_r, status_w, go_r, go_w, *output_r, *output_w):
                 os.close(fd)
             if cgroup is not None:
                 cgroup.remove()
             raise
         if pid == 0:
-            first_process(self.ctx, Pipes(status_w, go_r, spec_r), cgroup, spec, dirs, mount_fds=mount_fds)
-        os.close(status_w)
-        os.close(go_r)
-        return pid, status_r, go_w
+            first_process(
+                self.ctx, Pipes(status_w, go_r, spec_r, output_w), cgroup, spec, dirs, mount_fds=mount_fds
+            )
+        for fd in (status_w, go_r, *output_w):  # the write ends live only in the child: EOF is theirs
+            os.close(fd)
+        return pid, status_r, go_w, output_r
 
     def _restore_pidns(self) -> None:
         """Fork into our own PID namespace again.
@@ -430,7 +445,7 @@ class Launcher:
             return
         spec_r, spec_w = _spec_channel()
         try:
-            pid, status_r, go_w = self._fork_first(cgroup, spec_r=spec_r)
+            pid, status_r, go_w, outputs = self._fork_first(cgroup, spec_r=spec_r)
         except OSError as e:
             # Not the caller's failure: the start that asked for this spare has its process already,
             # and the next start forks its own (and tries again for a spare).
@@ -442,10 +457,10 @@ class Launcher:
             raise
         finally:
             os.close(spec_r)
-        self.spare = Spare(pid, status_r, go_w, spec_w, cgroup)
+        self.spare = Spare(pid, status_r, go_w, spec_w, cgroup, outputs)
 
     def _discard_spare(self, spare: Spare, *, reaped: bool = False) -> None:
-        for fd in (spare.status_fd, spare.go_fd, spare.spec_fd):
+        for fd in (spare.status_fd, spare.go_fd, spare.spec_fd, *spare.output_fds):
             with contextlib.suppress(OSError):
                 os.close(fd)
         if not reaped:
@@ -467,11 +482,12 @@ class Launcher:
             raise SandboxError(f"exec {exec_id} already exists")
         assert parent.spec is not None
         status_r, status_w = os.pipe()
+        output_r, output_w = output_pipes()
         try:
             pid = _fork()
         except BaseException:
-            os.close(status_r)
-            os.close(status_w)
+            for fd in (status_r, status_w, *output_r, *output_w):
+                os.close(fd)
             raise
         if pid == 0:
             exec_main(
@@ -481,16 +497,17 @@ class Launcher:
                 init_pidfd=parent.pidfd,
                 status_fd=status_w,
                 stdin=request.stdin,
-                stdout=request.stdout,
-                stderr=request.stderr,
+                output_fds=output_w,
                 launcher_pid=self.pid,
             )
-        os.close(status_w)
+        for fd in (status_w, *output_w):
+            os.close(fd)
         ent = Entity(exec_id, "exec", pid, status_r, parent=parent, create_rid=rid)
         with contextlib.suppress(OSError):
             ent.pidfd = os.pidfd_open(pid)
         ent.counters_before = _counters(parent.cgroup)
         self._track(ent)
+        self._follow_output(ent, output_r, (request.stdout, request.stderr))
 
     def op_wait(self, rid: int, request: WaitRequest) -> Exited | None:
         ent = self._entity(request.id)
@@ -557,6 +574,36 @@ class Launcher:
         self.entities[ent.id] = ent
         self.by_pid[ent.pid] = ent
         self.sel.register(ent.status_fd, selectors.EVENT_READ, lambda fd, e=ent: self._on_status(e))
+
+    def _follow_output(self, ent: Entity, read_fds: tuple[int, int], paths: tuple[str, str]) -> None:
+        """Copy the entity's output pipes into its log files, in this loop, one chunk per turn."""
+        ent.logs = tuple(LogPipe(fd, path, self.log_limits) for fd, path in zip(read_fds, paths, strict=True))
+        for log in ent.logs:
+            self.log_pipes.add(log)
+            self.sel.register(log.fd, selectors.EVENT_READ, lambda _fd, lg=log: self._on_output(lg))
+
+    def _on_output(self, log: LogPipe) -> None:
+        if not log.pump():  # EOF, or closed earlier in this same turn (then a no-op)
+            self._close_log(log)
+
+    def _close_log(self, log: LogPipe) -> None:
+        if log.fd >= 0:
+            self.sel.unregister(log.fd)
+        log.close()
+        self.log_pipes.discard(log)
+
+    def _end_output(self, ent: Entity) -> None:
+        """The entity is gone: its last output goes to the files, then the files are closed.
+
+        A container's pipes have no writer left (its PID namespace is gone) and are closed; an
+        exec's may still be held by a background process it started, which must neither block
+        nor get SIGPIPE: those are read, and what comes is dropped, until EOF.
+        """
+        for log in ent.logs:
+            if not log.drain() or ent.kind == "container":
+                self._close_log(log)
+            else:
+                log.stop_writing()
 
     def _on_status(self, ent: Entity) -> None:
         data = os.read(ent.status_fd, 65536)
@@ -683,6 +730,8 @@ class Launcher:
             # An exec shares its container's cgroup: what happened in between is its part.
             (oom0, pids0), (oom1, pids1) = ent.counters_before, _counters(ent.parent.cgroup)
             ent.stats = CgroupStats(oom_kills=oom1 - oom0, pids_limit_hits=pids1 - pids0)
+        for log in ent.logs:  # what the command wrote is in its pipes now: its result includes it
+            log.drain()
         trace.event("launcher: exited")
         info = self._exit_info(ent)
         for rid in ent.waiters:
@@ -700,6 +749,7 @@ class Launcher:
             sig = os.WTERMSIG(st) if st is not None and os.WIFSIGNALED(st) else signal.SIGKILL
             ent.exit = CommandExited(None, sig)
         self._exited(ent)
+        self._end_output(ent)
         ent.finished = True
         self.finished_count += 1
         if self.finished_count % 256 == 0:
@@ -795,6 +845,8 @@ class Launcher:
                             pass
                     ent.pipe_closed = True
                 self._maybe_finish(ent)
+        for log in list(self.log_pipes):
+            self._close_log(log)
         for ent in list(self.entities.values()):
             self._remove_cgroup(ent)
             if ent.dirs is not None:
@@ -885,6 +937,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--state-dir", default=None)
     parser.add_argument("--uid-base", type=int, required=True)
     parser.add_argument("--cgroup-root", default="/sys/fs/cgroup")
+    parser.add_argument("--log-max-size", type=int, default=LogLimits().max_size)
+    parser.add_argument("--log-max-file", type=int, default=LogLimits().max_file)
     args = parser.parse_args(argv)
     libc.set_process_name("psbx-launcher")
     trace.enable()
@@ -895,7 +949,8 @@ def main(argv: list[str]) -> None:
     gc.freeze()
     sock = socket.socket(fileno=args.fd)
     try:
-        launcher = Launcher(sock, args.owner, args.uid_base, args.cgroup_root)
+        limits = LogLimits(args.log_max_size, args.log_max_file)
+        launcher = Launcher(sock, args.owner, args.uid_base, args.cgroup_root, limits)
     except BaseException as e:
         with contextlib.suppress(OSError):
             protocol.send(sock, protocol.encode_error(0, to_wire(e)))

@@ -64,6 +64,8 @@ def test_from_env_reads_every_environment_variable(tmp_path: Path) -> None:
         "PYTEST_SANDBOX_INSECURE_REGISTRIES": "reg.example:5000, 10.0.0.0/8",
         "PYTEST_SANDBOX_REGISTRY_MIRRORS": "https://mirror.example, reg.example:5000=http://reg.example:5000",
         "PYTEST_SANDBOX_TRACE": str(tmp_path / "trace"),
+        "PYTEST_SANDBOX_LOG_MAX_SIZE": "1.5m",
+        "PYTEST_SANDBOX_LOG_MAX_FILE": "3",
     }
     s = Settings.from_env(env)
     assert s == Settings(
@@ -78,6 +80,8 @@ def test_from_env_reads_every_environment_variable(tmp_path: Path) -> None:
         insecure_registries=("reg.example:5000", "10.0.0.0/8"),
         registry_mirrors=(("docker.io", "mirror.example"), ("reg.example:5000", "reg.example:5000")),
         trace_file=str(tmp_path / "trace"),
+        log_max_size=3 << 19,
+        log_max_file=3,
     )
     assert {e for s in SETTINGS for e in [s.env]} == set(env), "a setting's variable is missing here"
 
@@ -112,6 +116,10 @@ def test_lines_and_repeated_options_are_lists() -> None:
         ("ini", "insecure_registries", "not a host!", "sandbox_insecure_registries", "not a registry host"),
         ("env", "registry_mirrors", "ftp://m.example", "PYTEST_SANDBOX_REGISTRY_MIRRORS", "a mirror is"),
         ("ini", "data_root", "a\0b", "sandbox_data_root", "NUL"),
+        ("ini", "log_max_size", "lots", "sandbox_log_max_size", "invalid size"),
+        ("env", "log_max_size", "1k", "PYTEST_SANDBOX_LOG_MAX_SIZE", "at least 4k"),
+        ("options", "log_max_file", "0", "--sandbox-log-max-file", "from 1 to 100"),
+        ("ini", "log_max_file", "two", "sandbox_log_max_file", "'two'"),
     ],
 )
 def test_a_bad_value_names_its_source_and_the_expected_form(
