@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .core.errors import InvalidSpecError, SettingsError
-from .core.naming import ID_RANGE
+from .core.naming import ID_RANGE, OWNER_UID_BASE, OWNER_UID_COUNT, overlaps_owner_uids
 
 if TYPE_CHECKING:
     import ipaddress
@@ -364,6 +364,12 @@ def parse_uid_base(raw: str, *, what: str) -> int:
     top = (1 << 32) - 1 - ID_RANGE
     if not raw.strip().isdigit() or not 0 < int(raw) <= top:
         raise InvalidSpecError(f"{what}={raw!r}: expected a host uid from 1 to {top} (the range's first id)")
+    if overlaps_owner_uids(int(raw)):
+        raise InvalidSpecError(
+            f"{what}={raw!r}: the range {raw}-{int(raw) + ID_RANGE - 1} overlaps the host uids that own "
+            f"containers' user namespaces ({OWNER_UID_BASE}-{OWNER_UID_BASE + OWNER_UID_COUNT - 1}): "
+            "choose a uid_base outside them"
+        )
     return int(raw)
 
 

@@ -14,6 +14,13 @@ import secrets
 PREFIX = "psbx"
 PROJECT_CGROUP = "pytest-sandbox"
 ID_RANGE = 65536  # container uids/gids 0..65535, mapped to host ids uid_base..uid_base+65535
+# Host uids that own containers' user namespaces, one per live container: OWNER_UID_BASE + the
+# host pid of its init (launcher/userns).  Pids are below PID_MAX_LIMIT, 2**22 on 64-bit
+# (include/linux/threads.h), so the range is that large; it starts right above the default id
+# range (config.DEFAULT_UID_BASE + ID_RANGE), and config refuses a uid_base overlapping it.  Like
+# the id range, it lies in the host uids systemd leaves to containers (524288-1879048191).
+OWNER_UID_BASE = 1_000_065_536
+OWNER_UID_COUNT = 1 << 22
 
 _OWNER_RE = re.compile(rf"^{PREFIX}-(\d+)-(\d+)$")
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
@@ -68,6 +75,19 @@ def owner_alive(name: str) -> bool:
         return True
     pid, start = parsed
     return process_start_time(pid) == start
+
+
+def namespace_owner_uid(host_pid: int) -> int:
+    """The host uid that creates, and so owns, the user namespace of the container whose init has
+    ``host_pid``: unique among live containers on the host, whichever pytest process runs them."""
+    if not 0 < host_pid < OWNER_UID_COUNT:
+        raise ValueError(f"pid {host_pid} is outside 1..{OWNER_UID_COUNT - 1} (PID_MAX_LIMIT)")
+    return OWNER_UID_BASE + host_pid
+
+
+def overlaps_owner_uids(uid_base: int) -> bool:
+    """Whether the id range starting at ``uid_base`` shares a host uid with the owner range."""
+    return uid_base < OWNER_UID_BASE + OWNER_UID_COUNT and uid_base + ID_RANGE > OWNER_UID_BASE
 
 
 def container_dir_name(container_id: str) -> str:

@@ -14,8 +14,10 @@ Order (each step needs the one before; see docs/architecture.md, "How a containe
    happens before the user namespace exists.  /proc is mounted here because our PID namespace
    is owned by the host's user namespace: the container's root could not mount it, and cannot
    mount another one.
-3. unshare the user namespace; the launcher writes uid_map/gid_map (only a process with
-   CAP_SETUID in the *parent* namespace may write a multi-id map); become root in it.
+3. become the container's own unprivileged host uid (:mod:`.userns`: the namespace's usage is
+   charged to it, not to host root), unshare the user namespace; the launcher writes
+   uid_map/gid_map (only a process with CAP_SETUID in the *parent* namespace may write a
+   multi-id map); become root in it.
 4. unshare mount, UTS, IPC, network and cgroup namespaces, all owned by the new user namespace,
    so the container's root has capabilities over them (it can bind port 80, set its hostname).
    A container on a private network joins instead the network namespace pytest prepared for it
@@ -31,13 +33,13 @@ import os
 import select
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 from ..core.spec import ContainerSpec
 from ..host import libc, rootfs
 from ..host.cgroups.base import Cgroup
-from . import fdpass, trace
+from . import fdpass, trace, userns
 from .init import report_setup_failure, run_init
 from .protocol import UsernsMade, decode_handover, decode_spec, write_event
 
@@ -70,6 +72,7 @@ class LaunchContext:
     root_uid: int
     cgroup2: bool
     masks: list[tuple[str, bool]]
+    limits: userns.UserLimits = field(default_factory=userns.host_limits)  # read in the launcher
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,7 @@ def _become_container(
         os.chdir(dirs.base)  # we continue from here by relative paths (see finish_rootfs)
     if ctx.idmap_fd is not None:
         os.close(ctx.idmap_fd)
+    userns.become_owner(ctx.limits)  # host root no more: the namespace is charged to its own uid
     libc.unshare(libc.CLONE_NEWUSER)
     write_event(pipes.status_fd, UsernsMade())
     if os.read(pipes.go_fd, 1) != b"g":
@@ -202,6 +206,7 @@ def _become_container(
     os.close(pipes.go_fd)
     trace.event("first: id maps written")
     become_namespace_root()
+    userns.set_namespace_limits(ctx.limits)
     if spec.netns is None:
         libc.unshare(NAMESPACES)
         libc.loopback_up()  # 127.0.0.1 works inside, as in Docker's network=none

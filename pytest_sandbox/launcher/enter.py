@@ -16,7 +16,7 @@ from typing import NoReturn
 from ..core.spec import ProcessSpec
 from ..host import libc
 from ..host.cgroups.base import Cgroup
-from . import trace
+from . import trace, userns
 from .create import NAMESPACES_BUT_NET, become_namespace_root, open_stdio
 from .init import report_setup_failure
 from .process import launch, prepare
@@ -46,6 +46,7 @@ def exec_main(
         libc.prctl(libc.PR_SET_DUMPABLE, 0)
         if cgroup is not None:
             cgroup.attach(0)
+        userns.set_rlimits(userns.host_limits())  # the init's, while we may still raise them
         # The network namespace first, while host root: one prepared by pytest is owned by the
         # host's user namespace, and once in the container's user namespace we would have no
         # capability over it (setns(2) checks each namespace with the credentials of the user
