@@ -121,6 +121,8 @@ def copy_step(store: Store, src: object, dst: str) -> LayerStep:
                     copy_tree(real, os.path.join(diff, rel), owner=(0, 0))
                 else:
                     _copy_one_file(real, parent_dir, os.path.basename(rel))
+                if parent_dir != diff:  # the copy made in it changed its mtime: the layer's digest
+                    os.utime(parent_dir, ns=(mtime, mtime), follow_symlinks=False)
             top = parent.layers[-1] if parent.layers else None
             return st.add_prepared_layer(tmp, created_by=f"COPY {raw} {dst}", parent=top).digest
 

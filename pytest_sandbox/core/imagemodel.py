@@ -10,8 +10,11 @@ these, and :mod:`pytest_sandbox.image` hands them to users, without importing on
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +23,36 @@ from .errors import InvalidSpecError
 from .reference import parse_digest
 
 RECORD_SCHEMA = 1
+# RFC 3339 as Go's time.Parse(time.RFC3339) reads it (skopeo, umoci, containerd): an OCI config's
+# "created" must be this, or absent -- "" stops them with `parsing time "\"\""`.
+_RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})")
+
+
+def is_rfc3339(value: str) -> bool:
+    """Whether ``value`` is an RFC 3339 time (a real date and time of day, not just the shape)."""
+    m = _RFC3339.fullmatch(value)
+    if m is None:
+        return False
+    try:
+        datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return False
+    return True
+
+
+def now_rfc3339(environ: Mapping[str, str] = os.environ) -> str:
+    """When a record is made: now, or ``$SOURCE_DATE_EPOCH`` when set, so that the same inputs give
+    the same image ids and exported digests (https://reproducible-builds.org/specs/source-date-epoch/)."""
+    raw = environ.get("SOURCE_DATE_EPOCH")
+    if raw is None:
+        return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 11:  # the spec: a whole number of seconds
+        raise InvalidSpecError(
+            f"SOURCE_DATE_EPOCH={raw!r}: expected a whole number of seconds since 1970-01-01 UTC, "
+            "e.g. $(git log -1 --format=%ct)"
+        )
+    when = datetime.datetime.fromtimestamp(int(raw), datetime.timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..core.errors import InvalidSpecError, LayerTarError, SandboxError
-from ..core.imagemodel import History, ImageConfig, ImageRecord
+from ..core.imagemodel import History, ImageConfig, ImageRecord, is_rfc3339
 from ..core.reference import is_digest
 
 # Media types (OCI image-spec and Docker's image manifest v2 schema 2).
@@ -322,7 +322,7 @@ def config_from_record(record: ImageRecord, diff_ids: Sequence[str] | None = Non
     if cfg.user:
         run["User"] = cfg.user
     config: dict[str, Any] = {}
-    if record.created:
+    if is_rfc3339(record.created):  # else left out (optional in OCI): see _history_json
         config["created"] = record.created
     config.update(
         {
@@ -333,8 +333,18 @@ def config_from_record(record: ImageRecord, diff_ids: Sequence[str] | None = Non
         }
     )
     if record.history:
-        config["history"] = [h.to_json() for h in record.history]
+        config["history"] = [_history_json(h) for h in record.history]
     return config
+
+
+def _history_json(step: History) -> dict[str, Any]:
+    """A history entry of an OCI config.  A step with no time (from_layers, config steps: a time
+    would change the image id at every build) or a foreign one not in RFC 3339 has no "created":
+    it is optional, and skopeo and umoci refuse anything else, "" included."""
+    data = step.to_json()
+    if not is_rfc3339(step.created):
+        del data["created"]
+    return data
 
 
 def _strings(value: Any, what: str) -> tuple[str, ...]:

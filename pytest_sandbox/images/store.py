@@ -36,7 +36,6 @@ entry: ~25 ms for 10,000 files on a VM where lstat takes ~1.5 us (bench/store.py
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import json
 import os
@@ -52,7 +51,7 @@ from ..core.errors import (
     LayerNotFoundError,
     LayerTarError,
 )
-from ..core.imagemodel import ImageRecord, LayerInfo, StoredImage, canonical_json, sha256_digest
+from ..core.imagemodel import ImageRecord, LayerInfo, StoredImage, canonical_json, now_rfc3339, sha256_digest
 from ..core.reference import Reference, is_digest, parse_digest, parse_reference
 from ..host.cleanup import remove_tree
 
@@ -91,10 +90,6 @@ __all__ = [
     "stat_snapshot",
     "write_atomic",
 ]
-
-
-def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 # -- the store -----------------------------------------------------------------------------

@@ -19,12 +19,14 @@ import os
 import shutil
 import subprocess
 import tarfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from pytest_sandbox import Image, InvalidSpecError, Sandbox
 from pytest_sandbox.core.errors import LayerTarError
+from pytest_sandbox.core.imagemodel import is_rfc3339
 from pytest_sandbox.image import History, ImageConfig
 from pytest_sandbox.images.archive import (
     export_docker_archive,
@@ -34,8 +36,10 @@ from pytest_sandbox.images.archive import (
     import_image,
     import_oci_layout,
 )
+from pytest_sandbox.images.registry import RegistryClient, pull, push
 from pytest_sandbox.images.store import ImageRecord, Store
 from tests.layertar_support import tree
+from tests.registry_support import RegistryServer, insecure
 
 
 def _tool(*argv: str) -> str:
@@ -402,3 +406,124 @@ def test_an_image_that_repeats_a_layer_runs(
     image = Image.load("repeats:1", store=store)
     assert len(image.layers) == 4
     assert sandbox.run(["cat", "/etc/marker"], image=image).check().stdout == b"top\n"
+
+
+# -- every kind of image, through skopeo and umoci -----------------------------------------------
+
+# kind -> a file its rootfs has (beyond busybox's), or None
+IMAGE_KINDS: dict[str, str | None] = {
+    "from_layers": None,
+    "copy": "app/app.txt",
+    "run": "built",
+    "env": None,
+    "workdir": None,
+    "user": None,
+    "commit": "committed",
+    "oci-import": "srv/b/fresh",
+    "docker-archive-import": "srv/b/fresh",
+    "pulled": None,
+}
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[RegistryServer]:
+    """Per test, asked for by the one kind that needs it (so inside the test's leak check)."""
+    (tmp_path / "registry").mkdir()
+    server = RegistryServer(tmp_path / "registry")
+    yield server
+    server.close()
+
+
+def _made(
+    kind: str, request: pytest.FixtureRequest, store: Store, busybox_layer: Path, tmp_path: Path
+) -> str:
+    """``kind:1`` in ``store``: an image of that kind, on busybox (exportable: no host base)."""
+    base = Image.from_layers(busybox_layer, base=None, store=store)
+    (tmp_path / "app.txt").write_text("app\n")
+    steps: dict[str, Callable[[], Image]] = {
+        "from_layers": lambda: base,
+        "copy": lambda: base.copy(tmp_path / "app.txt", "/app/"),
+        "run": lambda: base.run(["sh", "-c", "echo built > /built"]),
+        "env": lambda: base.env(MODE="test"),
+        "workdir": lambda: base.workdir("/srv"),
+        "user": lambda: base.user("1000:1000"),
+    }
+    if kind in steps:
+        steps[kind]().tag("kind:1")
+    elif kind == "commit":
+        sandbox: Sandbox = request.getfixturevalue("sandbox")
+        c = sandbox.start(["sh", "-c", "echo c > /committed; echo ready; sleep 60"], image=base)
+        c.wait_for_log("ready")
+        c.commit("kind:1")
+    elif kind == "oci-import":
+        import_oci_layout(store, str(request.getfixturevalue("umoci_layout")), "base", "kind:1")
+    elif kind == "docker-archive-import":
+        archive = tmp_path / "skopeo.tar"
+        _tool(
+            "skopeo",
+            "copy",
+            f"oci:{request.getfixturevalue('umoci_layout')}:base",
+            f"docker-archive:{archive}",
+        )
+        import_image(f"docker-archive:{archive}", "kind:1", store=store)
+    else:  # pulled: pushed by us from another store (a config step: no time), pulled into this one
+        server: RegistryServer = request.getfixturevalue("registry")
+        ref = f"{server.host}/kinds/pulled:1"
+        source = Store(tmp_path / "source")
+        Image.from_layers(busybox_layer, base=None, store=source).env(MODE="pushed").tag(ref)
+        client = RegistryClient(server.host, settings=insecure(server.host))
+        push(ref, source, client=client, quiet=True)
+        pull(ref, store, client=client, quiet=True)
+        store.tag("kind:1", store.resolve_id(ref))
+    return "kind:1"
+
+
+@pytest.mark.parametrize("kind", IMAGE_KINDS)
+def test_every_kind_of_image_is_read_by_skopeo_and_unpacked_by_umoci(
+    kind: str, request: pytest.FixtureRequest, store: Store, busybox_layer: Path, tmp_path: Path
+) -> None:
+    """Issue 9, item 12: a config whose history says ``"created": ""`` (from_layers, config steps)
+    stopped skopeo and umoci with `parsing time "\\"\\""`.  Every kind of image, exported as an OCI
+    layout and as a docker-archive, is inspected and copied by skopeo (which checks every digest)
+    and unpacked by umoci; each "created" written is RFC 3339."""
+    ref = _made(kind, request, store, busybox_layer, tmp_path)
+    layout, archive, bundles = tmp_path / "layout", tmp_path / "image.tar", tmp_path / "bundles"
+    export_oci_layout(store, ref, str(layout), "v1")
+    export_docker_archive(store, ref, str(archive))
+    for source in (f"oci:{layout}:v1", f"docker-archive:{archive}"):
+        config = json.loads(_tool("skopeo", "inspect", "--config", source))
+        times = [config.get("created")] + [h.get("created") for h in config.get("history", [])]
+        assert all(is_rfc3339(t) for t in times if t is not None), times
+        assert json.loads(_tool("skopeo", "inspect", source))["Os"] == "linux"
+        copy = tmp_path / f"copy-{len(os.listdir(tmp_path))}"
+        _tool("skopeo", "copy", source, f"oci:{copy}:x")
+        for unpack in (f"{layout}:v1", f"{copy}:x"):
+            bundle = bundles / f"{len(os.listdir(bundles)) if bundles.exists() else 0}"
+            _tool("umoci", "unpack", "--image", unpack, str(bundle))
+            assert (bundle / "rootfs" / "bin" / "busybox").is_file()
+            extra = IMAGE_KINDS[kind]
+            assert extra is None or (bundle / "rootfs" / extra).is_file(), extra
+
+
+def test_source_date_epoch_makes_a_build_reproducible(
+    monkeypatch: pytest.MonkeyPatch, busybox_layer: Path, tmp_path: Path
+) -> None:
+    """Issue 9, item 12: with $SOURCE_DATE_EPOCH set, a build step's time is that one, so the same
+    build in two stores exports the same manifest digest; without it, the time of the build."""
+    (tmp_path / "app.txt").write_text("app\n")
+
+    def build(name: str) -> str:
+        st = Store(tmp_path / name)
+        Image.from_layers(busybox_layer, base=None, store=st).copy(tmp_path / "app.txt", "/app/").tag("r:1")
+        return export_oci_layout(st, "r:1", str(tmp_path / f"layout-{name}"), "v1")
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    assert build("a") == build("b")
+    config = json.loads(_tool("skopeo", "inspect", "--config", f"oci:{tmp_path / 'layout-a'}:v1"))
+    assert config["created"] == "2023-11-14T22:13:20Z"
+    assert [h.get("created") for h in config["history"]] == [None, "2023-11-14T22:13:20Z"]
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    assert build("c") != build("d")  # each at its own time
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(InvalidSpecError, match=r"SOURCE_DATE_EPOCH='yesterday': expected a whole number"):
+        build("e")

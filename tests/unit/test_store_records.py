@@ -224,3 +224,19 @@ def test_a_tag_never_names_an_image_removed_meanwhile(tmp_path: Path) -> None:
     tagger.join(10)
     assert st.refs() == {}  # ... and then finds the record gone
     assert len(errors) == 1
+
+
+def test_times_are_rfc3339_and_source_date_epoch_is_honoured() -> None:
+    """Issue 9, item 12: what an OCI config may say as "created" (Go's time.RFC3339), and the time
+    a record is made: $SOURCE_DATE_EPOCH when set (reproducible builds), else now."""
+    from pytest_sandbox.core.imagemodel import is_rfc3339, now_rfc3339
+
+    for good in ("2024-05-01T00:00:00Z", "2024-05-01T00:00:00.123456789+02:00", now_rfc3339({})):
+        assert is_rfc3339(good), good
+    for bad in ("", "2024-05-01", "2024-13-01T00:00:00Z", "2024-05-01 00:00:00Z", "yesterday"):
+        assert not is_rfc3339(bad), bad
+    assert now_rfc3339({"SOURCE_DATE_EPOCH": "0"}) == "1970-01-01T00:00:00Z"
+    assert now_rfc3339({"SOURCE_DATE_EPOCH": "1700000000"}) == "2023-11-14T22:13:20Z"
+    for bad in ("-1", "1.5", "", "1e9", "١٢"):
+        with pytest.raises(InvalidSpecError, match="SOURCE_DATE_EPOCH"):
+            now_rfc3339({"SOURCE_DATE_EPOCH": bad})
