@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .terminal import escape_controls
+
 # Every error class and the wire helpers (pytest_sandbox.errors, the flat layout's address, re-exports it).
 __all__ = [
     "BuildError",
@@ -58,7 +60,9 @@ class SandboxError(Exception):
             self.hint = hint
 
     def __str__(self) -> str:
-        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+        # What pytest prints: a message may quote a container's output or a name from its image,
+        # so no control character in it reaches the terminal raw (issue 9, item 11).
+        return escape_controls(f"{self.message}\n  hint: {self.hint}" if self.hint else self.message)
 
 
 class InvalidSpecError(SandboxError, ValueError):

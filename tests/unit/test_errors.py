@@ -55,6 +55,16 @@ def test_hint_is_shown() -> None:
     assert shown == "mount failed\n  hint: enable overlayfs"
 
 
+def test_an_error_message_shows_control_characters_escaped() -> None:
+    """Issue 9, item 11: a message quoting a container's output or a name from its image
+    (CommandNotFoundError of an image's symlink, a readiness error's log tail) reaches the
+    terminal with \\x1b, not ESC; the message itself keeps the text as it was."""
+    error = CommandNotFoundError("exec /bin/app\x1b[2J\x1b]52;c;eA==\x07: not found", hint="see\rhere")
+    assert str(error) == "exec /bin/app\\x1b[2J\\x1b]52;c;eA==\\x07: not found\n  hint: see\\rhere"
+    assert error.message.startswith("exec /bin/app\x1b[2J")
+    assert from_wire(to_wire(error)).message == error.message
+
+
 def test_closed_handle_refuses_work() -> None:
     """A closed handle (its fixture scope ended) refuses new containers; closing twice is silent."""
     sb = Sandbox()
