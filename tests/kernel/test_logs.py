@@ -197,3 +197,23 @@ def test_escape_sequences_in_errors_are_escaped(sandbox: Sandbox) -> None:
     assert "\\x1b[31mred\\r" in str(failed.value)
     assert "\x1b" not in str(failed.value)
     assert r.stderr == b"\x1b[31mred\r\n"  # the bytes themselves are kept as written
+
+
+def test_a_flooding_container_does_not_starve_the_launcher(sandbox: Sandbox) -> None:
+    """The launcher copies output in its loop, one 64 KiB read per ready pipe per turn: with two
+    containers writing as fast as they can, other containers still start, run and exit, and the
+    floods' output keeps coming."""
+    floods = [sandbox.start(["sh", "-c", "yes; sleep 60"]), sandbox.start(["sh", "-c", "yes >&2; sleep 60"])]
+    floods[0].wait_for_log(b"y\ny\n", timeout=30)
+    took = []
+    for _ in range(5):
+        t0 = time.monotonic()
+        assert sandbox.run(["sh", "-c", "echo hello"], timeout=30).stdout == b"hello\n"
+        took.append(time.monotonic() - t0)
+    print(f"run() while two containers flood: {[round(t * 1000, 1) for t in took]} ms")
+    assert max(took) < 3.0, took  # ~10 ms on an idle machine; generous for a loaded CI host
+    assert floods[1].logs("stderr", max_bytes=4).endswith(b"y\n")
+    for c in floods:
+        t0 = time.monotonic()
+        c.remove()
+        assert time.monotonic() - t0 < 5.0
