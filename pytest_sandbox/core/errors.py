@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .terminal import escape_controls
-
 # Every error class and the wire helpers (pytest_sandbox.errors, the flat layout's address, re-exports it).
 __all__ = [
     "BuildError",
@@ -61,7 +59,10 @@ class SandboxError(Exception):
 
     def __str__(self) -> str:
         # What pytest prints: a message may quote a container's output or a name from its image,
-        # so no control character in it reaches the terminal raw (issue 9, item 11).
+        # so no control character in it reaches the terminal raw (issue 9, item 11).  Imported
+        # here: the plugin imports this module at every pytest start (bench/plugin_import.py).
+        from .terminal import escape_controls
+
         return escape_controls(f"{self.message}\n  hint: {self.hint}" if self.hint else self.message)
 
 

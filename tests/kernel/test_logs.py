@@ -155,7 +155,7 @@ def test_a_full_disk_drops_output_and_nothing_waits_for_it(pytester: pytest.Pyte
     state = tmp_path / "small-state"
     state.mkdir()
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "psbx-test-full", str(state)], check=True
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "logs-test-full", str(state)], check=True
     )
     try:
         pytester.makepyfile(FULL_DISK_CHILD)
