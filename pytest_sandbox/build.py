@@ -17,17 +17,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shlex
 import stat
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .core.errors import BuildError, InvalidSpecError, LayerNotFoundError, SandboxTimeoutError
+from .core.errors import BuildError, InvalidSpecError, LayerNotFoundError, SandboxTimeoutError, SetupError
 from .core.imagemodel import ImageConfig, ImageRecord
 from .core.spec import container_path, parse_argv, parse_env, parse_timeout, parse_user
+from .host import libc
 from .host.fstree import root_required
 from .images.layers import child_record, commit_upper, make_parents, stack_of
 from .images.store import Store, copy_file_at, copy_tree
@@ -90,9 +92,9 @@ def copy_step(store: Store, src: object, dst: str) -> LayerStep:
         raise InvalidSpecError(f"copy(src={src!r}): expected a host file or directory path")
     target = container_path(dst, what="copy(dst)")
     into = dst.endswith("/")
-    real = os.path.realpath(raw)
+    real = _canonical_source(raw)
     try:
-        st_src = os.stat(real)
+        st_src = os.stat(real, follow_symlinks=False)
     except FileNotFoundError:
         raise LayerNotFoundError(f"copy(src={raw!r}): does not exist", path=raw, errno=2) from None
     is_dir = stat.S_ISDIR(st_src.st_mode)
@@ -104,21 +106,22 @@ def copy_step(store: Store, src: object, dst: str) -> LayerStep:
         target = os.path.join(target, os.path.basename(real))
     if os.geteuid() != 0:  # the copy is owned by container root (host uid 0): chown(2) needs root
         raise root_required(f"copy(src={raw!r})")
-    digest = store.content_digest(real)
+    digest = _content_digest(store, raw, real)
     mtime = st_src.st_mtime_ns
+    identity = (st_src.st_dev, st_src.st_ino)
 
     def make(st: Store, parent: ImageRecord) -> str:
-        with st.tempdir() as tmp:
+        with st.tempdir() as tmp, _opened_source(raw, real, identity) as src_fd:
             diff = os.path.join(tmp, "diff")
             rel = target.strip("/")
             if is_dir and not rel:
-                copy_tree(real, diff, owner=(0, 0))
+                copy_tree(real, diff, owner=(0, 0), src_fd=src_fd)
             else:
                 os.mkdir(diff, 0o755)
                 os.chmod(diff, 0o755)
                 parent_dir = make_parents(diff, os.path.dirname(rel), mtime)
                 if is_dir:
-                    copy_tree(real, os.path.join(diff, rel), owner=(0, 0))
+                    copy_tree(real, os.path.join(diff, rel), owner=(0, 0), src_fd=src_fd)
                 else:
                     _copy_one_file(real, parent_dir, os.path.basename(rel))
                 if parent_dir != diff:  # the copy made in it changed its mtime: the layer's digest
@@ -129,9 +132,62 @@ def copy_step(store: Store, src: object, dst: str) -> LayerStep:
     return LayerStep("copy", (digest, target, is_dir), f"COPY {shlex.quote(raw)} {shlex.quote(dst)}", make)
 
 
+def _content_digest(store: Store, raw: str, real: str) -> str:
+    try:
+        return store.content_digest(real)
+    except LayerNotFoundError:
+        raise
+    except OSError as e:  # a directory swapped for a symlink while it is read: ENOTDIR, ELOOP, EINVAL
+        raise InvalidSpecError(f"copy(src={raw!r}): changed while it was read ({e.strerror})") from None
+
+
+def _canonical_source(raw: str) -> str:
+    """``raw`` made absolute; refused if a symlink is on its way (as bind sources are, core/spec).
+
+    A container with a read-write bind of a parent directory could have planted one
+    (``ln -s /etc shared/app``): followed, the host's files would be copied into the image.
+    """
+    try:
+        real = os.path.realpath(raw)
+    except OSError as e:  # readlink of a symlink swapped for a directory meanwhile: EINVAL
+        raise InvalidSpecError(f"copy(src={raw!r}): changed while resolved ({e.strerror})") from None
+    if real != os.path.normpath(os.path.abspath(raw)):
+        raise InvalidSpecError(
+            f"copy(src={raw!r}) goes through a symlink (it resolves to {real!r}); give the resolved "
+            "path: a copy source is never followed through a symlink, which a container writing a "
+            "parent directory could have planted"
+        )
+    return real
+
+
+@contextlib.contextmanager
+def _opened_source(raw: str, real: str, identity: tuple[int, int]) -> Iterator[int]:
+    """An O_PATH fd of a COPY source, the object resolved when the step was made, or refused.
+
+    The copy runs later, maybe while a container writes a directory above the source: a
+    symlink swapped in there would copy whatever it names on the host into the image (issue 9,
+    item 1's pattern).  ``real`` is canonical, so no symlink may be followed on the way.
+    """
+    try:
+        fd = libc.open_no_symlinks(real)
+    except SetupError as e:
+        raise InvalidSpecError(
+            f"copy(src={raw!r}): {real!r} changed since the step was made ({os.strerror(e.errno or 0)})"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != identity:
+            raise InvalidSpecError(f"copy(src={raw!r}): {real!r} was replaced since the step was made")
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def _copy_one_file(src: str, dest_dir: str, name: str) -> None:
     """One regular file into ``dest_dir/name``, owned by container root (store.copy_tree's rules)."""
-    sfd = os.open(os.path.dirname(src), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    # Its directory reached through no symlink (src is canonical; see _opened_source); the file
+    # itself is opened O_NOFOLLOW by copy_file_at.
+    sfd = libc.open_no_symlinks(os.path.dirname(src))
     dfd = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         copy_file_at(sfd, os.path.basename(src), dfd, name, owner=(0, 0))

@@ -199,8 +199,12 @@ def copy_tree(
     ids: IdMap | None = None,
     owner: tuple[int, int] | None = None,
     skip: Callable[[str], bool] | None = None,
+    src_fd: int | None = None,
 ) -> None:
     """Copy the tree at ``src`` to ``dest`` (created; must not exist), as an overlay layer holds it.
+
+    ``src_fd``: a descriptor of ``src`` opened and checked earlier (``O_PATH`` will do); the copy
+    starts from that very directory instead of looking ``src`` up again.
 
     fd-based and iterative: no symlink is ever followed on the source side (a running container
     cannot redirect the copy), depth costs no recursion.  Kept: modes (setuid too), numeric owners
@@ -208,7 +212,7 @@ def copy_tree(
     the opaque mark), whiteouts (character devices 0:0), fifos.  Sockets are skipped; any other
     device node is refused.  ``skip(rel)`` leaves out an entry (``rel`` is ``a/b``, no leading /).
     """
-    _TreeCopy(src, ids, owner, skip).run(dest)
+    _TreeCopy(src, ids, owner, skip).run(dest, src_fd)
 
 
 class _TreeCopy:
@@ -232,8 +236,8 @@ class _TreeCopy:
     def own(self, s: os.stat_result) -> tuple[int, int]:
         return self.owner if self.owner is not None else (self.idmap(s.st_uid), self.idmap(s.st_gid))
 
-    def run(self, dest: str) -> None:
-        src_root = os.open(self.src, DIR_FLAGS)
+    def run(self, dest: str, src_fd: int | None = None) -> None:
+        src_root = os.open(self.src, DIR_FLAGS) if src_fd is None else os.open(".", DIR_FLAGS, dir_fd=src_fd)
         self.dst_root = _mkdir_open(dest, dir_fd=None, or_close=src_root)
         try:
             self._push(src_root, self.dst_root, "")

@@ -208,7 +208,8 @@ def ensure_skeleton(data_root: str) -> tuple[str, HostLayout]:
 
     layout = host_layout()
     digest = fingerprint(layout)
-    base_dir = os.path.join(data_root, "base")
+    # Canonical: containers mount it as a layer, and a layer path must hold no symlink (rootfs).
+    base_dir = os.path.join(os.path.realpath(data_root), "base")
     final = os.path.join(base_dir, f"host-{digest}")
     if os.path.isdir(final):
         return final, layout

@@ -267,20 +267,24 @@ def open_no_symlinks(path: str) -> int:
     """An ``O_PATH`` fd of absolute ``path``, reached without following a symlink in any component.
 
     ``openat2(RESOLVE_NO_SYMLINKS)`` (Linux >= 5.6) fails with ELOOP at the first symlink, magic
-    links included, so the object opened is the one the path names now, with nothing redirected;
-    on an older kernel the same walk is made one component at a time with ``O_NOFOLLOW``.
+    links included (a trailing one, which it returns as itself, is refused here too), so the
+    object opened is the one the path names now, with nothing redirected; on an older kernel the
+    same walk is made one component at a time with ``O_NOFOLLOW``.
     """
     flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
     how = _OpenHow(flags=flags, mode=0, resolve=RESOLVE_NO_SYMLINKS)
     ret = _libc.syscall(
         _nr("openat2"), ctypes.c_int(AT_FDCWD), _b(path), ctypes.byref(how), ctypes.sizeof(how)
     )
-    if ret >= 0:
-        return int(ret)
-    err = ctypes.get_errno()
-    if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: a seccomp filter that does not know it
-        raise _fail("openat2", path, err)
-    return _walk_no_symlinks(path, flags)
+    if ret < 0:
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: a seccomp filter that does not know it
+            raise _fail("openat2", path, err)
+        return _walk_no_symlinks(path, flags)
+    if stat.S_ISLNK(os.fstat(ret).st_mode):  # a trailing symlink comes back as itself (O_NOFOLLOW)
+        os.close(ret)
+        raise _fail("openat2", path, errno.ELOOP)
+    return int(ret)
 
 
 def _walk_no_symlinks(path: str, flags: int) -> int:

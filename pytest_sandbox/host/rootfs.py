@@ -106,14 +106,26 @@ def _layer_fd(path: str, idmap_fd: int | None, index: int, attach_at: str) -> in
     the caller's namespace); 6.18 accepts them, but attaching costs one syscall and works on both.
     """
     try:
-        # NOFOLLOW: a layer (or a layer's /usr) that is a symlink would clone whatever it names.
-        fd = libc.open_tree(path, libc.OPEN_TREE_CLONE | libc.OPEN_TREE_CLOEXEC | libc.AT_SYMLINK_NOFOLLOW)
+        # No symlink in any component: a layer (or a layer's /usr) that is one, or a directory
+        # above it swapped for one by a container that writes there, would clone whatever it
+        # names (the layer paths pytest planned are canonical: see host/bindsource for binds).
+        source = libc.open_no_symlinks(path)
     except SetupError as e:
         if e.errno == errno.ENOENT:
             raise LayerNotFoundError(
                 f"layer {index}: {path!r} does not exist", path=path, errno=e.errno
             ) from None
+        if e.errno == errno.ELOOP:
+            raise LayerNotADirectoryError(
+                f"layer {index}: {path!r} is, or is reached through, a symlink", path=path, errno=e.errno
+            ) from None
         raise
+    try:
+        fd = libc.open_tree(
+            "", libc.OPEN_TREE_CLONE | libc.OPEN_TREE_CLOEXEC | libc.AT_EMPTY_PATH, dirfd=source
+        )
+    finally:
+        os.close(source)
     st = os.fstat(fd)
     if not stat.S_ISDIR(st.st_mode):
         os.close(fd)

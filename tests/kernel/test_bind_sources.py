@@ -1,4 +1,4 @@
-"""Bind-mount sources and device nodes: a container gets exactly what the test named, and no device.
+"""Host paths given to containers and images: exactly what the test named is used, and no device.
 
 - (issue 9, item 1) a bind source is resolved once, at ``run()``, and mounted from the descriptor
   pytest opened then -- never looked up by path again.  A host process swapping a symlink to a
@@ -7,7 +7,9 @@
   mounts the real directory or is refused with ``InvalidSpecError``.  A symlink planted by one
   container in a shared bind is refused when the next container mounts the path (as the last
   component or as a directory above it).  No descriptor is left in pytest, in the launcher, or in
-  the container.
+  the container.  The same for a from_layers directory reached through a symlink planted after
+  the image was made (refused: LayerError), and for Image.copy sources (a planted symlink is
+  refused; under a swapping race no stored layer ever holds the decoy).
 - (issue 9, item 6) a device node in a ``from_layers`` directory or in a bind source does not open
   inside (layers, binds and the overlays are ``nodev``): a block node of the host's disk gives
   ``EACCES``, while the container's own /dev/null still works.
@@ -24,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox import Image, InvalidSpecError, Sandbox
+from pytest_sandbox import Image, InvalidSpecError, LayerError, LayerNotFoundError, Sandbox
+from pytest_sandbox.images.store import Store
 from tests.e2e_support import children, comm, descendants, proc_state, wait_until
 from tests.probes import launcher_pid, state_dir
 
@@ -264,3 +267,99 @@ def test_device_node_in_a_read_only_bind_on_the_host_base_does_not_open(
     )
     assert r.exit_code == 1, (name, r)
     assert b"PermissionError: [Errno 13]" in r.stderr, (name, r)
+
+
+def test_layer_reached_through_a_planted_symlink_is_refused(
+    sandbox: Sandbox, busybox_image: Image, busybox_layer: Path, tmp_path: Path
+) -> None:
+    """Issue 9 item 1, for layers: Image.from_layers(shared/sub/layer) is made while sub/ is a real
+    directory; a container with a read-write bind of shared/ then swaps sub/ for a symlink to a
+    decoy holding its own layer/.  The next container of that image is refused (a LayerError
+    naming the symlink), and never shows the decoy's files."""
+    decoy = _decoy(tmp_path)
+    (decoy / "layer").mkdir()
+    (decoy / "layer" / "marker").write_bytes(DECOY)
+    shared = tmp_path / "shared"
+    (shared / "sub" / "layer").mkdir(parents=True)
+    (shared / "sub" / "layer" / "marker").write_bytes(REAL)
+    image = Image.from_layers(busybox_layer, shared / "sub" / "layer", base=None)
+    assert sandbox.run(["cat", "/marker"], image=image).stdout == REAL
+    planter = sandbox.run(
+        ["sh", "-c", f"mv /shared/sub /shared/old && ln -s {decoy} /shared/sub && echo planted"],
+        image=busybox_image,
+        mounts={str(shared): "/shared"},
+    )
+    assert planter.stdout == b"planted\n", planter
+    with pytest.raises(LayerError, match="symlink") as err:
+        sandbox.run(["cat", "/marker"], image=image)
+    assert b"DECOY" not in str(err.value).encode()
+
+
+# -- the same for COPY build steps -------------------------------------------------------------------
+
+
+def test_copy_step_through_a_planted_symlink_is_refused(
+    sandbox: Sandbox, busybox_image: Image, busybox_layer: Path, tmp_path: Path
+) -> None:
+    """Issue 9 item 1, for Image.copy: a container with a read-write bind of shared/ replaces
+    shared/app with a symlink to a decoy; copying shared/app (or a file below it) into an image
+    is refused with InvalidSpecError, and nothing of the decoy is stored."""
+    decoy = _decoy(tmp_path)
+    shared = tmp_path / "shared"
+    (shared / "app").mkdir(parents=True)
+    planter = sandbox.run(
+        ["sh", "-c", f"rm -r /shared/app && ln -s {decoy} /shared/app && echo planted"],
+        image=busybox_image,
+        mounts={str(shared): "/shared"},
+    )
+    assert planter.stdout == b"planted\n", planter
+    store = Store(tmp_path / "store")
+    base = Image.from_layers(busybox_layer, base=None, store=store)
+    for source in (shared / "app", shared / "app" / "marker"):
+        with pytest.raises(InvalidSpecError, match="goes through a symlink"):
+            base.copy(source, "/app")
+    assert not list((tmp_path / "store").rglob("marker"))
+
+
+def test_copy_step_racing_a_symlink_swap_never_copies_the_decoy(busybox_layer: Path, tmp_path: Path) -> None:
+    """Issue 9 item 1, for Image.copy: while a process exchanges the source directory with a
+    symlink to a decoy (renameat2 RENAME_EXCHANGE), 100 copies of it are each refused or store
+    the real directory; no stored layer ever holds the decoy's marker."""
+    decoy = _decoy(tmp_path)
+    shared = tmp_path / "shared"
+    (shared / "app").mkdir(parents=True)
+    (shared / "link").symlink_to(decoy)
+    store = Store(tmp_path / "store")
+    base = Image.from_layers(busybox_layer, base=None, store=store)
+    outcomes = {"copied": 0, "refused": 0}
+    real_dir = os.open(shared / "app", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # under either name
+    swapper = subprocess.Popen(
+        [sys.executable, "-c", SWAPPER, str(shared / "app"), str(shared / "link")], stdout=subprocess.PIPE
+    )
+    try:
+        assert swapper.stdout is not None
+        assert swapper.stdout.readline() == b"swapping\n"
+        for i in range(100):
+            # A new content each time (the marker of the real directory, then i): no cache hit.
+            fd = os.open(
+                "marker", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644, dir_fd=real_dir
+            )
+            os.write(fd, REAL + str(i).encode())
+            os.close(fd)
+            try:
+                image = base.copy(shared / "app", "/app")
+            except (InvalidSpecError, LayerNotFoundError):
+                outcomes["refused"] += 1
+                continue
+            copied = Path(image.layers[-1]) / "app" / "marker"
+            assert copied.read_bytes().startswith(REAL), (i, copied.read_bytes())
+            outcomes["copied"] += 1
+    finally:
+        swapper.kill()
+        swapper.wait()
+        if swapper.stdout is not None:
+            swapper.stdout.close()
+        os.close(real_dir)
+    stored = [p.read_bytes() for p in (tmp_path / "store").rglob("marker")]
+    assert DECOY not in stored, outcomes
+    assert outcomes["refused"] > 0, outcomes
