@@ -43,6 +43,9 @@ DEFAULT_LOG_MAX_SIZE = 64 << 20
 DEFAULT_LOG_MAX_FILE = 1  # Docker's json-file default: one file, started over when full
 MIN_LOG_MAX_SIZE = 4 << 10
 MAX_LOG_FILES = 100
+DEFAULT_PIDS_LIMIT = 2048  # podman's default (containers.conf pids_limit)
+DEFAULT_WRITABLE_SIZE = 1 << 30
+DEFAULT_MAX_LAYER_SIZE = 4 << 30
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 DOCKER_HUB_ALIASES = frozenset({DOCKER_HUB, "index.docker.io", DOCKER_HUB_API})
@@ -168,6 +171,37 @@ SETTINGS: tuple[Setting, ...] = (
         "log-opts.max-file",
         f"a number of files from 1 to {MAX_LOG_FILES}",
         "log files kept per stream, the current one included (1: the file starts over when full)",
+    ),
+    Setting(
+        "pids_limit",
+        "sandbox_pids_limit",
+        "--sandbox-pids-limit",
+        "PYTEST_SANDBOX_PIDS_LIMIT",
+        str(DEFAULT_PIDS_LIMIT),
+        "(none; podman's containers.conf pids_limit)",
+        "an int of at least 2, or -1 for no limit",
+        "the pids limit of a container that sets no pids= (where the pids controller exists)",
+    ),
+    Setting(
+        "writable_size",
+        "sandbox_writable_size",
+        "--sandbox-writable-size",
+        "PYTEST_SANDBOX_WRITABLE_SIZE",
+        "1g",
+        "storage-opts overlay2.size",
+        "a size: bytes, or '512m', '2g'",
+        "bound of a container's writable layer and of its /tmp when it sets neither writable_size= "
+        "nor memory= (each is a tmpfs of that size, charged to the container's memory cgroup)",
+    ),
+    Setting(
+        "max_layer_size",
+        "sandbox_max_layer_size",
+        "--sandbox-max-layer-size",
+        "PYTEST_SANDBOX_MAX_LAYER_SIZE",
+        "4g",
+        "(none)",
+        "a size: bytes, or '512m', '2g'",
+        "largest layer commit() or a build run step may capture (the files' apparent sizes)",
     ),
     Setting(
         "trace_file",
@@ -397,6 +431,30 @@ def parse_path(raw: str, *, what: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def parse_pids_limit(raw: str, *, what: str) -> int | None:
+    """The default pids limit: an int of at least 2, or -1 (no default limit)."""
+    from .core.limits import MIN_PIDS  # on first use: config is imported at every pytest start
+
+    text = raw.strip()
+    if text == "-1":
+        return None
+    if not text.isdigit() or int(text) < MIN_PIDS:
+        raise InvalidSpecError(f"{what}={raw!r}: expected an int of at least {MIN_PIDS}, or -1 for no limit")
+    return int(text)
+
+
+def parse_positive_size(raw: str, *, what: str) -> int:
+    from .core.limits import MIN_WRITABLE_SIZE
+    from .core.units import format_size, parse_size
+
+    size = parse_size(raw.strip(), what=what)
+    if size < MIN_WRITABLE_SIZE:
+        raise InvalidSpecError(
+            f"{what}={raw!r}: expected a size of at least {format_size(MIN_WRITABLE_SIZE)}"
+        )
+    return size
+
+
 def default_data_root(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     cache = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -451,6 +509,9 @@ class Settings:
     trace_file: str | None = None
     log_max_size: int = DEFAULT_LOG_MAX_SIZE
     log_max_file: int = DEFAULT_LOG_MAX_FILE
+    pids_limit: int | None = DEFAULT_PIDS_LIMIT  # None: no default pids limit (the setting's -1)
+    writable_size: int = DEFAULT_WRITABLE_SIZE
+    max_layer_size: int = DEFAULT_MAX_LAYER_SIZE
 
     @property
     def registries(self) -> RegistrySettings:
@@ -539,4 +600,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "trace_file": lambda raw, what: parse_path(raw, what=what),
     "log_max_size": lambda raw, what: parse_log_max_size(raw, what=what),
     "log_max_file": lambda raw, what: parse_log_max_file(raw, what=what),
+    "pids_limit": lambda raw, what: parse_pids_limit(raw, what=what),
+    "writable_size": lambda raw, what: parse_positive_size(raw, what=what),
+    "max_layer_size": lambda raw, what: parse_positive_size(raw, what=what),
 }

@@ -68,6 +68,16 @@ def _with_image_config(options: Options, given: Mapping[str, Any], stack: LayerS
     return dataclasses.replace(options, **changes) if changes else options
 
 
+def _with_default_pids(options: Options, given: Mapping[str, Any], default: int | None) -> Options:
+    """The settings' pids limit (ini ``sandbox_pids_limit``, 2048) unless the call or marker gave
+    ``pids=`` (``-1``: none) or the container has no cgroup; the launcher drops it where the host
+    has no pids controller."""
+    if default is None or not options.cgroup or given.get("pids") is not None:
+        return options
+    limits = dataclasses.replace(options.limits, pids=default, pids_default=True)
+    return dataclasses.replace(options, limits=limits)
+
+
 @dataclass(frozen=True)
 class _Planned:
     spec: ContainerSpec
@@ -259,6 +269,7 @@ class Sandbox:
             raise InvalidSpecError(f"name={options.name!r}: a container with this name already exists here")
         rt = self.runtime
         rt.info()
+        options = _with_default_pids(options, merged, rt.settings.pids_limit)
         cid = naming.new_container_id()
         hostname = options.hostname or cid
         spec = ContainerSpec(
@@ -272,6 +283,7 @@ class Sandbox:
             cgroup=options.cgroup,
             etc_files=(("hostname", hostname + "\n"), ("hosts", _hosts_file(hostname))),
             read_only=options.read_only,
+            writable_size=options.writable_size or options.limits.memory or rt.settings.writable_size,
         )
         networks = _check_networks(options.networks)
         directory = rt.container_dir(cid)  # inside the state directory rt.info() made private

@@ -78,6 +78,7 @@ __all__ = [
     "state_dir",
     "store_lock",
     "uid_base",
+    "upper_dir",
     "use_data_root",
 ]
 
@@ -97,6 +98,14 @@ def runtime() -> Runtime:
 def state_dir() -> str:
     """Where this session's containers keep their upper layers and logs (may not exist yet)."""
     return runtime().state_dir
+
+
+def upper_dir(container: Container, index: int = 0) -> str:
+    """A container's upper directory (overlay ``index``), as the host reads it: through the
+    launcher's fd of the container's writable tmpfs (host/rootfs.ContainerDirs)."""
+    from pytest_sandbox.host.rootfs import ContainerDirs
+
+    return ContainerDirs(container.dir).upper(index)
 
 
 def owner() -> str:

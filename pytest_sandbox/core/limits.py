@@ -10,7 +10,11 @@ cgroup backends only write numbers.  Semantics, each chosen on purpose and teste
 - ``cpu_shares``: the v1 weight (2..262144, default 1024); v2 converts it to ``cpu.weight``.
 - ``cpuset``: the CPUs the container may run on, normalised to the kernel's list format.
 - ``pids``: the most tasks the container may have, our init included, so at least 2.  ``0`` is not a
-  silent "unlimited" (runc's surprise): it is an error; leave it unset for no limit.
+  silent "unlimited" (runc's surprise): it is an error.  Unset, the container gets the default
+  (:attr:`Limits.pids_default`: ini ``sandbox_pids_limit``, 2048 as podman's, applied by the sandbox
+  only where the pids controller exists); ``-1`` is no limit, as podman's ``--pids-limit=-1``.
+- the writable area (:func:`writable_inodes`): a container's writable layer and its /tmp are each a
+  tmpfs of ``writable_size`` bytes and ``writable_inodes(size)`` inodes.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ MIN_CPU_SHARES = 2
 MAX_CPU_SHARES = 262_144
 MIN_PIDS = 2
 UNLIMITED = -1
+MIN_WRITABLE_SIZE = 1 << 20
+# One inode per 8 KiB of a writable tmpfs: a tmpfs inode costs ~1 KiB of kernel memory that its
+# size= does not count, so the inode bound keeps that part under ~1/8 of the size too.
+BYTES_PER_INODE = 8 << 10
+MIN_WRITABLE_INODES = 1024
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,9 @@ class Limits:
     cpu_shares: int | None = None
     cpuset: str | None = None
     pids: int | None = None
+    # The pids limit above is the settings' default, not the caller's: the launcher drops it where
+    # the host has no pids controller (podman: "2048 on systems that support the pids controller").
+    pids_default: bool = False
 
     @classmethod
     def parse(
@@ -66,7 +78,8 @@ class Limits:
         return None if self.cpu_quota_us is None else self.cpu_quota_us / self.cpu_period_us
 
     def is_empty(self) -> bool:
-        return all(getattr(self, f.name) is None for f in fields(self) if f.name != "cpu_period_us")
+        skip = ("cpu_period_us", "pids_default")
+        return all(getattr(self, f.name) is None for f in fields(self) if f.name not in skip)
 
     def controllers(self) -> list[str]:
         """The cgroup controllers these limits need (names of the v2 unified hierarchy)."""
@@ -138,10 +151,28 @@ def _parse_cpu_shares(cpu_shares: object) -> int:
     return cpu_shares
 
 
-def _parse_pids(pids: object) -> int:
+def _parse_pids(pids: object) -> int | None:
+    if pids == UNLIMITED and not isinstance(pids, bool):
+        return None  # podman's --pids-limit=-1: no limit, not even the default
     if isinstance(pids, bool) or not isinstance(pids, int) or pids < MIN_PIDS:
         raise InvalidSpecError(
             f"pids={pids!r}: expected an int of at least {MIN_PIDS} (the container's init counts as "
-            "one task); leave pids unset for no limit"
+            "one task), or -1 for no limit"
         )
     return pids
+
+
+def writable_inodes(size: int) -> int:
+    """The nr_inodes= of a writable tmpfs of ``size`` bytes (see BYTES_PER_INODE)."""
+    return max(MIN_WRITABLE_INODES, size // BYTES_PER_INODE)
+
+
+def parse_writable_size(value: object) -> int:
+    """``writable_size=``: the bound of the container's writable layer and of its /tmp."""
+    size = parse_size(value, what="writable_size")
+    if size < MIN_WRITABLE_SIZE:
+        raise InvalidSpecError(
+            f"writable_size={value!r}: expected at least {format_size(MIN_WRITABLE_SIZE)} "
+            "(the container's /etc files and mount points live there)"
+        )
+    return size

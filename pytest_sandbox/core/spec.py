@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidSpecError
-from .limits import Limits
+from .limits import Limits, parse_writable_size
 from .naming import ID_RANGE, valid_name
 from .units import parse_size
 
@@ -100,6 +100,7 @@ class Options:
     cgroup: bool = True
     networks: tuple[object, ...] = ()  # pytest_sandbox.net.networks.Network objects (checked there)
     aliases: tuple[str, ...] = ()
+    writable_size: int | None = None  # None: the memory limit, else ini sandbox_writable_size
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,10 @@ class ContainerSpec:
     # A network namespace prepared for the container (pytest_sandbox.net.networks), as a path the
     # first process opens while still host root; None: the container makes its own (loopback only).
     netns: str | None = None
+    # The bound of the writable area: the writable layer's own tmpfs and /tmp (and a tmpfs= mount
+    # given no size) each get size=writable_size, nr_inodes=limits.writable_inodes(writable_size).
+    # None: unbounded (the kernel's tmpfs default, half of RAM); the sandbox always sets it.
+    writable_size: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -138,6 +143,7 @@ class ContainerSpec:
             "read_only": self.read_only,
             "stdin": self.stdin,
             "netns": self.netns,
+            "writable_size": self.writable_size,
         }
 
     @classmethod
@@ -158,6 +164,7 @@ class ContainerSpec:
             netns=d.get("netns"),
             read_only=d["read_only"],
             stdin=d["stdin"],
+            writable_size=d.get("writable_size"),
         )
 
 
@@ -408,6 +415,7 @@ def parse_options(
     read_only: object = False,
     input: object = None,
     cgroup: object = True,
+    writable_size: object = None,
 ) -> Options:
     """Validate every keyword of run()/start(); raise InvalidSpecError before anything exists."""
     networks = _as_tuple(network)
@@ -450,6 +458,7 @@ def parse_options(
         cgroup=cgroup,
         networks=networks,
         aliases=alias_names,
+        writable_size=None if writable_size is None else parse_writable_size(writable_size),
     )
 
 

@@ -33,8 +33,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..core.errors import LayerNotADirectoryError, LayerNotFoundError, SetupError
+from ..core.limits import writable_inodes
 from ..core.spec import BindMount, ContainerSpec, TmpfsMount
 from . import libc
+from .cleanup import remove_tree_at
 
 # podman's defaults (containers/common pkg/config/default.go).
 MASKED_PATHS = (
@@ -65,9 +67,21 @@ DEV_LINKS = (
 _PROC_FLAGS = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
 
 
+WRITABLE = "writable"  # the writable tmpfs' mount point: mounted in the container's namespaces only
+HELD_WRITABLE = "writable.fd"  # the launcher's symlink to its fd of that tmpfs: the host's way in
+
+
 @dataclass
 class ContainerDirs:
-    """The launcher's per-container state directory (host side)."""
+    """The launcher's per-container state directory (host side).
+
+    The writable layer (each overlay's upper and work directory) is not stored here but on a
+    tmpfs of its own (``size=``/``nr_inodes=`` of the spec's ``writable_size``), which the first
+    process mounts on :attr:`writable` in its private mount namespace, so no host mount exists.
+    The launcher keeps an ``O_PATH`` fd of it (opened through ``/proc/<first pid>/cwd``) and
+    links :attr:`held_writable` to ``/proc/<launcher pid>/fd/<n>``: that is how pytest reads an
+    upper directory (commit, build steps), also after the container exited.
+    """
 
     base: str
 
@@ -75,11 +89,17 @@ class ContainerDirs:
     def rootfs(self) -> str:
         return os.path.join(self.base, "rootfs")
 
-    def upper(self, index: int) -> str:
-        return os.path.join(self.base, f"upper.{index}")
+    @property
+    def writable(self) -> str:
+        return os.path.join(self.base, WRITABLE)
 
-    def work(self, index: int) -> str:
-        return os.path.join(self.base, f"work.{index}")
+    @property
+    def held_writable(self) -> str:
+        return os.path.join(self.base, HELD_WRITABLE)
+
+    def upper(self, index: int) -> str:
+        """Overlay ``index``'s upper directory as the host reaches it (through the launcher's fd)."""
+        return os.path.join(self.held_writable, f"upper.{index}")
 
     @property
     def stdout(self) -> str:
@@ -88,6 +108,25 @@ class ContainerDirs:
     @property
     def stderr(self) -> str:
         return os.path.join(self.base, "stderr")
+
+
+def empty_held_writable(base: str) -> None:
+    """Delete what a container's writable tmpfs holds, through the launcher's link to it.
+
+    The cleaner does this before the launcher closes its fd: the last reference to a tmpfs frees
+    every inode in it, and ten thousand files must not be freed on the launcher's loop.  The tmpfs
+    root holds only the ``upper.N``/``work.N`` directories the first process made (the container
+    sees the overlay, never this root).
+    """
+    held = os.path.join(base, HELD_WRITABLE)
+    if not os.path.islink(held):
+        return
+    fd = os.open(held, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # follows the launcher's link
+    try:
+        for name in os.listdir(fd):
+            remove_tree_at(fd, name)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -173,8 +212,9 @@ def mount_image(spec: ContainerSpec, dirs: ContainerDirs, idmap_fd: int | None, 
     """Half 1 (host root, private mount namespace): overlays at ``dirs.rootfs``, and its /dev."""
     with libc.named("mkdir", dirs.rootfs):
         os.mkdir(dirs.rootfs, 0o755)
+    _mount_writable(dirs.writable, spec.writable_size)
     for index, overlay in enumerate(spec.overlays):
-        upper, work = dirs.upper(index), dirs.work(index)
+        upper, work = (os.path.join(dirs.writable, f"{kind}.{index}") for kind in ("upper", "work"))
         _mkdir_owned(upper, root_uid)
         with libc.named("mkdir", work):
             os.mkdir(work, 0o700)
@@ -183,6 +223,24 @@ def mount_image(spec: ContainerSpec, dirs: ContainerDirs, idmap_fd: int | None, 
         target = dirs.rootfs if not overlay.target else _plain_dir(dirs.rootfs, overlay.target)
         _mount_overlay(target, overlay.lowers, upper, work, idmap_fd)
     _make_dev(_plain_dir(dirs.rootfs, "dev"), root_uid)
+
+
+def _mount_writable(path: str, size: int | None) -> None:
+    """The container's writable area: a tmpfs of its own, bounded in bytes and inodes.
+
+    Mounted in our private mount namespace only: a launcher killed by SIGKILL leaves no mount on
+    the host.  Its pages are charged to the memory cgroup of the task that writes them (mm/shmem.c
+    charges each folio to the writer's memcg): the container's.  Full means ENOSPC inside, never
+    host memory pressure (the state directory's /dev/shm is as large as RAM).
+    """
+    with libc.named("mkdir", path):
+        os.mkdir(path, 0o700)
+    libc.mount("psbx-writable", path, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=0700" + _bounds(size))
+
+
+def _bounds(size: int | None) -> str:
+    """tmpfs options bounding a writable area of ``size`` bytes (none: the kernel's defaults)."""
+    return "" if size is None else f",size={size},nr_inodes={writable_inodes(size)}"
 
 
 def _make_dev(dev: str, root_uid: int) -> None:
@@ -398,9 +456,9 @@ def finish_rootfs(
         os.chdir("/")
     user_targets = {t.target for t in spec.tmpfs} | {b.target for b in binds}
     if "/tmp" not in user_targets:
-        _mount_tmpfs(TmpfsMount("/tmp"))
+        _mount_tmpfs(TmpfsMount("/tmp"), spec.writable_size)
     for t in spec.tmpfs:
-        _mount_tmpfs(t)
+        _mount_tmpfs(t, spec.writable_size)
     for b in binds:
         _attach_bind(b)
     if spec.read_only:
@@ -461,10 +519,11 @@ def _mask_paths(masks: list[tuple[str, bool]]) -> None:
         libc.mount_setattr(libc.AT_FDCWD, libc.MOUNT_ATTR_RDONLY, path=rel, flags=libc.AT_RECURSIVE)
 
 
-def _mount_tmpfs(t: TmpfsMount) -> None:
+def _mount_tmpfs(t: TmpfsMount, writable_size: int | None) -> None:
+    """/tmp or a ``tmpfs=`` mount; without a size of its own, bounded as the writable layer is."""
     with libc.named("mkdir", t.target):
         os.makedirs(t.target, exist_ok=True)
-    data = f"mode={t.mode:o}" + (f",size={t.size}" if t.size is not None else "")
+    data = f"mode={t.mode:o}" + _bounds(t.size if t.size is not None else writable_size)
     libc.mount("tmpfs", t.target, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, data)
 
 

@@ -80,6 +80,14 @@ def check_state_dir(name: str, directory: str) -> None:
         raise LayerNotFoundError(
             f"container {name}: its state directory {directory!r} is gone", path=directory, errno=2
         )
+    held = ContainerDirs(directory).held_writable
+    if not os.path.isdir(held):  # the launcher's link to its writable tmpfs (host/rootfs.py)
+        raise LayerNotFoundError(
+            f"container {name}: its writable layer is not reachable at {held!r} (the container's "
+            "setup did not get that far, or the launcher that held it has exited)",
+            path=held,
+            errno=2,
+        )
 
 
 def capture_upper(directory: str, spec: ContainerSpec, dest: str, *, uid_base: int) -> None:

@@ -9,6 +9,7 @@ import sys
 
 from ..host import libc
 from ..host.cleanup import remove_tree
+from ..host.rootfs import empty_held_writable
 
 
 class Cleaner:
@@ -32,6 +33,7 @@ class Cleaner:
                 libc.set_process_name("psbx-cleaner")
                 for line in os.fdopen(req_r, "r"):
                     token, _, path = line.rstrip("\n").partition(" ")
+                    empty_writable_quietly(path)
                     remove_quietly(path)
                     os.write(done_w, f"{token}\n".encode())
             finally:
@@ -56,15 +58,15 @@ class Cleaner:
         self._waiting[self._serial] = (path, list(rids))
         return True
 
-    def done(self) -> list[list[int]] | None:
-        """The rids of finished deletions; None once the cleaner has exited."""
+    def done(self) -> list[tuple[str, list[int]]] | None:
+        """The paths and rids of finished deletions; None once the cleaner has exited."""
         data = os.read(self.done_fd, 65536)
         if not data:
             self.alive = False
             return None
         self._buf += data
         *lines, self._buf = self._buf.split(b"\n")
-        return [self._waiting.pop(int(token), ("", []))[1] for token in lines if token]
+        return [self._waiting.pop(int(token), ("", [])) for token in lines if token]
 
     def take_back(self) -> list[tuple[str, list[int]]]:
         """What a dead cleaner had not confirmed."""
@@ -76,6 +78,14 @@ class Cleaner:
         os.close(self._req_w)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+
+
+def empty_writable_quietly(path: str) -> None:
+    """Empty a state directory's writable tmpfs (see rootfs.empty_held_writable); never raises."""
+    try:
+        empty_held_writable(path)
+    except Exception as e:  # the launcher's close frees it anyway, only more slowly
+        print(f"psbx-launcher: cannot empty the writable layer of {path}: {e!r}", file=sys.stderr)
 
 
 def remove_quietly(path: str) -> None:

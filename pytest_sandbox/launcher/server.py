@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
+import errno
 import gc
 import os
 import secrets
@@ -35,14 +37,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.errors import ContainerNotRunningError, SandboxError, SetupError, to_wire
+from ..core.errors import CgroupUnavailableError, ContainerNotRunningError, SandboxError, SetupError, to_wire
 from ..core.limits import Limits
 from ..core.naming import ID_RANGE, cgroup_leaf_name, proc_stat
 from ..core.spec import ContainerSpec
 from ..host import libc
 from ..host.cgroups import detect
 from ..host.cgroups.base import Cgroup, CgroupBackend, CgroupStats
-from ..host.rootfs import ContainerDirs, mask_plan
+from ..host.rootfs import WRITABLE, ContainerDirs, mask_plan
 from . import fdpass, protocol, trace
 from .cleaner import Cleaner, remove_quietly
 from .create import LaunchContext, Pipes, first_process
@@ -159,6 +161,8 @@ class Launcher:
             masks=mask_plan(),
         )
         self.spare: Spare | None = None
+        # state directory -> our O_PATH fd of its container's writable tmpfs (see _hold_writable)
+        self.writable_fds: dict[str, int] = {}
         self.spares = self.backend.name != "none"  # no cgroup, nothing slow to do ahead of time
         self.finished_count = 0
         self.running = True
@@ -304,6 +308,7 @@ class Launcher:
         dirs = ContainerDirs(request.directory)
         try:
             if spec.cgroup:
+                spec = self._without_unsupported_default(spec)
                 self.backend.check(spec.limits)
             payload = protocol.encode_handover(request.directory, request.spec)
             spare = self.spare if spec.cgroup and len(payload) < SPEC_PIPE_SIZE else None
@@ -345,6 +350,17 @@ class Launcher:
         # first event (the id-map request) comes about a millisecond later, after the fork is done.
         if self.spare is None:
             self._make_spare()
+
+    def _without_unsupported_default(self, spec: ContainerSpec) -> ContainerSpec:
+        """The default pids limit applies where the host has the pids controller (as podman's
+        default does); a pids limit the caller asked for is checked like every limit."""
+        if not spec.limits.pids_default:
+            return spec
+        try:
+            self.backend.check(Limits(pids=spec.limits.pids))
+        except CgroupUnavailableError:
+            return dataclasses.replace(spec, limits=dataclasses.replace(spec.limits, pids=None))
+        return spec
 
     def _hand_over(
         self, spare: Spare, spec: ContainerSpec, payload: bytes, mount_fds: tuple[int, ...]
@@ -619,6 +635,17 @@ class Launcher:
     def _on_event(self, ent: Entity, event: StatusEvent) -> None:
         if isinstance(event, UsernsMade):
             try:
+                self._hold_writable(ent)
+            except OSError as e:
+                self._fail(
+                    ent, SetupError(f"cannot hold the container's writable layer: {e}", errno=e.errno or 0)
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(ent.pid, signal.SIGKILL)
+                os.close(ent.go_fd)
+                ent.go_fd = -1
+                return
+            try:
                 write_id_maps(ent.pid, self.uid_base)
                 os.write(ent.go_fd, b"g")
             except OSError as e:
@@ -653,6 +680,40 @@ class Launcher:
         else:
             ent.exit = event
             self._exited(ent)
+
+    def _hold_writable(self, ent: Entity) -> None:
+        """Keep the container's writable tmpfs reachable from the host until it is removed.
+
+        The first process mounted it in its private mount namespace and now waits for its id maps
+        in its state directory: ``/proc/<pid>/cwd/writable`` there is that mount (a magic link
+        resolves in the process's own mount tree).  Our O_PATH fd pins it after the container's
+        namespaces are gone (a commit after the exit), and dies with us (nothing left on a
+        SIGKILL); pytest reads through the link ``writable.fd`` -> ``/proc/<our pid>/fd/<n>``.
+        """
+        dirs = ent.dirs
+        if dirs is None:
+            return
+        fd = os.open(
+            f"/proc/{ent.pid}/cwd/{WRITABLE}", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        )
+        try:
+            if os.fstat(fd).st_dev == os.stat(dirs.base).st_dev:
+                raise OSError(errno.ENOENT, "the writable tmpfs is not mounted", dirs.writable)
+            os.symlink(f"/proc/{self.pid}/fd/{fd}", dirs.held_writable)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.writable_fds[dirs.base] = fd
+
+    def _release_writable(self, base: str) -> None:
+        """Let the writable tmpfs of a removed container go (freed with its last reference)."""
+        fd = self.writable_fds.pop(base, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _release_every_writable(self) -> None:
+        for base in list(self.writable_fds):
+            self._release_writable(base)
 
     def _host_pid_of_main(self, ent: Entity) -> int:
         """The command is the only child of the container's init when it starts."""
@@ -804,9 +865,10 @@ class Launcher:
             if ent.dirs is not None:
                 # The cleaner deletes it; removal is answered when the directory is gone.
                 if self.cleaner.submit(ent.dirs.base, ent.remove_rids):
-                    ent.remove_rids = []
+                    ent.remove_rids = []  # and its writable tmpfs goes once the cleaner emptied it
                 else:
                     remove_quietly(ent.dirs.base)
+                    self._release_writable(ent.dirs.base)
         for rid in ent.remove_rids:
             self._reply(rid, Ack())
         ent.remove_rids.clear()
@@ -818,8 +880,9 @@ class Launcher:
             print("psbx-launcher: the cleaner exited; deleting state directories in-process", file=sys.stderr)
             for path, rids in self.cleaner.take_back():
                 remove_quietly(path)
-                finished = [*(finished or []), rids]
-        for rids in finished or []:
+                finished = [*(finished or []), (path, rids)]
+        for path, rids in finished or []:
+            self._release_writable(path)
             for rid in rids:
                 self._reply(rid, Ack())
 
@@ -852,6 +915,7 @@ class Launcher:
             if ent.dirs is not None:
                 remove_quietly(ent.dirs.base)
         self.cleaner.close()
+        self._release_every_writable()
         with contextlib.suppress(OSError):
             self.backend.remove_owner(self.owner)
 

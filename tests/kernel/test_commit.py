@@ -38,7 +38,7 @@ def test_commit_makes_a_layer_with_container_ids(busybox_image: Image, store: St
     with Sandbox() as sb:
         c = sb.start(["sh", "-c", SCRIPT], image=busybox_image)
         assert c.wait(30).exit_code == 0, c.logs()
-        upper = Path(c.dir, "upper.0")
+        upper = Path(probes.upper_dir(c))
         assert os.lstat(upper / "new.txt").st_uid == uid_base + 1000  # the host's view
         image = c.commit("committed:1", store=store)
     assert image.image_id == store.resolve_id("committed:1")
@@ -80,7 +80,7 @@ def test_commit_makes_a_layer_with_container_ids(busybox_image: Image, store: St
 def test_commit_a_running_container_and_commit_again(busybox_image: Image, store: Store) -> None:
     with Sandbox() as sb:
         c = sb.start(["sh", "-c", "echo 1 > /gen; touch /ready; sleep 60"], image=busybox_image)
-        c.wait_for(lambda: os.path.exists(os.path.join(c.dir, "upper.0", "ready")), timeout=10)
+        c.wait_for(lambda: os.path.exists(os.path.join(probes.upper_dir(c), "ready")), timeout=10)
         first = c.commit("gen:1", store=store)
         c.exec(["sh", "-c", "echo 2 > /gen"])
         second = c.commit("gen:2", store=store)
@@ -137,7 +137,7 @@ def test_ids_outside_the_containers_range_become_nobody(busybox_image: Image, st
     with Sandbox() as sb:
         c = sb.start(["sh", "-c", "touch /host-user /other-container /low /mine"], image=busybox_image)
         assert c.wait(30).exit_code == 0, c.logs()
-        upper = Path(c.dir, "upper.0")
+        upper = Path(probes.upper_dir(c))
         os.chown(upper / "host-user", 70000, 300000)
         os.chown(upper / "other-container", uid_base + 65536, uid_base - 1)
         os.chown(upper / "low", 5, 6)
@@ -158,7 +158,7 @@ def test_an_upper_entry_that_needs_its_lower_layers_is_refused(busybox_image: Im
     with Sandbox() as sb:
         c = sb.start(["sh", "-c", "mkdir /moved; echo x > /moved/f"], image=busybox_image)
         assert c.wait(30).exit_code == 0, c.logs()
-        os.setxattr(Path(c.dir, "upper.0", "moved"), "trusted.overlay.redirect", b"/bin")
+        os.setxattr(Path(probes.upper_dir(c), "moved"), "trusted.overlay.redirect", b"/bin")
         with pytest.raises(InvalidSpecError, match=r"trusted\.overlay\.redirect"):
             c.commit("redirected:1", store=store)
     assert store.refs() == {}

@@ -66,6 +66,9 @@ def test_from_env_reads_every_environment_variable(tmp_path: Path) -> None:
         "PYTEST_SANDBOX_TRACE": str(tmp_path / "trace"),
         "PYTEST_SANDBOX_LOG_MAX_SIZE": "1.5m",
         "PYTEST_SANDBOX_LOG_MAX_FILE": "3",
+        "PYTEST_SANDBOX_PIDS_LIMIT": "-1",
+        "PYTEST_SANDBOX_WRITABLE_SIZE": "256m",
+        "PYTEST_SANDBOX_MAX_LAYER_SIZE": "1g",
     }
     s = Settings.from_env(env)
     assert s == Settings(
@@ -82,6 +85,9 @@ def test_from_env_reads_every_environment_variable(tmp_path: Path) -> None:
         trace_file=str(tmp_path / "trace"),
         log_max_size=3 << 19,
         log_max_file=3,
+        pids_limit=None,
+        writable_size=256 << 20,
+        max_layer_size=1 << 30,
     )
     assert {e for s in SETTINGS for e in [s.env]} == set(env), "a setting's variable is missing here"
 

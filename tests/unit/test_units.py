@@ -440,15 +440,18 @@ def test_cpuset_is_normalised_and_checked_against_the_host() -> None:
 
 
 def test_pids_minimum_and_zero() -> None:
-    """pids counts our init, so the minimum is 2; 0 and -1 are errors, never 'unlimited' (runc's surprise)."""
+    """pids counts our init, so the minimum is 2; 0 is an error, never 'unlimited' (runc's surprise);
+    -1 is no limit, as podman's --pids-limit=-1 (issue 9, item 4: it lifts the default)."""
     assert MIN_PIDS == 2
     assert Limits.parse(pids=2).pids == 2
     assert Limits.parse(pids=64).controllers() == ["pids"]
-    for bad in (0, 1, -1, True, "10", 10.0):
+    assert Limits.parse(pids=-1).pids is None
+    assert Limits.parse(pids=-1).is_empty()
+    for bad in (0, 1, -2, True, "10", 10.0):
         with pytest.raises(InvalidSpecError) as e:
             Limits.parse(pids=bad)
         assert f"pids={bad!r}" in str(e.value)
-        assert "leave pids unset for no limit" in str(e.value)
+        assert "or -1 for no limit" in str(e.value)
 
 
 def test_limits_wire_round_trip_and_controllers() -> None:
