@@ -431,30 +431,6 @@ def parse_path(raw: str, *, what: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def parse_pids_limit(raw: str, *, what: str) -> int | None:
-    """The default pids limit: an int of at least 2, or -1 (no default limit)."""
-    from .core.limits import MIN_PIDS  # on first use: config is imported at every pytest start
-
-    text = raw.strip()
-    if text == "-1":
-        return None
-    if not text.isdigit() or int(text) < MIN_PIDS:
-        raise InvalidSpecError(f"{what}={raw!r}: expected an int of at least {MIN_PIDS}, or -1 for no limit")
-    return int(text)
-
-
-def parse_positive_size(raw: str, *, what: str) -> int:
-    from .core.limits import MIN_WRITABLE_SIZE
-    from .core.units import format_size, parse_size
-
-    size = parse_size(raw.strip(), what=what)
-    if size < MIN_WRITABLE_SIZE:
-        raise InvalidSpecError(
-            f"{what}={raw!r}: expected a size of at least {format_size(MIN_WRITABLE_SIZE)}"
-        )
-    return size
-
-
 def default_data_root(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     cache = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -565,6 +541,12 @@ class Settings:
         return cls(**values)
 
 
+def _limits() -> Any:
+    from .core import limits  # on first use: config is imported at every pytest start
+
+    return limits
+
+
 def _parsed(parse: Callable[[str, str], Any], text: str, source: str, name: str) -> Any:
     try:
         return parse(text, source)
@@ -600,7 +582,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "trace_file": lambda raw, what: parse_path(raw, what=what),
     "log_max_size": lambda raw, what: parse_log_max_size(raw, what=what),
     "log_max_file": lambda raw, what: parse_log_max_file(raw, what=what),
-    "pids_limit": lambda raw, what: parse_pids_limit(raw, what=what),
-    "writable_size": lambda raw, what: parse_positive_size(raw, what=what),
-    "max_layer_size": lambda raw, what: parse_positive_size(raw, what=what),
+    "pids_limit": lambda raw, what: _limits().parse_pids_setting(raw, what=what),
+    "writable_size": lambda raw, what: _limits().parse_size_setting(raw, what=what),
+    "max_layer_size": lambda raw, what: _limits().parse_size_setting(raw, what=what),
 }

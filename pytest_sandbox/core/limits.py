@@ -176,3 +176,22 @@ def parse_writable_size(value: object) -> int:
             "(the container's /etc files and mount points live there)"
         )
     return size
+
+
+def parse_pids_setting(raw: str, *, what: str) -> int | None:
+    """The settings' default pids limit (ini ``sandbox_pids_limit``): at least 2, or -1 for none."""
+    text = raw.strip()
+    if text == str(UNLIMITED):
+        return None
+    if not text.isdigit() or int(text) < MIN_PIDS:
+        raise InvalidSpecError(f"{what}={raw!r}: expected an int of at least {MIN_PIDS}, or -1 for no limit")
+    return int(text)
+
+
+def parse_size_setting(raw: str, *, what: str) -> int:
+    """A size setting (``sandbox_writable_size``, ``sandbox_max_layer_size``): at least 1 MiB."""
+    size = parse_size(raw.strip(), what=what)
+    if size < MIN_WRITABLE_SIZE:
+        least = format_size(MIN_WRITABLE_SIZE)
+        raise InvalidSpecError(f"{what}={raw!r}: expected a size of at least {least}")
+    return size
