@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # what mypy and IDEs see: the same names, imported eagerly
         RootRequiredError,
         SandboxError,
         SandboxTimeoutError,
+        SeccompUnavailableError,
         SetupError,
         UserNotFoundError,
     )
@@ -81,6 +82,7 @@ _MODULES: dict[str, str] = {
     "Sandbox": ".sandbox",
     "SandboxError": ".core.errors",
     "SandboxTimeoutError": ".core.errors",
+    "SeccompUnavailableError": ".core.errors",
     "SetupError": ".core.errors",
     "UserNotFoundError": ".core.errors",
 }
@@ -114,6 +116,7 @@ __all__ = [
     "Sandbox",
     "SandboxError",
     "SandboxTimeoutError",
+    "SeccompUnavailableError",
     "SetupError",
     "UserNotFoundError",
 ]

@@ -204,6 +204,17 @@ SETTINGS: tuple[Setting, ...] = (
         "largest layer commit() or a build run step may capture (the files' apparent sizes)",
     ),
     Setting(
+        "seccomp",
+        "sandbox_seccomp",
+        "--sandbox-seccomp",
+        "PYTEST_SANDBOX_SECCOMP",
+        "default",
+        "seccomp-profile",
+        "'default', 'unconfined', or the path of a .json profile in Docker's format",
+        "the seccomp filter of containers whose call or marker gives no seccomp= (default: Docker's "
+        "default profile)",
+    ),
+    Setting(
         "trace_file",
         "",
         "",
@@ -431,6 +442,20 @@ def parse_path(raw: str, *, what: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def parse_seccomp_setting(raw: str, *, what: str) -> str:
+    """'default', 'unconfined', or a profile file (made absolute; checked now, read at each start)."""
+    if raw in ("default", "unconfined"):
+        return raw
+    from .core.seccomp import parse_seccomp  # late: the plugin imports this module at startup
+
+    path = parse_path(raw, what=what)
+    try:
+        parse_seccomp(path)
+    except InvalidSpecError as e:
+        raise InvalidSpecError(f"{what}: {e.message}", hint=e.hint) from None
+    return path
+
+
 def default_data_root(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     cache = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -488,6 +513,7 @@ class Settings:
     pids_limit: int | None = DEFAULT_PIDS_LIMIT  # None: no default pids limit (the setting's -1)
     writable_size: int = DEFAULT_WRITABLE_SIZE
     max_layer_size: int = DEFAULT_MAX_LAYER_SIZE
+    seccomp: str = "default"  #: what ``seccomp=`` defaults to: "default", "unconfined" or a path
 
     @property
     def registries(self) -> RegistrySettings:
@@ -585,4 +611,5 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "pids_limit": lambda raw, what: _limits().parse_pids_setting(raw, what=what),
     "writable_size": lambda raw, what: _limits().parse_size_setting(raw, what=what),
     "max_layer_size": lambda raw, what: _limits().parse_size_setting(raw, what=what),
+    "seccomp": lambda raw, what: parse_seccomp_setting(raw, what=what),
 }

@@ -311,6 +311,9 @@ class Container:
             if workdir is not None
             else self.spec.process.workdir,
             user=parse_user(user) if user is not None else self.spec.process.user,
+            # Docker: an exec runs under the container's seccomp profile
+            seccomp=self.spec.process.seccomp,
+            seccomp_in_init=self.spec.process.seccomp_in_init,
         )
         limit = parse_timeout(timeout)
         if self._removed or self._result is not None:

@@ -22,6 +22,7 @@ from .container import Container, Result, result_from_exit
 from .core import naming
 from .core.errors import InvalidSpecError, LauncherError, SandboxError, SandboxTimeoutError
 from .core.layerstack import ImageLike, LayerStack
+from .core.seccomp import SeccompProfile
 from .core.spec import (
     BindMount,
     ContainerSpec,
@@ -40,6 +41,21 @@ from .net.networks import Attached, Network
 from .runtime import Runtime, get_runtime, require_root
 
 R = TypeVar("R")
+
+
+def seccomp_program(profile: SeccompProfile | None) -> bytes | None:
+    """The BPF program of ``profile`` for our containers (None: unconfined), compiled once.
+
+    Docker evaluates a profile's includes/excludes against the container's bounding set: ours is
+    podman's default capability set, without CAP_SYS_ADMIN, so the mount family, setns and
+    namespace-creating unshare/clone flags are refused.
+    """
+    if profile is None:
+        return None
+    from .host.seccomp import compile_profile  # late: ctypes and libseccomp only when needed
+    from .launcher.process import DEFAULT_CAPS
+
+    return compile_profile(profile.resolve(DEFAULT_CAPS))
 
 
 def _hosts_file(hostname: str) -> str:
@@ -252,6 +268,7 @@ class Sandbox:
             raise SandboxError("this sandbox handle is closed (its fixture scope has ended)")
         argv = parse_argv(cmd)
         merged = {**self.defaults, **opts}
+        merged.setdefault("seccomp", self.runtime.settings.seccomp)  # ini sandbox_seccomp
         default_image = merged.pop("image", None)  # defaults (a marker) may name the image too
         check_option_names(merged)
         image = image if image is not None else default_image
@@ -267,6 +284,7 @@ class Sandbox:
             c.name == options.name and not c.removed for c in self.containers
         ):
             raise InvalidSpecError(f"name={options.name!r}: a container with this name already exists here")
+        seccomp = seccomp_program(options.seccomp)  # compiled before anything is created
         rt = self.runtime
         rt.info()
         options = _with_default_pids(options, merged, rt.settings.pids_limit)
@@ -275,7 +293,14 @@ class Sandbox:
         spec = ContainerSpec(
             id=cid,
             hostname=hostname,
-            process=ProcessSpec(argv=argv, env=options.env, workdir=options.workdir, user=options.user),
+            process=ProcessSpec(
+                argv=argv,
+                env=options.env,
+                workdir=options.workdir,
+                user=options.user,
+                seccomp=seccomp,
+                seccomp_in_init=options.seccomp is not None and options.seccomp.is_default,
+            ),
             overlays=rt.overlays(stack),
             mounts=options.mounts,
             tmpfs=options.tmpfs,

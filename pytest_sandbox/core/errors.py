@@ -38,6 +38,7 @@ __all__ = [
     "RootRequiredError",
     "SandboxError",
     "SandboxTimeoutError",
+    "SeccompUnavailableError",
     "SettingsError",
     "SetupError",
     "UserNotFoundError",
@@ -168,6 +169,10 @@ class UserNotFoundError(SetupError, LookupError):
 
 class CgroupUnavailableError(SandboxError, OSError):
     """A requested resource limit cannot be applied on this host; never run unlimited instead."""
+
+
+class SeccompUnavailableError(SandboxError, OSError):
+    """A seccomp profile cannot be compiled here (libseccomp is missing); never run unfiltered instead."""
 
 
 class LauncherError(SandboxError, OSError):

@@ -7,6 +7,7 @@ launcher receives a :class:`ContainerSpec` (options + the image's overlay plan +
 
 from __future__ import annotations
 
+import base64
 import difflib
 import inspect
 import os
@@ -20,6 +21,7 @@ from typing import Any
 from .errors import InvalidSpecError
 from .limits import Limits, parse_writable_size
 from .naming import ID_RANGE, valid_name
+from .seccomp import SeccompProfile, parse_seccomp
 from .units import parse_size
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -55,6 +57,11 @@ class ProcessSpec:
     env: tuple[tuple[str, str], ...]
     workdir: str = "/"
     user: str | None = None  # "uid", "uid:gid", "name" or "name:group"; None: root
+    # The compiled seccomp filter (struct sock_filter[], see pytest_sandbox.host.seccomp); None:
+    # unconfined.  seccomp_in_init: the built-in profile, which allows all that the container's
+    # init and the exec helper still do, so they may take it too (the posix_spawn fast path).
+    seccomp: bytes | None = None
+    seccomp_in_init: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -62,6 +69,8 @@ class ProcessSpec:
             "env": [list(kv) for kv in self.env],
             "workdir": self.workdir,
             "user": self.user,
+            "seccomp": None if self.seccomp is None else base64.b64encode(self.seccomp).decode(),
+            "seccomp_in_init": self.seccomp_in_init,
         }
 
     @classmethod
@@ -71,6 +80,8 @@ class ProcessSpec:
             env=tuple((k, v) for k, v in d["env"]),
             workdir=d["workdir"],
             user=d["user"],
+            seccomp=None if d.get("seccomp") is None else base64.b64decode(d["seccomp"], validate=True),
+            seccomp_in_init=bool(d.get("seccomp_in_init")),
         )
 
 
@@ -101,6 +112,7 @@ class Options:
     networks: tuple[object, ...] = ()  # pytest_sandbox.net.networks.Network objects (checked there)
     aliases: tuple[str, ...] = ()
     writable_size: int | None = None  # None: the memory limit, else ini sandbox_writable_size
+    seccomp: SeccompProfile | None = None  # None: unconfined
 
 
 @dataclass(frozen=True)
@@ -416,6 +428,7 @@ def parse_options(
     input: object = None,
     cgroup: object = True,
     writable_size: object = None,
+    seccomp: object = "default",
 ) -> Options:
     """Validate every keyword of run()/start(); raise InvalidSpecError before anything exists."""
     networks = _as_tuple(network)
@@ -459,6 +472,7 @@ def parse_options(
         networks=networks,
         aliases=alias_names,
         writable_size=None if writable_size is None else parse_writable_size(writable_size),
+        seccomp=parse_seccomp(seccomp),
     )
 
 

@@ -27,7 +27,7 @@ from ..core.errors import (
     to_wire,
 )
 from ..core.spec import DEFAULT_PATH, MAX_MAPPED_ID, ProcessSpec
-from ..host import libc
+from ..host import libc, seccomp
 
 # capabilities(7) numbers of podman's default set: CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID
 # SETUID SETPCAP NET_BIND_SERVICE SYS_CHROOT SETFCAP.  No SYS_ADMIN, NET_RAW, MKNOD, DAC_READ_SEARCH.
@@ -247,6 +247,8 @@ class Prepared:
     gid: int
     groups: list[int]
     workdir: str
+    seccomp: bytes | None = None
+    seccomp_in_init: bool = False
 
 
 def prepare(proc: ProcessSpec, hostname: str) -> Prepared:
@@ -265,7 +267,7 @@ def prepare(proc: ProcessSpec, hostname: str) -> Prepared:
                 path=proc.workdir,
                 errno=e.errno or 0,
             ) from None
-    return Prepared(proc.argv, env, uid, gid, groups, proc.workdir)
+    return Prepared(proc.argv, env, uid, gid, groups, proc.workdir, proc.seccomp, proc.seccomp_in_init)
 
 
 def become(p: Prepared) -> str:
@@ -304,6 +306,11 @@ def become(p: Prepared) -> str:
     return path
 
 
+def _install_filter(p: Prepared) -> None:
+    if p.seccomp is not None:
+        seccomp.install(p.seccomp)
+
+
 # The launcher ignores these (SIGINT so a Ctrl-C aimed at pytest does not hit it); execve would keep
 # that, and a shell cannot even trap a signal ignored at its start.
 _DEFAULT_SIGNALS = (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ)
@@ -317,8 +324,13 @@ def launch(p: Prepared) -> int:
     takes the command's identity first, which is fine: it is the container's init or an exec
     helper, whose privileged work is done.  Other users need a fork to switch ids in the child.
     """
-    if p.uid == 0:
+    if p.uid == 0 and (p.seccomp is None or p.seccomp_in_init):
         path = become(p)
+        # The filter last (after no_new_privs): from here on this process -- the container's
+        # init or the exec helper -- is under it too, as Docker's tini is under `run --init`;
+        # only the built-in profile comes this way: it allows all they still do (wait4, select,
+        # read, write, kill).  posix_spawn's clone3 then fails with ENOSYS and glibc uses clone.
+        _install_filter(p)
         try:
             return os.posix_spawn(
                 path, list(p.argv), p.env, setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=()
@@ -346,6 +358,7 @@ def _exec_in_child(p: Prepared, err_fd: int) -> NoReturn:
             signal.signal(sig, signal.SIG_DFL)
         path = become(p)
         libc.close_fds_except({err_fd})
+        _install_filter(p)  # the very last step before execve
         try:
             os.execve(path, list(p.argv), p.env)
         except OSError as e:

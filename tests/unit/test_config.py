@@ -69,6 +69,7 @@ def test_from_env_reads_every_environment_variable(tmp_path: Path) -> None:
         "PYTEST_SANDBOX_PIDS_LIMIT": "-1",
         "PYTEST_SANDBOX_WRITABLE_SIZE": "256m",
         "PYTEST_SANDBOX_MAX_LAYER_SIZE": "1g",
+        "PYTEST_SANDBOX_SECCOMP": "unconfined",
     }
     s = Settings.from_env(env)
     assert s == Settings(
@@ -88,6 +89,7 @@ def test_from_env_reads_every_environment_variable(tmp_path: Path) -> None:
         pids_limit=None,
         writable_size=256 << 20,
         max_layer_size=1 << 30,
+        seccomp="unconfined",
     )
     assert {e for s in SETTINGS for e in [s.env]} == set(env), "a setting's variable is missing here"
 
