@@ -13,6 +13,11 @@ interleaved round by round so that drift (other load, CPU frequency) hits each t
   namespaces, the layer on overlayfs with its own upper layer, pivot_root, and a cgroup with
   memory, pids and cpu limits -- from ``sandbox.run()`` to its Result;
 - ``no-cgroup``: the same with ``cgroup=False``;
+- ``unconfined``: ``full`` with ``seccomp="unconfined"``: ``full`` runs under Docker's default
+  seccomp profile (the default), so the difference is the filter's cost -- compiled once per
+  profile in this process, installed by the container's init before posix_spawn; ``custom
+  profile`` is ``full`` with a profile given as a dict (a different filter: installed in a forked
+  child before execve, so that init does not run under it);
 - ``full+veth``: ``full`` on a private network (``network=sandbox.network()``): its network
   namespace prepared with lo, an address on a veth whose other end is on the network's bridge in
   the session's hub namespace -- the issue's "full container + one veth on a private network";
@@ -46,6 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pytest_sandbox import Image, Sandbox
 
 LIMITS = {"memory": "64m", "pids": 32, "cpus": 1}
+CUSTOM_PROFILE = {
+    "defaultAction": "SCMP_ACT_ALLOW",
+    "syscalls": [{"names": ["kexec_load"], "action": "SCMP_ACT_ERRNO"}],
+}
 
 
 def busybox_rootfs(dest: Path) -> Path:
@@ -118,6 +127,12 @@ def main() -> None:
                 "full": lambda: sb.run(["/bin/true"], image=image, **LIMITS).check(),
                 "full+veth": lambda: sb.run(["/bin/true"], image=image, network=net, **LIMITS).check(),
                 "no-cgroup": lambda: sb.run(["/bin/true"], image=image, cgroup=False).check(),
+                "unconfined": lambda: sb.run(
+                    ["/bin/true"], image=image, seccomp="unconfined", **LIMITS
+                ).check(),
+                "custom profile": lambda: sb.run(
+                    ["/bin/true"], image=image, seccomp=CUSTOM_PROFILE, **LIMITS
+                ).check(),
                 "bwrap": lambda: subprocess.run(bwrap_cmd, check=True),
             }
             for _ in range(args.warmup):
@@ -154,6 +169,11 @@ def main() -> None:
         f"  ratio full/bwrap = {full / ref:.2f} (target <= 2.5); "
         f"no-cgroup/bwrap = {statistics.median(samples['no-cgroup']) / ref:.2f}; "
         f"full+veth/bwrap = {statistics.median(samples['full+veth']) / ref:.2f} (target <= 3)"
+    )
+    unconfined = statistics.median(samples["unconfined"])
+    print(
+        f"  seccomp: default profile {full:.2f} ms vs unconfined {unconfined:.2f} ms "
+        f"({full - unconfined:+.2f} ms); custom profile {statistics.median(samples['custom profile']):.2f} ms"
     )
     big = [name for name in samples if name.startswith("full + ")]
     if big:
