@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox import InvalidSpecError, Sandbox, SeccompUnavailableError
+from pytest_sandbox import sandbox as sandbox_module
 from pytest_sandbox.host import seccomp as host_seccomp
 from tests import probes
 
@@ -190,15 +191,16 @@ def test_a_bad_profile_is_refused_before_anything_is_created(sandbox: Sandbox) -
 @pytest.fixture
 def no_libseccomp(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """libseccomp as on a host without libseccomp2 (the cached library and programs forgotten)."""
+    caches = (host_seccomp._library, host_seccomp.compile_profile, sandbox_module._default_program)
     monkeypatch.setattr(host_seccomp, "LIBRARY", "libseccomp-psbx-missing.so.2")
-    host_seccomp._library.cache_clear()
-    host_seccomp.compile_profile.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
     try:
         yield
     finally:
         monkeypatch.undo()
-        host_seccomp._library.cache_clear()
-        host_seccomp.compile_profile.cache_clear()
+        for cache in caches:
+            cache.cache_clear()
 
 
 def test_without_libseccomp_the_error_names_the_package(sandbox: Sandbox, no_libseccomp: None) -> None:
