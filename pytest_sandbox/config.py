@@ -21,6 +21,7 @@ types are NamedTuples (a frozen dataclass costs ~0.8 ms to define, a NamedTuple 
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -211,8 +212,7 @@ SETTINGS: tuple[Setting, ...] = (
         "default",
         "seccomp-profile",
         "'default', 'unconfined', or the path of a .json profile in Docker's format",
-        "the seccomp filter of containers whose call or marker gives no seccomp= (default: Docker's "
-        "default profile)",
+        "the seccomp filter of containers that give no seccomp= (default: Docker's default profile)",
     ),
     Setting(
         "trace_file",
@@ -442,20 +442,6 @@ def parse_path(raw: str, *, what: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def parse_seccomp_setting(raw: str, *, what: str) -> str:
-    """'default', 'unconfined', or a profile file (made absolute; checked now, read at each start)."""
-    if raw in ("default", "unconfined"):
-        return raw
-    from .core.seccomp import parse_seccomp  # late: the plugin imports this module at startup
-
-    path = parse_path(raw, what=what)
-    try:
-        parse_seccomp(path)
-    except InvalidSpecError as e:
-        raise InvalidSpecError(f"{what}: {e.message}", hint=e.hint) from None
-    return path
-
-
 def default_data_root(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     cache = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -567,10 +553,8 @@ class Settings:
         return cls(**values)
 
 
-def _limits() -> Any:
-    from .core import limits  # on first use: config is imported at every pytest start
-
-    return limits
+def _core(module: str) -> Any:  # imported on first use: config is imported at every pytest start
+    return importlib.import_module(f"{__package__}.core.{module}")
 
 
 def _parsed(parse: Callable[[str, str], Any], text: str, source: str, name: str) -> Any:
@@ -608,8 +592,8 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "trace_file": lambda raw, what: parse_path(raw, what=what),
     "log_max_size": lambda raw, what: parse_log_max_size(raw, what=what),
     "log_max_file": lambda raw, what: parse_log_max_file(raw, what=what),
-    "pids_limit": lambda raw, what: _limits().parse_pids_setting(raw, what=what),
-    "writable_size": lambda raw, what: _limits().parse_size_setting(raw, what=what),
-    "max_layer_size": lambda raw, what: _limits().parse_size_setting(raw, what=what),
-    "seccomp": lambda raw, what: parse_seccomp_setting(raw, what=what),
+    "pids_limit": lambda raw, what: _core("limits").parse_pids_setting(raw, what=what),
+    "writable_size": lambda raw, what: _core("limits").parse_size_setting(raw, what=what),
+    "max_layer_size": lambda raw, what: _core("limits").parse_size_setting(raw, what=what),
+    "seccomp": lambda raw, what: _core("seccomp").parse_setting(raw, what=what),
 }

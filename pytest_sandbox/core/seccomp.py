@@ -278,6 +278,19 @@ def parse_seccomp(value: object) -> SeccompProfile | None:
     )
 
 
+def parse_setting(raw: str, *, what: str) -> str:
+    """ini sandbox_seccomp: 'default', 'unconfined', or a profile file (made absolute; checked now,
+    read again at each start)."""
+    if raw in ("default", "unconfined"):
+        return raw
+    path = os.path.abspath(os.path.expanduser(raw.strip()))
+    try:
+        parse_seccomp(path)
+    except InvalidSpecError as e:
+        raise InvalidSpecError(f"{what}: {e.message}", hint=e.hint) from None
+    return path
+
+
 @functools.lru_cache(maxsize=1)
 def default_profile() -> SeccompProfile:
     """Docker's default profile (parsed once per process)."""
