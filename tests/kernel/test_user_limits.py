@@ -29,8 +29,8 @@ from pytest_sandbox.launcher.userns import MSGQUEUE, host_limits
 NS_GET_OWNER_UID = 0xB704  # _IO(0xb7, 0x4), ioctl_ns(2)
 _libc = ctypes.CDLL(None, use_errno=True)
 
-# Exhausts inotify instances, then queues SIGRTMIN to itself (blocked) until the kernel refuses;
-# prints both counts and errnos, and keeps everything until killed.
+# Exhausts inotify instances and message-queue bytes, then queues SIGRTMIN to itself (blocked)
+# until the kernel refuses; prints each count and errno, and keeps everything until killed.
 EXHAUST = r"""
 import ctypes, os, signal, time
 libc = ctypes.CDLL(None, use_errno=True)
@@ -40,6 +40,10 @@ n = 0
 while libc.inotify_init1(0) >= 0:
     n += 1
 print("inotify", n, ctypes.get_errno(), flush=True)
+m = 0
+while libc.mq_open(b"/q%d" % m, os.O_CREAT | os.O_RDWR, 0o600, None) >= 0:
+    m += 1
+print("mqueue", m, ctypes.get_errno(), flush=True)
 signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
 q = 0
 while libc.sigqueue(os.getpid(), signal.SIGRTMIN, sigval(0)) == 0:
@@ -48,7 +52,7 @@ print("sigqueue", q, ctypes.get_errno(), flush=True)
 time.sleep(1000)
 """
 
-# One inotify instance and one queued signal, each reported as its errno (0: it worked).
+# One inotify instance, one queued signal and one message queue, each reported as its errno (0: it worked).
 ONE_EACH = r"""
 import ctypes, os, signal
 libc = ctypes.CDLL(None, use_errno=True)
@@ -58,7 +62,8 @@ fd = libc.inotify_init1(0)
 a = 0 if fd >= 0 else ctypes.get_errno()
 signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
 b = 0 if libc.sigqueue(os.getpid(), signal.SIGRTMIN, sigval(0)) == 0 else ctypes.get_errno()
-print(a, b)
+c = 0 if libc.mq_open(b"/one", os.O_CREAT | os.O_RDWR, 0o600, None) >= 0 else ctypes.get_errno()
+print(a, b, c)
 """
 
 
@@ -106,12 +111,17 @@ def blocked_host_child() -> Iterator[subprocess.Popen[bytes]]:
         child.kill()
 
 
-def _host_root_can_inotify_and_sigqueue(child: subprocess.Popen[bytes]) -> None:
+def _host_root_can_inotify_sigqueue_and_mq_open(child: subprocess.Popen[bytes]) -> None:
     fd = _libc.inotify_init1(os.O_CLOEXEC)
     assert fd >= 0, f"host root's inotify_init1: {os.strerror(ctypes.get_errno())}"
     os.close(fd)
     ret = _libc.sigqueue(child.pid, signal.SIGRTMIN, _Sigval(0))
     assert ret == 0, f"host root's sigqueue: {os.strerror(ctypes.get_errno())}"
+    name = f"/psbx-test-{os.getpid()}".encode()  # in the host's IPC namespace: unlinked at once
+    mq = _libc.mq_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600, None)
+    assert mq >= 0, f"host root's mq_open: {os.strerror(ctypes.get_errno())}"
+    _libc.mq_unlink(name)
+    os.close(mq)
 
 
 def test_user_namespace_owned_by_a_host_uid_of_its_own(sandbox: Sandbox) -> None:
@@ -159,7 +169,7 @@ def test_container_cannot_exhaust_host_roots_inotify_and_signals(
     sandbox: Sandbox, blocked_host_child: subprocess.Popen[bytes]
 ) -> None:
     """Issue 9 item 3: a container with memory="64m", pids=4 takes every inotify instance and
-    queues signals until EAGAIN; host root and a neighbour container can still do both.
+    message-queue byte and queues signals until EAGAIN; host root and a neighbour can still do all.
 
     Before, the namespace belonged to host root and the container took root's 128 instances and
     96,361 of its pending signals.  The counts asserted are the kernel's own limits: the host's
@@ -168,15 +178,22 @@ def test_container_cannot_exhaust_host_roots_inotify_and_signals(
     hog = sandbox.start(["python3", "-c", EXHAUST], memory="64m", pids=4)
     hog.wait_for_log(b"sigqueue", timeout=120)
     words = hog.logs("stdout").decode().split()
-    inotify_count, inotify_errno, signal_count, signal_errno = (int(words[i]) for i in (1, 2, 4, 5))
+    inotify_count, inotify_errno, mq_count, mq_errno, signal_count, signal_errno = (
+        int(words[i]) for i in (1, 2, 4, 5, 7, 8)
+    )
     with open("/proc/sys/fs/inotify/max_user_instances") as f:
         assert inotify_count == int(f.read())
     assert inotify_errno == errno.EMFILE
+    # A queue charges its 10 messages of 8192 bytes (the IPC namespace's defaults) plus the
+    # kernel's bookkeeping for them (mq_treesize, ipc/mqueue.c): RLIMIT_MSGQUEUE holds 9.
+    queue_bytes = 10 * 8192
+    assert MSGQUEUE // (queue_bytes * 1.1) <= mq_count < MSGQUEUE // queue_bytes
+    assert mq_errno == errno.EMFILE
     assert signal_count == dict(host_limits().rlimits)[resource.RLIMIT_SIGPENDING]
     assert signal_errno == errno.EAGAIN
-    _host_root_can_inotify_and_sigqueue(blocked_host_child)
+    _host_root_can_inotify_sigqueue_and_mq_open(blocked_host_child)
     neighbour = sandbox.run(["python3", "-c", ONE_EACH])
-    assert neighbour.stdout == b"0 0\n"
+    assert neighbour.stdout == b"0 0 0\n"
     # An exec'd process is container root in the hog's namespace: the same counters, spent.
     inside = hog.exec(["python3", "-c", ONE_EACH])
-    assert inside.stdout == f"{errno.EMFILE} {errno.EAGAIN}\n".encode()
+    assert inside.stdout == f"{errno.EMFILE} {errno.EAGAIN} {errno.EMFILE}\n".encode()
