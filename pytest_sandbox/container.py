@@ -37,6 +37,7 @@ from .core.spec import (
 from .core.terminal import output_text
 from .core.units import parse_signal
 from .host.cgroups.base import CgroupStats
+from .host.cleanup import remove_tree
 from .launcher.logs import LogFollower, check_stream, newest, read_logs, read_tail, rotated_paths
 from .launcher.protocol import Exited
 from .net.forward import Forwarder
@@ -138,7 +139,7 @@ class Container:
         self._own_netns: int | None = None  # without networks: its namespace, opened by address()
         self._forwarders: dict[int, Forwarder] = {}
         self._network_closed = False  # set (under _lock) before remove() closes the fds above
-        self._client = runtime.client
+        self._client = runtime.client.pinned()  # to its launcher only: LauncherError once that died
         self.spec = spec
         self.image = image  # what it was started from (an Image, or a bare LayerStack)
         self.dir = directory
@@ -173,8 +174,8 @@ class Container:
 
     @property
     def running(self) -> bool:
-        if self._result is not None or self._removed:
-            return False
+        if self._result is not None or self._removed or (self._exit_future is None and self._client.lost()):
+            return False  # exited, removed, or gone with the launcher that ran it
         return not self._exit().done()
 
     def _exit(self) -> Future[Exited]:
@@ -271,8 +272,10 @@ class Container:
             return
         self._removed = True  # never reads a log: a hostile one must not keep the container alive
         try:
-            with contextlib.suppress(LauncherError):
-                self._client.remove(self.id).result()
+            self._client.remove(self.id).result()
+        except LauncherError:  # it died with its launcher: delete what that launcher would have
+            with contextlib.suppress(OSError):
+                remove_tree(self.dir)
         finally:
             self._close_network()
 

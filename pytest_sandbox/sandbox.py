@@ -29,6 +29,7 @@ from .core.spec import (
     ContainerSpec,
     Options,
     ProcessSpec,
+    check_exec_size,
     check_option_names,
     parse_argv,
     parse_env,
@@ -290,6 +291,7 @@ class Sandbox:
             raise InvalidSpecError(f"image={image!r}: expected an Image, e.g. Image.from_layers(path)")
         stack = image.layer_stack()
         options = _with_image_config(parse_options(**merged), merged, stack)
+        check_exec_size(argv, options.env)
         check_layers(stack)
         # A removed container's name is free again (a service restarted under its name).
         if options.name is not None and any(

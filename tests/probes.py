@@ -192,6 +192,25 @@ def launcher_remove(container_id: str) -> None:
     launcher_client().remove(container_id).result(10)
 
 
+def launcher_send_raw(frame: Callable[[int], bytes]) -> Future[None]:
+    """Send the launcher the bytes ``frame(rid)`` as they are, as a request with id ``rid``: the
+    future fails with the error the launcher replies, if it replies (for the tests of frames the
+    launcher must refuse without dying).  Never checked or encoded by the client."""
+    from pytest_sandbox.launcher.protocol import ShutdownRequest
+
+    client = launcher_client()
+    launcher_info()
+    future: Future[None] = Future()
+    with client._lock:
+        rid, client._next_rid = client._next_rid, client._next_rid + 1
+        client._pending[rid] = (ShutdownRequest(), future)  # a reply decodes as nothing
+        sock = client._sock
+    assert sock is not None
+    with client._send_lock:
+        sock.sendall(frame(rid))
+    return future
+
+
 def record_launcher_requests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Start the launcher, then record the name of every operation sent to it during the test."""
     client = launcher_client()
@@ -199,9 +218,9 @@ def record_launcher_requests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     sent: list[str] = []
     real_request = client.request
 
-    def recording_request(request: Request[R]) -> Future[R]:
+    def recording_request(request: Request[R], **kwargs: Any) -> Future[R]:
         sent.append(request.op.value)
-        return real_request(request)
+        return real_request(request, **kwargs)
 
     monkeypatch.setattr(client, "request", recording_request)
     return sent

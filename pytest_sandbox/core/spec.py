@@ -63,6 +63,9 @@ class ProcessSpec:
     seccomp: bytes | None = None
     seccomp_in_init: bool = False
 
+    def __post_init__(self) -> None:
+        check_exec_size(self.argv, self.env)  # what execve(2) would refuse, refused before it is sent
+
     def to_wire(self) -> dict[str, Any]:
         return {
             "argv": list(self.argv),
@@ -525,3 +528,33 @@ def check_defaults(defaults: Mapping[str, object]) -> None:
     their names, and the values that do not depend on what exists at run time."""
     check_option_names(defaults)
     parse_options(**{k: v for k, v in defaults.items() if k not in _RUN_TIME_OPTIONS})
+
+
+# execve(2)'s limits, as the kernel counts them: one argument or NAME=value string, its NUL
+# included, may have MAX_ARG_STRLEN (32 pages) bytes; all of them together, with their pointers,
+# a quarter of the stack limit -- 2 MiB with the usual 8 MiB.  Beyond either, E2BIG.  Checked here,
+# before anything is made, so that a huge value is an error naming it, not a message the launcher
+# is asked to carry (issue 9: a 65 MiB env= value took the launcher down).
+MAX_ARG_STRLEN = 32 * 4096
+MAX_ARGS_AND_ENV = 2 << 20
+
+
+def check_exec_size(argv: Sequence[str], env: Sequence[tuple[str, str]]) -> None:
+    """InvalidSpecError naming the argument or variable that execve(2) would refuse (E2BIG)."""
+    strings = [(f"cmd[{i}]", a) for i, a in enumerate(argv)] + [(f"env[{k!r}]", f"{k}={v}") for k, v in env]
+    total = 0
+    for what, text in strings:
+        size = len(text.encode("utf-8", "surrogatepass")) + 1
+        if size > MAX_ARG_STRLEN:
+            raise InvalidSpecError(
+                f"{what}: {size - 1} bytes; one argument or NAME=value may have at most "
+                f"{MAX_ARG_STRLEN - 1} (MAX_ARG_STRLEN, execve(2))",
+                hint="pass large data as a file: mounts= or input=, not in cmd or env",
+            )
+        total += size + 8  # and its pointer
+    if total > MAX_ARGS_AND_ENV:
+        raise InvalidSpecError(
+            f"cmd and env together: {total} bytes; at most {MAX_ARGS_AND_ENV} (2 MiB: execve(2)'s "
+            "limit with the default 8 MiB stack)",
+            hint="pass large data as a file: mounts= or input=, not in cmd or env",
+        )

@@ -6,8 +6,11 @@ where callers wait: ``create``, ``run``, ``wait``, ``remove``).  Requests may co
 a reader thread matches replies to requests by id (replies can arrive out of order: ``wait`` is
 answered when the process exits).  The launcher is started lazily, in its own session
 (so a Ctrl-C aimed at pytest's process group lets pytest tear down first), with the socket as its
-only inherited fd.  If it dies, every pending call fails with :class:`LauncherError` quoting the
-tail of its log, and the next call starts a fresh one.
+only inherited fd.  If it dies, every pending call fails with :class:`LauncherError` quoting its
+exit status and the tail of its log, and the next call starts a fresh one.  Each launcher is a
+*generation*: a container belongs to the one that started it, and a call about it given that
+generation (``generation=``) fails with that launcher's death -- at once, never hanging and never
+starting a new launcher that would not know the container (:meth:`LauncherClient.lost`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
-from ..core.errors import LauncherError, SandboxError, SetupError, from_wire
+from ..core.errors import InvalidSpecError, LauncherError, SandboxError, SetupError, from_wire
 from ..core.spec import ContainerSpec, ProcessSpec
 from ..host.bindsource import opened_sources
 from ..host.cgroups.base import CgroupStats
@@ -137,6 +140,8 @@ class LauncherClient:
         self._next_rid = 1
         self._hello: Hello | None = None
         self._dead: LauncherError | None = None
+        self._generation = 0  # of the launcher now (or last) running: 1 for the first
+        self._deaths: dict[int, LauncherError] = {}  # generation -> how that launcher ended
         _clients.add(self)
 
     def _abandon_after_fork(self) -> None:
@@ -162,6 +167,30 @@ class LauncherClient:
     def pid(self) -> int | None:
         """The launcher's pid while it runs."""
         return self._proc.pid if self._proc and self._sock is not None else None
+
+    @property
+    def generation(self) -> int:
+        """The generation of the launcher running now (or of the last one); 0 before the first."""
+        return self._generation
+
+    def lost(self, generation: int) -> LauncherError | None:
+        """How the launcher of ``generation`` ended, if it did (None while it runs)."""
+        with self._lock:
+            if generation == self._generation and self._sock is not None:
+                return None
+            return self._lost_error(generation)
+
+    def _lost_error(self, generation: int | None) -> LauncherError:
+        if generation is not None and generation in self._deaths:
+            return self._deaths[generation]
+        if generation is not None and generation != self._generation:
+            return LauncherError(f"the sandbox launcher that ran this (generation {generation}) is gone")
+        return self._dead or LauncherError("the sandbox launcher is not running")
+
+    def pinned(self) -> PinnedClient:
+        """This client bound to the launcher running now (started if none is): a container's view."""
+        self.hello()
+        return PinnedClient(self, self._generation)
 
     def fileno(self) -> int:
         """Our end of the launcher socket (-1 when not connected)."""
@@ -191,37 +220,47 @@ class LauncherClient:
         with opened_sources(spec) as (sent, fds):
             return self.request(RunRequest(protocol.encode_spec(sent), directory, fds))
 
+    # ``generation``, on calls about a container: that of the launcher that started it (see lost()).
+
     def exec(
-        self, exec_id: str, parent: str, process: ProcessSpec, *, stdout: str, stderr: str, stdin: str | None
+        self,
+        exec_id: str,
+        parent: str,
+        process: ProcessSpec,
+        *,
+        stdout: str,
+        stderr: str,
+        stdin: str | None,
+        generation: int | None = None,
     ) -> Started:
         """Start ``process`` in the running container ``parent``; wait with :meth:`wait` (exec_id)."""
-        return self._call(ExecRequest(exec_id, parent, process, stdout, stderr, stdin))
+        return self._call(ExecRequest(exec_id, parent, process, stdout, stderr, stdin), generation=generation)
 
-    def wait(self, ident: str) -> Future[Exited]:
+    def wait(self, ident: str, *, generation: int | None = None) -> Future[Exited]:
         """The exit of a container or exec; answered when it happens."""
-        return self.request(WaitRequest(ident))
+        return self.request(WaitRequest(ident), generation=generation)
 
-    def signal(self, ident: str, sig: int) -> None:
-        self._call(SignalRequest(ident, sig))
+    def signal(self, ident: str, sig: int, *, generation: int | None = None) -> None:
+        self._call(SignalRequest(ident, sig), generation=generation)
 
-    def stats(self, ident: str) -> CgroupStats:
+    def stats(self, ident: str, *, generation: int | None = None) -> CgroupStats:
         """A container's cgroup accounting now (or at its exit)."""
-        return self._call(StatsRequest(ident))
+        return self._call(StatsRequest(ident), generation=generation)
 
-    def limits(self, ident: str) -> CgroupFiles:
+    def limits(self, ident: str, *, generation: int | None = None) -> CgroupFiles:
         """A running container's cgroup limit files as the kernel reports them."""
-        return self._call(LimitsRequest(ident))
+        return self._call(LimitsRequest(ident), generation=generation)
 
-    def remove(self, ident: str) -> Future[None]:
+    def remove(self, ident: str, *, generation: int | None = None) -> Future[None]:
         """Kill a container or exec and delete everything it had; done when the future is."""
-        return self.request(RemoveRequest(ident))
+        return self.request(RemoveRequest(ident), generation=generation)
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Ask the launcher to kill and remove everything and exit (see :meth:`close`)."""
         self._call(ShutdownRequest(), timeout=timeout)
 
     def wait_or_kill(
-        self, ident: str, exiting: Future[Exited], timeout: float | None
+        self, ident: str, exiting: Future[Exited], timeout: float | None, *, generation: int | None = None
     ) -> tuple[Exited | None, bool]:
         """The exit ``exiting`` holds, SIGKILLing ``ident`` if it has not come within ``timeout`` s.
 
@@ -233,7 +272,7 @@ class LauncherClient:
         except FutureTimeout:
             pass
         with contextlib.suppress(SandboxError):  # it may have exited meanwhile
-            self.signal(ident, signal.SIGKILL)
+            self.signal(ident, signal.SIGKILL, generation=generation)
         try:
             return exiting.result(), True
         except LauncherError:
@@ -300,8 +339,12 @@ class LauncherClient:
         self._hello = hello
         self._sock = ours
         self._dead = None
+        self._generation += 1
         threading.Thread(
-            target=self._read_loop, args=(ours,), name="psbx-launcher-reader", daemon=True
+            target=self._read_loop,
+            args=(ours, self._proc, self._generation),
+            name="psbx-launcher-reader",
+            daemon=True,
         ).start()
 
     @staticmethod
@@ -317,7 +360,7 @@ class LauncherClient:
         except (KeyError, TypeError, ValueError) as e:
             raise LauncherError(f"the sandbox launcher sent a malformed hello: {e!r}") from None
 
-    def _read_loop(self, sock: socket.socket) -> None:
+    def _read_loop(self, sock: socket.socket, proc: subprocess.Popen[bytes] | None, generation: int) -> None:
         while True:
             try:
                 frame = protocol.recv(sock)
@@ -332,16 +375,23 @@ class LauncherClient:
                 _settle(*pending, header)
         with self._lock:
             if self._sock is sock:
-                self._sock = None
-                self._dead = LauncherError(f"the sandbox launcher exited{self._log_tail()}")
+                self._sock = None  # from here on, no request goes to this launcher
+        sock.close()
+        self._reap(proc)  # this generation's process: a new one may be starting meanwhile
+        death = LauncherError(
+            f"the sandbox launcher (pid {proc.pid if proc else '?'}) {_ended(proc)}: every container it "
+            f"ran is gone{self._log_tail()}"
+        )
+        with self._lock:
+            self._deaths[generation] = death
+            if generation == self._generation:
+                self._dead = death
             pending_all, self._pending = self._pending, {}
         for _, future in pending_all.values():
-            future.set_exception(self._dead or LauncherError("the sandbox launcher exited"))
-        sock.close()
-        self._reap()
+            future.set_exception(death)
 
-    def _reap(self) -> None:
-        proc = self._proc
+    def _reap(self, proc: subprocess.Popen[bytes] | None = None) -> None:
+        proc = proc or self._proc
         if proc is not None:
             try:
                 proc.wait(timeout=15)
@@ -359,28 +409,34 @@ class LauncherClient:
             return ""
         return f"; its log ({self.log_path}) ends with:\n{tail}" if tail else ""
 
-    def request(self, request: Request[R]) -> Future[R]:
-        """Send a request; the future holds its typed reply (or the typed error)."""
-        self.hello()
+    def request(self, request: Request[R], *, generation: int | None = None) -> Future[R]:
+        """Send a request; the future holds its typed reply (or the typed error).
+
+        With ``generation``, only to that launcher: its LauncherError at once if it is gone."""
+        if generation is None:
+            self.hello()
         future: Future[R] = Future()
         with self._lock:
-            sock = self._sock
+            sock = self._sock if generation in (None, self._generation) else None
             if sock is None:
-                raise self._dead or LauncherError("the sandbox launcher is not running")
+                raise self._lost_error(generation)
             rid = self._next_rid
             self._next_rid += 1
             self._pending[rid] = (request, future)
         try:
+            frame = protocol.encode_request(rid, request)
             with self._send_lock:
-                fdpass.send(sock, protocol.encode_request(rid, request), request.fds)
-        except OSError as e:
+                fdpass.send(sock, frame, request.fds)
+        except (OSError, protocol.ProtocolError) as e:
             with self._lock:
                 self._pending.pop(rid, None)
+            if isinstance(e, protocol.ProtocolError):  # too large to send: the caller's to fix
+                raise InvalidSpecError(f"launcher request {request.op.value!r}: {e}") from None
             raise LauncherError(f"cannot reach the sandbox launcher: {e}{self._log_tail()}") from None
         return future
 
-    def _call(self, request: Request[R], timeout: float | None = None) -> R:
-        future = self.request(request)
+    def _call(self, request: Request[R], timeout: float | None = None, *, generation: int | None = None) -> R:
+        future = self.request(request, generation=generation)
         try:
             return future.result(timeout)
         except FutureTimeout:
@@ -406,6 +462,60 @@ class LauncherClient:
                 self._sock = None
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+class PinnedClient:
+    """The client as one container sees it: each call goes to the launcher that started the
+    container, or fails at once with that launcher's death -- a LauncherError saying how it ended
+    -- instead of waiting, or of starting a new launcher that would not know the container."""
+
+    def __init__(self, client: LauncherClient, generation: int) -> None:
+        self._client = client
+        self.generation = generation
+
+    def lost(self) -> LauncherError | None:
+        return self._client.lost(self.generation)
+
+    def wait(self, ident: str) -> Future[Exited]:
+        return self._client.wait(ident, generation=self.generation)
+
+    def signal(self, ident: str, sig: int) -> None:
+        self._client.signal(ident, sig, generation=self.generation)
+
+    def stats(self, ident: str) -> CgroupStats:
+        return self._client.stats(ident, generation=self.generation)
+
+    def limits(self, ident: str) -> CgroupFiles:
+        return self._client.limits(ident, generation=self.generation)
+
+    def remove(self, ident: str) -> Future[None]:
+        return self._client.remove(ident, generation=self.generation)
+
+    def exec(
+        self, exec_id: str, parent: str, process: ProcessSpec, *, stdout: str, stderr: str, stdin: str | None
+    ) -> Started:
+        return self._client.exec(
+            exec_id, parent, process, stdout=stdout, stderr=stderr, stdin=stdin, generation=self.generation
+        )
+
+    def wait_or_kill(
+        self, ident: str, exiting: Future[Exited], timeout: float | None
+    ) -> tuple[Exited | None, bool]:
+        return self._client.wait_or_kill(ident, exiting, timeout, generation=self.generation)
+
+
+def _ended(proc: subprocess.Popen[bytes] | None) -> str:
+    """How a launcher process ended, for its LauncherError."""
+    code = proc.returncode if proc is not None else None
+    if code is None:
+        return "closed its socket"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by signal {-code} ({name})"
+    return f"exited with status {code}"
 
 
 def _settle(request: Request[Any], future: Future[Any], header: protocol.Wire) -> None:

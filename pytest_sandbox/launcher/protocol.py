@@ -1,3 +1,5 @@
+# Long module: the whole wire protocol -- every request, reply and status event, their framing
+# and its limits -- is one contract between two processes; split, each message would be read apart.
 """The launcher's wire protocol: typed messages, shared by the pytest side and the launcher.
 
 Stdlib, :mod:`pytest_sandbox.core` and the cgroup stats record only: the launcher imports it.
@@ -32,6 +34,10 @@ The spec is encoded once, by pytest (:func:`encode_spec`).  The launcher parses 
 needs (id, limits) and hands a spare first process the same bytes, untouched, with the state
 directory in front (:func:`encode_handover`).  A container's init and an exec helper report on a
 pipe, one JSON object per line (:class:`Event`: ``userns``, ``started``, ``error``, ``exit``).
+
+Sizes are bounded (:data:`MAX_HEADER`, :data:`MAX_BLOB`): the client refuses to send a larger
+frame, and the launcher's :class:`FrameBuffer` reads one that comes anyway without keeping it and
+answers it with an error -- no message can make the launcher, and every container with it, die.
 """
 
 from __future__ import annotations
@@ -46,19 +52,27 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
+from ..core.errors import InvalidSpecError
 from ..core.spec import ContainerSpec, ProcessSpec
 from ..host.cgroups.base import CgroupStats
 
 _HEADER = struct.Struct(">II")  # header length, blob length
 _LENGTH = struct.Struct(">I")
-MAX_FRAME = 64 << 20
+# A header holds at most an exec's argv and env: 2 MiB as execve(2) counts them (core/spec.
+# check_exec_size), which JSON's escapes make at most 6 times larger.  A blob is an encoded spec.
+MAX_HEADER = 16 << 20
+MAX_BLOB = 16 << 20
 
 Wire = dict[str, Any]
 Frame = tuple[Wire, bytes]  # (header, blob)
 
 
 class ProtocolError(ValueError):
-    """A frame or message that does not follow this protocol."""
+    """A frame or message that does not follow this protocol; ``rid``: its request's, if known."""
+
+    def __init__(self, message: str, *, rid: int = -1) -> None:
+        super().__init__(message)
+        self.rid = rid
 
 
 class Op(str, enum.Enum):
@@ -392,13 +406,26 @@ def _request_from_wire(op: Op, h: Wire, blob: bytes, fds: tuple[int, ...]) -> An
 
 def encode_frame(header: Wire, blob: bytes = b"") -> bytes:
     body = json.dumps(header, separators=(",", ":")).encode()
+    _check_sizes(len(body), len(blob))
     return _HEADER.pack(len(body), len(blob)) + body + blob
+
+
+def _check_sizes(header_size: int, blob_size: int) -> None:
+    if header_size > MAX_HEADER or blob_size > MAX_BLOB:
+        raise _size_error(header_size, blob_size)
+
+
+def _size_error(header_size: int, blob_size: int, rid: int = -1) -> ProtocolError:
+    return ProtocolError(
+        f"launcher protocol: a frame of {header_size} + {blob_size} bytes (header + blob) is over "
+        f"the limits of {MAX_HEADER} + {MAX_BLOB}",
+        rid=rid,
+    )
 
 
 def _sizes(prefix: bytes | bytearray) -> tuple[int, int]:
     header_size, blob_size = _HEADER.unpack_from(prefix)
-    if header_size + blob_size > MAX_FRAME:
-        raise ProtocolError(f"launcher protocol: frame of {header_size + blob_size} bytes is too large")
+    _check_sizes(header_size, blob_size)
     return header_size, blob_size
 
 
@@ -470,31 +497,71 @@ def recv(sock: socket.socket) -> Frame | None:
 
 
 class FrameBuffer:
-    """Splits a non-blocking byte stream into frames."""
+    """Splits a non-blocking byte stream into frames.
+
+    Never raises: a frame it cannot take -- over a size limit, or a header that is not a JSON
+    object -- comes out as a :class:`ProtocolError` in its place (with its ``rid`` when its header
+    could be read), and its bytes are consumed without being kept, so the next frame reads as usual.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._skip = 0  # bytes of a refused frame yet to come: read and dropped
 
-    def feed(self, data: bytes) -> list[Frame]:
-        self._buf += data
-        out = []
+    def feed(self, data: bytes) -> list[Frame | ProtocolError]:
+        dropped = min(self._skip, len(data))
+        self._skip -= dropped
+        self._buf += data[dropped:]
+        out: list[Frame | ProtocolError] = []
         while len(self._buf) >= _HEADER.size:
-            header_size, blob_size = _sizes(self._buf)
-            end = _HEADER.size + header_size + blob_size
+            header_size, blob_size = _HEADER.unpack_from(self._buf)
+            header_end = _HEADER.size + header_size
+            end = header_end + blob_size
+            if header_size > MAX_HEADER or (blob_size > MAX_BLOB and len(self._buf) >= header_end):
+                rid = (
+                    -1
+                    if header_size > MAX_HEADER
+                    else rid_of(_header_or_empty(self._buf[_HEADER.size : header_end]))
+                )
+                out.append(_size_error(header_size, blob_size, rid))
+                self._drop(end)
+                continue
             if len(self._buf) < end:
                 break
             body = bytes(self._buf[_HEADER.size : end])
             del self._buf[:end]
-            out.append((_header(body[:header_size]), body[header_size:]))
+            try:
+                out.append((_header(body[:header_size]), body[header_size:]))
+            except ProtocolError as e:
+                out.append(e)
         return out
+
+    def _drop(self, size: int) -> None:
+        """Drop the next ``size`` bytes of the stream: those buffered now, the rest as they come."""
+        now = min(size, len(self._buf))
+        del self._buf[:now]
+        self._skip = size - now
+
+
+def _header_or_empty(body: bytes | bytearray) -> Wire:
+    try:
+        return _header(bytes(body))
+    except ProtocolError:
+        return {}
 
 
 # -- the spec and its hand-over to a spare ------------------------------------------------------
 
 
 def encode_spec(spec: ContainerSpec) -> bytes:
-    """The spec as it travels: encoded once, by the client."""
-    return json.dumps(spec.to_wire(), separators=(",", ":")).encode()
+    """The spec as it travels: encoded once, by the client (InvalidSpecError if over the limit)."""
+    data = json.dumps(spec.to_wire(), separators=(",", ":")).encode()
+    if len(data) > MAX_BLOB:
+        raise InvalidSpecError(
+            f"the container's spec is {len(data)} bytes encoded, over the launcher's limit of "
+            f"{MAX_BLOB} (16 MiB): give fewer or shorter mounts, tmpfs, env or cmd"
+        )
+    return data
 
 
 def decode_spec(data: bytes) -> ContainerSpec:

@@ -247,8 +247,19 @@ class Launcher:
         if not data:
             self.running = False  # the pytest process is gone
             return
-        for header, blob in self.frames.feed(data):
-            self._dispatch(header, blob)
+        for frame in self.frames.feed(data):
+            if isinstance(frame, protocol.ProtocolError):
+                self._refuse_frame(frame)
+            else:
+                self._dispatch(*frame)
+
+    def _refuse_frame(self, error: protocol.ProtocolError) -> None:
+        """A frame too large or not readable: answered (if its request id could be read), its
+        descriptors closed -- whatever is in the inbox now came with it -- and nothing else."""
+        while self.fd_inbox:
+            os.close(self.fd_inbox.popleft())
+        print(f"psbx-launcher: refused a frame: {error}", file=sys.stderr, flush=True)
+        self._reply_error(error.rid, to_wire(error))
 
     def _on_wakeup(self, fd: object) -> None:
         assert isinstance(fd, int)
@@ -259,7 +270,11 @@ class Launcher:
 
     def _reply(self, rid: int | None, reply: Reply) -> None:
         if rid is not None and rid >= 0:
-            self._send(protocol.encode_reply(rid, reply))
+            try:
+                frame = protocol.encode_reply(rid, reply)
+            except protocol.ProtocolError as e:  # over the size limit: say so, never die of it
+                frame = protocol.encode_error(rid, to_wire(e))
+            self._send(frame)
 
     def _reply_error(self, rid: int | None, error: protocol.Wire) -> None:
         if rid is not None and rid >= 0:

@@ -12,6 +12,7 @@ behind either, once the handle is closed.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -323,3 +324,76 @@ def test_kernel_side_errors_leave_nothing(
     # The check really happened in the container: run() sends "run", start() "create".
     assert [op for op in launcher_requests if op in ("run", "create")] == ["run", "create"]
     assert _orphaned_cgroups() == []
+
+
+BIG = "x" * (65 << 20)  # the issue's 65 MiB env= value
+E2BIG_CASES = [
+    (
+        ["true"],
+        {"BIG": BIG},
+        r"env\['BIG'\]: 68157444 bytes; one argument or NAME=value may have at most 131071",
+    ),
+    (["echo", "y" * (128 << 10)], {}, r"cmd\[1\]: 131072 bytes; one argument or NAME=value may have at most"),
+    (
+        ["true"],
+        {f"V{i}": "z" * (100 << 10) for i in range(21)},
+        r"cmd and env together: \d+ bytes; at most 2097152",
+    ),
+]
+
+
+def test_a_cmd_or_env_execve_would_refuse_is_refused_before_anything_is_sent(
+    sandbox: Sandbox, launcher_requests: list[str]
+) -> None:
+    """Issue 9, item 9: a 65 MiB env= value killed the launcher, and every container with it.  What
+    execve(2) would refuse with E2BIG -- one string over MAX_ARG_STRLEN, or cmd and env together
+    over 2 MiB -- is an InvalidSpecError naming it and the limit, in run(), start() and exec(),
+    before anything is created or sent; the limit is the kernel's own (the host's execve agrees
+    one byte over it, and a container takes the largest string under it)."""
+    c = sandbox.start(["sleep", "60"])
+    launcher_requests.clear()
+    state_before = _state()
+    for cmd, env, message in E2BIG_CASES:
+        for call in (sandbox.run, sandbox.start, c.exec):
+            with pytest.raises(InvalidSpecError, match=message):
+                call(cmd, env=env)
+    assert launcher_requests == [], "an oversized command reached the launcher"
+    assert _state() == state_before
+    assert c.running
+    with pytest.raises(OSError, match="Argument list too long"):  # the kernel's limit: 131071 + NUL
+        subprocess.run(["/bin/true"], env={"A": "x" * (131071 - 1)}, check=False)
+    largest = {"A": "x" * (131071 - 2)}  # "A=" + value: 131071 bytes, then the NUL
+    assert sandbox.run(["sh", "-c", 'echo "${#A}"'], env=largest).stdout == b"131069\n"
+    assert c.exec(["sh", "-c", 'echo "${#A}"'], env=largest).stdout == b"131069\n"
+
+
+def test_a_frame_the_launcher_cannot_take_is_refused_and_it_lives_on(sandbox: Sandbox) -> None:
+    """Issue 9, item 9: no message can kill the launcher.  A frame over the size limits (a blob of
+    16 MiB + 1, a header of 16 MiB + 1) or with a header that is not JSON is read without being
+    kept, answered with an error when its request id could be read, and logged; the launcher --
+    the same process -- and its running container carry on."""
+    import struct
+
+    from pytest_sandbox.core.errors import SandboxError
+    from pytest_sandbox.launcher.protocol import MAX_BLOB, MAX_HEADER
+
+    c = sandbox.start(["sleep", "60"])
+    launcher = probes.launcher_pid()
+    log_start = os.path.getsize(probes.launcher_log_path())
+
+    def over_blob(rid: int) -> bytes:
+        header = f'{{"rid": {rid}, "op": "create", "dir": "/nowhere", "fds": 0}}'.encode()
+        return struct.pack(">II", len(header), MAX_BLOB + 1) + header + bytes(MAX_BLOB + 1)
+
+    answered = probes.launcher_send_raw(over_blob)
+    with pytest.raises(SandboxError, match=r"over the limits of 16777216 \+ 16777216"):
+        answered.result(30)
+    probes.launcher_send_raw(lambda rid: struct.pack(">II", MAX_HEADER + 1, 0) + bytes(MAX_HEADER + 1))
+    probes.launcher_send_raw(lambda rid: struct.pack(">II", 3, 0) + b"{x}")
+    assert c.exec(["echo", "alive"]).stdout == b"alive\n"
+    assert sandbox.run(["true"]).exit_code == 0
+    assert probes.launcher_pid() == launcher
+    assert c.running
+    with open(probes.launcher_log_path(), "rb") as f:
+        f.seek(log_start)
+        assert f.read().count(b"psbx-launcher: refused a frame") == 3

@@ -361,3 +361,91 @@ def test_next_session_sweeps_dead_owners_and_spares_live_ones(tmp_path: Path, ch
     assert live.wait(timeout=60) == 0, child_output(project)
     assert wait_until(lambda: not state_dirs(tmpdir), 5.0) is not None, state_dirs(tmpdir)
     assert wait_until(lambda: not owner_cgroup_dirs(live_owner), 5.0) is not None
+
+
+HANDLES_AFTER_DEATH = (
+    CHILD_REPORT
+    + """
+import re, signal, time
+import pytest
+from pytest_sandbox import LauncherError, ReadinessError
+from pytest_sandbox.runtime import get_runtime
+
+DIED = r"launcher \\(pid \\d+\\) was killed by signal 9 \\(SIGKILL\\): every container it ran is gone"
+CALLS = {
+    "wait": lambda c: c.wait(),
+    "wait(timeout)": lambda c: c.wait(timeout=60),
+    "exec": lambda c: c.exec(["true"]),
+    "kill": lambda c: c.kill(),
+    "stop": lambda c: c.stop(timeout=60),
+    "stats": lambda c: c.stats(),
+    "cgroup_limits": lambda c: c.cgroup_limits(),
+}
+
+
+def test_every_handle_reports_the_death(sandbox, sandbox_session):
+    kept = sandbox_session.start(["sleep", "1000"])  # removed by the session's teardown
+    a = sandbox.start(["sleep", "1000"], memory="64m")
+    b = sandbox.start(["sh", "-c", "echo hello; exec sleep 1000"])
+    b.wait_for_log("hello")
+    assert a.running  # a's exit is being waited for now; b's and kept's are not
+    launcher = get_runtime().client.pid
+    os.kill(launcher, signal.SIGKILL)
+    t0 = time.monotonic()
+    while a.running and time.monotonic() - t0 < 10:
+        time.sleep(0.001)
+    out = {"noticed_s": time.monotonic() - t0, "running": [c.running for c in (a, b, kept)]}
+    slowest = 0.0
+    for c in (a, b):
+        for name, call in CALLS.items():
+            t = time.monotonic()
+            with pytest.raises(LauncherError, match=DIED):
+                call(c)
+            slowest = max(slowest, time.monotonic() - t)
+        t = time.monotonic()
+        with pytest.raises(ReadinessError):  # a readiness wait: the container is gone, at once
+            c.wait_for_log("never", timeout=60)
+        slowest = max(slowest, time.monotonic() - t)
+    out["slowest_call_s"] = slowest
+    assert b.logs(stream="stdout") == b"hello\\n"  # its output is still there to read
+    t = time.monotonic()
+    a.remove()
+    b.remove()
+    out["remove_s"] = time.monotonic() - t
+    out["dirs_left"] = [os.path.exists(c.dir) for c in (a, b)]
+    out["next_run"] = sandbox.run(["echo", "alive"]).stdout.decode()
+    out["new_launcher"] = get_runtime().client.pid not in (None, launcher)
+    report(os.environ["PSBX_REPORT"], **out)
+"""
+)
+
+
+def test_after_the_launcher_dies_every_handle_says_so_and_nothing_hangs(
+    tmp_path: Path, children: Children
+) -> None:
+    """Issue 9, item 9: SIGKILL the launcher from inside a test (a child session): every container
+    handle then reports it -- ``running`` is False, each call raises LauncherError saying the
+    launcher was killed by SIGKILL, at once (none hangs, none starts a launcher that would not
+    know the container) -- its output stays readable, remove() deletes its directory, the next
+    run gets a fresh launcher, and the fixtures' teardown (a session-scoped handle's container
+    too) completes: the child session passes and leaves nothing."""
+    project, tmpdir = tmp_path / "child", tmp_path / "tmp"
+    tmpdir.mkdir()
+    write_child_project(project, {"test_death.py": HANDLES_AFTER_DEATH})
+    report = project / "report.json"
+    child = spawn_pytest(project, child_env(tmpdir, {"PSBX_REPORT": str(report)}), "-q", "test_death.py")
+    children.append(child)
+    assert child.wait(timeout=120) == 0, child_output(project)
+    out = wait_for_file(report, child, 1.0)
+    print(
+        f"launcher death noticed in {out['noticed_s']:.4f} s; slowest call after it "
+        f"{out['slowest_call_s']:.4f} s; remove of two containers {out['remove_s']:.4f} s"
+    )
+    assert out["running"] == [False, False, False]
+    assert out["noticed_s"] < 2.0
+    assert out["slowest_call_s"] < 1.0
+    assert out["dirs_left"] == [False, False]
+    assert out["next_run"] == "alive\n"
+    assert out["new_launcher"]
+    assert "1 passed" in child_output(project)
+    assert wait_until(lambda: not state_dirs(tmpdir), 5.0) is not None, state_dirs(tmpdir)

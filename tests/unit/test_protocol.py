@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import socket
 import struct
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from pytest_sandbox.core.errors import InvalidSpecError
 from pytest_sandbox.core.limits import Limits
 from pytest_sandbox.core.spec import BindMount, ContainerSpec, OverlaySpec, ProcessSpec, TmpfsMount
 from pytest_sandbox.host.cgroups.base import CgroupStats
@@ -74,6 +76,7 @@ REQUESTS: list[Request[Any]] = [
 def _one_frame(data: bytes) -> protocol.Frame:
     frames = FrameBuffer().feed(data)
     assert len(frames) == 1
+    assert not isinstance(frames[0], ProtocolError), frames[0]
     return frames[0]
 
 
@@ -192,7 +195,9 @@ def test_command_exited_from_a_wait_status() -> None:
 def test_frames_split_and_joined_across_reads() -> None:
     data = b"".join(protocol.encode_request(rid, r) for rid, r in enumerate(REQUESTS))
     buffer = FrameBuffer()
-    frames = [f for i in range(0, len(data), 7) for f in buffer.feed(data[i : i + 7])]
+    fed = [f for i in range(0, len(data), 7) for f in buffer.feed(data[i : i + 7])]
+    frames = [f for f in fed if not isinstance(f, ProtocolError)]
+    assert len(frames) == len(fed)
     assert [protocol.decode_request(*f) for f in frames] == REQUESTS
     assert [protocol.rid_of(h) for h, _ in frames] == list(range(len(REQUESTS)))
 
@@ -224,16 +229,44 @@ def test_bad_requests_are_protocol_errors(header: dict[str, Any], match: str) ->
 
 
 @pytest.mark.parametrize(
-    ("data", "match"),
+    ("data", "match", "rid"),
     [
-        (struct.pack(">II", 2, 0) + b"[]", "must be a JSON object"),
-        (struct.pack(">II", 3, 0) + b"{x}", "not JSON"),
-        (struct.pack(">II", protocol.MAX_FRAME, 1), "too large"),
+        (struct.pack(">II", 2, 0) + b"[]", "must be a JSON object", -1),
+        (struct.pack(">II", 3, 0) + b"{x}", "not JSON", -1),
+        (struct.pack(">II", protocol.MAX_HEADER + 1, 0), "over the limits", -1),
+        (struct.pack(">II", 10, protocol.MAX_BLOB + 1) + b'{"rid": 7}', "over the limits", 7),
     ],
 )
-def test_bad_frames_are_protocol_errors(data: bytes, match: str) -> None:
-    with pytest.raises(ProtocolError, match=match):
-        FrameBuffer().feed(data)
+def test_a_bad_frame_is_an_error_in_its_place_and_the_next_frame_reads(
+    data: bytes, match: str, rid: int
+) -> None:
+    """Issue 9, item 9: a frame the launcher cannot take is a ProtocolError in the stream (with its
+    request id when its header could be read), its bytes dropped as they come -- never an exception
+    out of the reader, which would end the launcher and every container with it."""
+    buffer = FrameBuffer()
+    header_size, blob_size = struct.unpack_from(">II", data)
+    rest = b"\0" * (8 + header_size + blob_size - len(data))  # the refused frame's remaining bytes
+    good = protocol.encode_request(8, WaitRequest("after"))
+    out = buffer.feed(data)
+    for i in range(0, len(rest), 1 << 20):
+        out += buffer.feed(rest[i : i + (1 << 20)])
+    out += buffer.feed(good)
+    assert len(out) == 2, out
+    error, frame = out
+    assert isinstance(error, ProtocolError)
+    assert error.rid == rid
+    assert match in str(error)
+    assert not isinstance(frame, ProtocolError)
+    assert protocol.decode_request(*frame) == WaitRequest("after")
+    assert len(buffer._buf) == 0  # nothing of the refused frame was kept
+
+
+def test_an_oversized_frame_is_never_sent_nor_a_spec_encoded() -> None:
+    with pytest.raises(ProtocolError, match="over the limits"):
+        protocol.encode_frame({"rid": 1}, b"x" * (protocol.MAX_BLOB + 1))
+    big = dataclasses.replace(SPEC, etc_files=(("big", "x" * protocol.MAX_BLOB),))
+    with pytest.raises(InvalidSpecError, match=r"spec is \d+ bytes encoded, over the launcher's limit"):
+        protocol.encode_spec(big)
 
 
 def test_bad_spec_events_and_handovers_are_protocol_errors() -> None:
