@@ -37,7 +37,6 @@ from .core.spec import (
 from .core.terminal import output_text
 from .core.units import parse_signal
 from .host.cgroups.base import CgroupStats
-from .host.cleanup import remove_tree
 from .launcher.logs import LogFollower, check_stream, newest, read_logs, read_tail, rotated_paths
 from .launcher.protocol import Exited
 from .net.forward import Forwarder
@@ -272,10 +271,8 @@ class Container:
             return
         self._removed = True  # never reads a log: a hostile one must not keep the container alive
         try:
-            self._client.remove(self.id).result()
-        except LauncherError:  # it died with its launcher: delete what that launcher would have
-            with contextlib.suppress(OSError):
-                remove_tree(self.dir)
+            with contextlib.suppress(LauncherError):  # gone with its launcher: its directory goes here
+                self._client.remove(self.id, leftover=self.dir).result()
         finally:
             self._close_network()
 

@@ -32,6 +32,7 @@ from ..core.errors import InvalidSpecError, LauncherError, SandboxError, SetupEr
 from ..core.spec import ContainerSpec, ProcessSpec
 from ..host.bindsource import opened_sources
 from ..host.cgroups.base import CgroupStats
+from ..host.cleanup import remove_tree
 from . import fdpass, protocol
 from .logs import LogLimits
 from .protocol import (
@@ -488,7 +489,12 @@ class PinnedClient:
     def limits(self, ident: str) -> CgroupFiles:
         return self._client.limits(ident, generation=self.generation)
 
-    def remove(self, ident: str) -> Future[None]:
+    def remove(self, ident: str, *, leftover: str | None = None) -> Future[None]:
+        """If the launcher is gone, ``leftover`` (the container's state directory, which that
+        launcher would have deleted) is deleted here, and its LauncherError raised."""
+        if leftover is not None and self.lost() is not None:
+            with contextlib.suppress(OSError):
+                remove_tree(leftover)
         return self._client.remove(ident, generation=self.generation)
 
     def exec(
