@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import difflib
+import functools
 import inspect
 import os
 import posixpath
@@ -72,7 +73,7 @@ class ProcessSpec:
             "env": [list(kv) for kv in self.env],
             "workdir": self.workdir,
             "user": self.user,
-            "seccomp": None if self.seccomp is None else base64.b64encode(self.seccomp).decode(),
+            "seccomp": None if self.seccomp is None else _b64encode(self.seccomp),
             "seccomp_in_init": self.seccomp_in_init,
         }
 
@@ -83,9 +84,20 @@ class ProcessSpec:
             env=tuple((k, v) for k, v in d["env"]),
             workdir=d["workdir"],
             user=d["user"],
-            seccomp=None if d.get("seccomp") is None else base64.b64decode(d["seccomp"], validate=True),
+            seccomp=None if d.get("seccomp") is None else _b64decode(d["seccomp"]),
             seccomp_in_init=bool(d.get("seccomp_in_init")),
         )
+
+
+# Every start carries the same ~10 KB filter: encode it, and check and decode it, once (~0.15 ms).
+@functools.lru_cache(maxsize=8)
+def _b64encode(program: bytes) -> str:
+    return base64.b64encode(program).decode()
+
+
+@functools.lru_cache(maxsize=8)
+def _b64decode(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
 
 
 @dataclass(frozen=True)
