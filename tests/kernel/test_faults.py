@@ -339,12 +339,13 @@ def log_size() -> int:
 
 
 def container_dir_of(calls: list[Call]) -> str:
-    """The container's state directory, from its first process opening its stdout log there."""
+    """The container's state directory, from the first path opened in it (the launcher opens its
+    log files there; its first process, its layers' work directories)."""
     for c in calls:
-        m = re.search(r'"(/[^"]*/c-[0-9a-f]{12})/stdout"', c.text)
+        m = re.search(r'"(/[^"]*/c-[0-9a-f]{12})/', c.text)
         if c.name == "openat" and m:
             return m.group(1)
-    raise AssertionError("no container log was opened")
+    raise AssertionError("nothing in a container's state directory was opened")
 
 
 def assert_launcher_works(launcher: Proc, image: Image) -> None:
@@ -555,12 +556,15 @@ def test_setup_fault(fault: SetupFault, reference: list[Call], busybox_image: Im
     strace = Strace(
         spare,
         tmp_path / "strace.log",
-        trace=[fault.syscall, "openat"],  # openat: where the container's logs go, i.e. its directory
+        trace=[fault.syscall, "openat"],
         inject=f"{fault.syscall}:error={errno.errorcode[fault.errno]}:when={when}",
     )
+    # The launcher, not traced otherwise: it opens the container's log files, i.e. its directory
+    # (the container's output goes to pipes), before the container sets anything up.
+    opens = Strace(launcher[0], tmp_path / "opens.log", trace=["openat"], follow=False)
     sb = Sandbox()
     try:
-        with strace, pytest.raises(SetupError) as excinfo:
+        with strace, opens, pytest.raises(SetupError) as excinfo:
             sb.run(["true"], image=busybox_image)
     finally:
         sb.close()
@@ -575,7 +579,7 @@ def test_setup_fault(fault: SetupFault, reference: list[Call], busybox_image: Im
     assert err.errno == fault.errno, f"errno={err.errno}: {err}"
 
     # Nothing is left: the state directory, the cgroup leaf, the container's process.
-    container_dir = container_dir_of(strace.calls())
+    container_dir = container_dir_of(opens.calls())
     assert os.path.dirname(container_dir) == probes.state_dir()
     assert not os.path.exists(container_dir), f"state directory left: {container_dir}"
     assert leaves, "the spare had no cgroup leaf"

@@ -726,10 +726,14 @@ def test_only_stdio_fds_reach_the_command(sandbox: Sandbox, busybox_image: Image
         for r in results:
             # 3 is ls's own handle on /proc/self/fd, open while it lists it.
             assert r.check().stdout.split() == [b"0", b"1", b"2", b"3"]
-        # The sleeping command, from the host: exactly 0, 1, 2 -- /dev/null and the two log files.
+        # The sleeping command, from the host: exactly 0, 1, 2 -- /dev/null and its two output
+        # pipes (never a log file: the launcher copies the pipes into those; issue 9, item 2).
         fds = {fd: os.readlink(f"/proc/{c.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{c.pid}/fd")}
-        logs = ContainerDirs(c.dir)
-        assert fds == {"0": "/dev/null", "1": logs.stdout, "2": logs.stderr}
+        assert sorted(fds) == ["0", "1", "2"]
+        assert fds["0"] == "/dev/null"
+        assert fds["1"].startswith("pipe:"), fds
+        assert fds["2"].startswith("pipe:"), fds
+        assert fds["1"] != fds["2"], fds
         # Its init may hold pipes to the launcher, but never a directory or a socket.
         for fd in os.listdir(f"/proc/{c.init_pid}/fd"):
             mode = os.stat(f"/proc/{c.init_pid}/fd/{fd}").st_mode
