@@ -222,9 +222,15 @@ def run_step(cmd: Sequence[str], *, timeout: float | None = None) -> LayerStep:
                     f"--- output (last lines) ---\n{container.log_tail()}",
                     result=result,
                 )
-            uid_base = sb.runtime.settings.uid_base
+            settings = sb.runtime.settings
             return commit_upper(
-                st, container.dir, container.spec, uid_base=uid_base, parent=parent, created_by=line
+                st,
+                container.dir,
+                container.spec,
+                uid_base=settings.uid_base,
+                parent=parent,
+                created_by=line,
+                max_bytes=settings.max_layer_size,
             )
 
     return LayerStep("run", tuple(argv), line, make)

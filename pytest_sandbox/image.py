@@ -28,7 +28,7 @@ from .core.errors import InvalidSpecError
 from .core.imagemodel import History, ImageConfig, ImageRecord
 from .core.layerstack import ImageLike, LayerStack
 from .host.overlays import check_layer, check_layers, check_not_nested
-from .images.layers import check_state_dir, child_record, commit_upper, record_of
+from .images.layers import captured_upper, check_state_dir, child_record, record_of
 from .images.store import Store
 from .runtime import current_settings
 
@@ -236,18 +236,28 @@ def _as_image(source: ImageLike) -> Image:
     return Image(stack.layers, stack.host, stack.config)
 
 
-def commit_container(container: Container, ref: str, *, uid_base: int, store: Store | None = None) -> Image:
+def commit_container(
+    container: Container,
+    ref: str,
+    *,
+    uid_base: int,
+    max_layer_size: int | None = None,
+    store: Store | None = None,
+) -> Image:
     """``docker commit``: the container's writable layer on top of its image, tagged ``ref``."""
     Store.check_tag(ref)
     check_state_dir(container.name, container.dir)  # before the parent image is stored
     base = _as_image(container.image)
     st = base._store(store)
-    parent = base._record(st)
-    parent_id = st.put_image(parent)
     line = f"commit {container.name}: {shlex.join(container.spec.process.argv)}"
-    digest = commit_upper(
-        st, container.dir, container.spec, uid_base=uid_base, parent=parent, created_by=line
-    )
+    # Captured first: a layer refused (too large) leaves nothing in the store, not even the parent.
+    with captured_upper(
+        st, container.dir, container.spec, uid_base=uid_base, created_by=line, max_bytes=max_layer_size
+    ) as tmp:
+        parent = base._record(st)
+        parent_id = st.put_image(parent)
+        top = parent.layers[-1] if parent.layers else None
+        digest = st.add_prepared_layer(tmp, created_by=line, parent=top).digest
     record = child_record(parent, parent_id, digest, line)
     image_id = st.put_image(record)
     st.tag(ref, image_id)

@@ -28,6 +28,7 @@ __all__ = [
     "LayerNotFoundError",
     "LayerPermissionError",
     "LayerTarError",
+    "LayerTooLargeError",
     "NetworkError",
     "ReadinessError",
     "RegistryAuthError",
@@ -112,6 +113,21 @@ class LayerNotADirectoryError(LayerError, NotADirectoryError):
 
 class LayerPermissionError(LayerError, PermissionError):
     """A layer directory cannot be read."""
+
+
+class LayerTooLargeError(LayerError):
+    """A captured layer (``commit()``, a build ``run`` step) is over ini ``sandbox_max_layer_size``.
+
+    ``size`` is what was found so far (bytes: the apparent sizes of its files), ``limit`` the
+    setting's value; ``errno`` is EFBIG.  Nothing was stored.
+    """
+
+    def __init__(
+        self, message: str, *, size: int = 0, limit: int = 0, path: str = "", hint: str = ""
+    ) -> None:
+        super().__init__(message, errno=27, path=path, hint=hint)  # EFBIG
+        self.size = size
+        self.limit = limit
 
 
 class ImageNotFoundError(SandboxError, LookupError):

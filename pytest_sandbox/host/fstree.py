@@ -27,7 +27,13 @@ from dataclasses import dataclass, field
 from typing import AnyStr, Generic
 
 from ..core import naming
-from ..core.errors import InvalidSpecError, LayerNotADirectoryError, LayerNotFoundError, RootRequiredError
+from ..core.errors import (
+    InvalidSpecError,
+    LayerNotADirectoryError,
+    LayerNotFoundError,
+    LayerTooLargeError,
+    RootRequiredError,
+)
 from .cleanup import remove_tree
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -176,18 +182,46 @@ def _copy_xattrs(src_fd: int, dst_fd: int) -> None:
 
 
 def _copy_data(src_fd: int, dst_fd: int, size: int) -> None:
+    """Copy ``size`` bytes, keeping holes: only the data extents are copied (SEEK_DATA/SEEK_HOLE,
+    lseek(2)), and the file gets its length at the end.  A 2 GiB sparse file stays a few blocks."""
     offset = 0
-    while True:
+    while offset < size:
         try:
-            n = os.sendfile(dst_fd, src_fd, offset, max(size - offset, _CHUNK))
+            start = os.lseek(src_fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data from offset to the end: one hole
+                break
+            if e.errno != errno.EINVAL:  # EINVAL: a filesystem without SEEK_DATA, copy it all
+                raise
+            start = offset
+        end = min(size, _hole_after(src_fd, start, size))
+        _copy_range(src_fd, dst_fd, start, end)
+        offset = end
+    os.ftruncate(dst_fd, size)  # the trailing hole (and a file that shrank while copied)
+
+
+def _hole_after(fd: int, start: int, size: int) -> int:
+    try:
+        return os.lseek(fd, start, os.SEEK_HOLE)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENXIO):
+            raise
+        return size
+
+
+def _copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:
+    """Bytes ``start..end`` of ``src_fd`` to the same offsets of ``dst_fd``."""
+    os.lseek(dst_fd, start, os.SEEK_SET)
+    offset = start
+    while offset < end:
+        try:
+            n = os.sendfile(dst_fd, src_fd, offset, min(end - offset, _CHUNK << 3))
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.ENOSYS):
                 raise
-            os.lseek(src_fd, offset, os.SEEK_SET)
-            while chunk := os.read(src_fd, _CHUNK):
-                os.write(dst_fd, chunk)
-            return
-        if n == 0:
+            n = len(chunk := os.pread(src_fd, min(end - offset, _CHUNK), offset))
+            os.write(dst_fd, chunk)
+        if n == 0:  # the file shrank meanwhile (a running container)
             return
         offset += n
 
@@ -200,7 +234,8 @@ def copy_tree(
     owner: tuple[int, int] | None = None,
     skip: Callable[[str], bool] | None = None,
     src_fd: int | None = None,
-) -> None:
+    max_bytes: int | None = None,
+) -> int:
     """Copy the tree at ``src`` to ``dest`` (created; must not exist), as an overlay layer holds it.
 
     ``src_fd``: a descriptor of ``src`` opened and checked earlier (``O_PATH`` will do); the copy
@@ -211,8 +246,14 @@ def copy_tree(
     (through ``ids``, or all ``owner``), mtimes, hardlinks, xattrs (of ``trusted.overlay.*`` only
     the opaque mark), whiteouts (character devices 0:0), fifos.  Sockets are skipped; any other
     device node is refused.  ``skip(rel)`` leaves out an entry (``rel`` is ``a/b``, no leading /).
+    Holes are kept (see :func:`_copy_data`).  ``max_bytes``: raise :class:`LayerTooLargeError` as
+    soon as the tree's tar would be larger (a 512-byte header per entry, each file's apparent size:
+    a sparse file counts in full, as it does in a tar) -- checked before each file is copied, so a
+    container's 1 TiB sparse file costs nothing to refuse.  Returns that count for the whole tree.
     """
-    _TreeCopy(src, ids, owner, skip).run(dest, src_fd)
+    copy = _TreeCopy(src, ids, owner, skip, max_bytes)
+    copy.run(dest, src_fd)
+    return copy.tar_bytes
 
 
 class _TreeCopy:
@@ -224,8 +265,11 @@ class _TreeCopy:
         ids: IdMap | None,
         owner: tuple[int, int] | None,
         skip: Callable[[str], bool] | None,
+        max_bytes: int | None = None,
     ) -> None:
         self.src = src
+        self.max_bytes = max_bytes
+        self.tar_bytes = 0
         self.idmap = ids or (lambda x: x)
         self.owner = owner
         self.skip = skip
@@ -278,7 +322,22 @@ class _TreeCopy:
             s = os.stat(name, dir_fd=frame.fd, follow_symlinks=False)
         except FileNotFoundError:
             return  # deleted meanwhile (a running container)
+        self._charge(path, s)
         self._copy_entry(frame, name, path, s)
+
+    def _charge(self, path: str, s: os.stat_result) -> None:
+        """Count the entry's share of the tree's tar size; over ``max_bytes``, refuse the tree."""
+        self.tar_bytes += 512
+        if stat.S_ISREG(s.st_mode) and not (s.st_nlink > 1 and (s.st_dev, s.st_ino) in self.links):
+            self.tar_bytes += -(-s.st_size // 512) * 512
+        if self.max_bytes is not None and self.tar_bytes > self.max_bytes:
+            raise LayerTooLargeError(
+                f"{self.src}: more than {self.max_bytes} bytes as a layer tar "
+                f"({self.tar_bytes} counted at {path})",
+                size=self.tar_bytes,
+                limit=self.max_bytes,
+                path=f"{self.src}/{path}",
+            )
 
     def _finish_dir(self, frame: Frame[str]) -> None:
         """A directory's own metadata, set once its entries are in (they change its mtime)."""

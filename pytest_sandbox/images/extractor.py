@@ -281,12 +281,17 @@ class _Extractor:
             dir_fd=parent,
         )
         try:
+            size = data_left
             while data_left:
                 data = self.reader.exact(min(data_left, CHUNK), f"entry {entry.shown!r}")
+                data_left -= len(data)
+                if data.count(0) == len(data):  # zeros: a hole (a tar stores a sparse file dense)
+                    os.lseek(fd, len(data), os.SEEK_CUR)
+                    continue
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                data_left -= len(data)
+            os.ftruncate(fd, size)  # the file's length, after a trailing hole
             os.fchown(fd, entry.uid, entry.gid)
             os.fchmod(fd, entry.mode)
             self._set_xattrs(fd, entry)

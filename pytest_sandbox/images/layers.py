@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-from ..core.errors import LayerNotFoundError
+from ..core.errors import LayerNotFoundError, LayerTooLargeError
 from ..core.imagemodel import History, ImageRecord
 from ..core.layerstack import LayerStack
 from ..core.spec import ContainerSpec
+from ..core.units import format_size
 from ..host.cleanup import remove_tree
 from ..host.rootfs import ContainerDirs
 from .store import Store, copy_tree, now_rfc3339, shift_ids
@@ -90,16 +91,19 @@ def check_state_dir(name: str, directory: str) -> None:
         )
 
 
-def capture_upper(directory: str, spec: ContainerSpec, dest: str, *, uid_base: int) -> None:
+def capture_upper(
+    directory: str, spec: ContainerSpec, dest: str, *, uid_base: int, max_bytes: int | None = None
+) -> None:
     """Copy the upper layer(s) of the container in ``directory`` to ``dest`` as one layer directory.
 
     On the host base, /usr (and the like) are overlays of their own with their own upper
     directory: those go under ``usr/`` (...) in the layer.  Host ids ``uid_base + N`` become N.
+    Sparse files keep their holes; ``max_bytes`` bounds the layer's tar size (see copy_tree).
     """
     dirs = ContainerDirs(directory)
     ids = shift_ids(uid_base)
     etc_files = {"etc/" + name for name, _ in spec.etc_files}
-    copy_tree(dirs.upper(0), dest, ids=ids, skip=etc_files.__contains__)
+    used = copy_tree(dirs.upper(0), dest, ids=ids, skip=etc_files.__contains__, max_bytes=max_bytes)
     # Directories the setup made in the upper layer (mount points; /etc for the files above):
     # always covered by a mount, or left empty.  Empty and not opaque, they carry nothing.
     for name in ("etc", *MOUNT_POINTS):
@@ -118,18 +122,63 @@ def capture_upper(directory: str, spec: ContainerSpec, dest: str, *, uid_base: i
         if os.path.lexists(where):
             remove_tree(where)  # hidden in the container by this overlay: its upper is what was seen
         make_parents(dest, os.path.dirname(rel), 0)
-        copy_tree(upper, where, ids=ids)
+        left = None if max_bytes is None else max_bytes - used
+        used += copy_tree(upper, where, ids=ids, max_bytes=left)
+
+
+@contextlib.contextmanager
+def captured_upper(
+    store: Store,
+    directory: str,
+    spec: ContainerSpec,
+    *,
+    uid_base: int,
+    created_by: str,
+    max_bytes: int | None,
+) -> Iterator[str]:
+    """A temporary directory of ``store`` whose ``diff/`` is the container's captured upper layer.
+
+    Over ``max_bytes`` (ini ``sandbox_max_layer_size``): :class:`LayerTooLargeError`, and the
+    temporary copy goes with its directory -- nothing reaches the store.
+    """
+    check_state_dir(spec.id, directory)
+    with store.tempdir() as tmp:
+        try:
+            capture_upper(directory, spec, os.path.join(tmp, "diff"), uid_base=uid_base, max_bytes=max_bytes)
+        except LayerTooLargeError as e:
+            raise _too_large(created_by, e) from None
+        yield tmp
 
 
 def commit_upper(
-    store: Store, directory: str, spec: ContainerSpec, *, uid_base: int, parent: ImageRecord, created_by: str
+    store: Store,
+    directory: str,
+    spec: ContainerSpec,
+    *,
+    uid_base: int,
+    parent: ImageRecord,
+    created_by: str,
+    max_bytes: int | None = None,
 ) -> str:
     """The digest of a new stored layer holding what the container in ``directory`` wrote."""
-    check_state_dir(spec.id, directory)
-    with store.tempdir() as tmp:
-        capture_upper(directory, spec, os.path.join(tmp, "diff"), uid_base=uid_base)
+    with captured_upper(
+        store, directory, spec, uid_base=uid_base, created_by=created_by, max_bytes=max_bytes
+    ) as tmp:
         top = parent.layers[-1] if parent.layers else None
         return store.add_prepared_layer(tmp, created_by=created_by, parent=top).digest
+
+
+def _too_large(created_by: str, e: LayerTooLargeError) -> LayerTooLargeError:
+    return LayerTooLargeError(
+        f"{created_by}: the layer is over the limit of {format_size(e.limit)} ({e.limit} bytes, ini "
+        f"sandbox_max_layer_size): its tar would have more than {e.size} bytes (counted as far as "
+        f"{e.filename}; a sparse file counts in full, as it does in a tar); nothing was stored",
+        size=e.size,
+        limit=e.limit,
+        path=e.filename,
+        hint="delete what the layer need not keep before capturing it, or raise ini sandbox_max_layer_size "
+        "(--sandbox-max-layer-size, PYTEST_SANDBOX_MAX_LAYER_SIZE)",
+    )
 
 
 def _xattr(path: str, name: str) -> bytes | None:
