@@ -263,10 +263,7 @@ class Container:
 
         if self._removed:
             raise ContainerNotRunningError(f"container {self.name} was removed; commit before removing it")
-        settings = self._runtime.settings
-        return commit_container(
-            self, ref, uid_base=settings.uid_base, max_layer_size=settings.max_layer_size, store=store
-        )
+        return commit_container(self, ref, settings=self._runtime.settings, store=store)
 
     def remove(self) -> None:
         """Kill whatever runs, delete the container's layer, logs and cgroup.  Idempotent."""

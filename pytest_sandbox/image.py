@@ -33,6 +33,7 @@ from .images.store import Store
 from .runtime import current_settings
 
 if TYPE_CHECKING:
+    from .config import Settings
     from .container import Container
 
 __all__ = ["DEFAULT_BASE", "History", "Image", "ImageConfig", "PathLike", "check_layer", "commit_container"]
@@ -240,11 +241,13 @@ def commit_container(
     container: Container,
     ref: str,
     *,
-    uid_base: int,
-    max_layer_size: int | None = None,
+    settings: Settings,
     store: Store | None = None,
 ) -> Image:
-    """``docker commit``: the container's writable layer on top of its image, tagged ``ref``."""
+    """``docker commit``: the container's writable layer on top of its image, tagged ``ref``.
+
+    ``settings``: the container's runtime's (its uid base, ini ``sandbox_max_layer_size``).
+    """
     Store.check_tag(ref)
     check_state_dir(container.name, container.dir)  # before the parent image is stored
     base = _as_image(container.image)
@@ -252,7 +255,12 @@ def commit_container(
     line = f"commit {container.name}: {shlex.join(container.spec.process.argv)}"
     # Captured first: a layer refused (too large) leaves nothing in the store, not even the parent.
     with captured_upper(
-        st, container.dir, container.spec, uid_base=uid_base, created_by=line, max_bytes=max_layer_size
+        st,
+        container.dir,
+        container.spec,
+        uid_base=settings.uid_base,
+        created_by=line,
+        max_bytes=settings.max_layer_size,
     ) as tmp:
         parent = base._record(st)
         parent_id = st.put_image(parent)

