@@ -53,7 +53,9 @@ class Runtime:
         self.settings = settings or Settings.from_env()
         self.pid = os.getpid()
         self.owner = naming.owner_tag()
-        self.state_dir = os.path.join(self.settings.state_dir, self.owner)
+        # Canonical: files in it are bind sources (a networked container's /etc/hosts), and a bind
+        # source may hold no symlink (core/spec, host/bindsource).
+        self.state_dir = os.path.join(os.path.realpath(self.settings.state_dir), self.owner)
         self._lock = threading.Lock()
         self._client: LauncherClient | None = None
         self._skeleton: tuple[str, HostLayout] | None = None

@@ -32,9 +32,10 @@ def open_source(m: BindMount) -> tuple[int, BindMount]:
         fd = libc.open_no_symlinks(m.source)
     except SetupError as e:
         if e.errno == errno.ELOOP:
+            when = "after run() resolved it" if m.identity is not None else "(give its resolved path)"
             raise InvalidSpecError(
-                f"mounts: source {m.source!r} became a symlink after run() resolved it; refusing "
-                "to follow it (a container that can write its parent directory may have planted it)"
+                f"mounts: source {m.source!r} is reached through a symlink {when}; refusing to follow "
+                "it (a container that can write a directory on its way may have planted it)"
             ) from None
         raise InvalidSpecError(f"mounts: source {m.source!r}: {os.strerror(e.errno or 0)}") from None
     st = os.fstat(fd)

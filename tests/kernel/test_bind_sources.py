@@ -28,6 +28,7 @@ import pytest
 
 from pytest_sandbox import Image, InvalidSpecError, LayerError, LayerNotFoundError, Sandbox
 from pytest_sandbox.images.store import Store
+from tests import probes
 from tests.e2e_support import children, comm, descendants, proc_state, wait_until
 from tests.probes import launcher_pid, state_dir
 
@@ -363,3 +364,22 @@ def test_copy_step_racing_a_symlink_swap_never_copies_the_decoy(busybox_layer: P
     stored = [p.read_bytes() for p in (tmp_path / "store").rglob("marker")]
     assert DECOY not in stored, outcomes
     assert outcomes["refused"] > 0, outcomes
+
+
+def test_networked_container_starts_with_a_state_dir_behind_a_symlink(
+    busybox_image: Image, tmp_path: Path
+) -> None:
+    """Issue 9 item 1: state_dir given through a symlink (as /var/run is one to /run): the
+    /etc/hosts bind source of a networked container, in the state directory, is canonical, so
+    it is not refused as a symlinked source; the container reads its own /etc/hosts."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    rt = probes.new_runtime(state_dir=str(tmp_path / "link" / "state"))
+    try:
+        with Sandbox(runtime=rt) as sb:
+            net = sb.network()
+            r = sb.run(["cat", "/etc/hosts"], image=busybox_image, network=net, name="web")
+            assert r.exit_code == 0, r
+            assert b"\tweb" in r.stdout or b" web" in r.stdout, r
+    finally:
+        rt.close()
