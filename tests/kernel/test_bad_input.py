@@ -112,7 +112,7 @@ CASES = [
     Case("cpu-shares-one", _opts(cpu_shares=1), InvalidSpecError, ValueError, "cpu_shares=1"),
     Case("pids-zero", _opts(pids=0), InvalidSpecError, ValueError, "pids=0"),
     Case("pids-one", _opts(pids=1), InvalidSpecError, ValueError, "pids=1"),
-    Case("pids-negative", _opts(pids=-1), InvalidSpecError, ValueError, "pids=-1"),
+    Case("pids-negative", _opts(pids=-2), InvalidSpecError, ValueError, "pids=-2"),  # -1: no limit
     Case("cpuset-offline", _opts(cpuset="99"), InvalidSpecError, ValueError, "cpuset='99'"),
     Case("cpuset-reversed", _opts(cpuset="1-0"), InvalidSpecError, ValueError, "cpuset='1-0'"),
     Case(

@@ -65,7 +65,7 @@ def test_a_committed_2_gib_sparse_file_keeps_its_holes(busybox_image: Image, sto
         assert os.pread(f.fileno(), 4, MiB) == b"head"
         assert os.pread(f.fileno(), 4, 2 * GiB - 4) == b"tail"
     # No time bound: what is left is the digest of 2 GiB of zeros (a tar holds the file dense),
-    # CPU-bound and at the mercy of the host's load (1.5 s idle here, 15-20 s at load 14).
+    # CPU-bound and at the mercy of the host's load (15-20 s here at a load average of 14).
     print(f"commit of a 2 GiB sparse file: {took:.2f} s, {st.st_blocks * 512} bytes on disk")
 
 
