@@ -245,8 +245,12 @@ class LogFollower:
         self.text = b""
         self.offset = 0
         if self.fd is not None:
-            self.text = _pread_tail(self.fd, window)
-            self.offset = os.fstat(self.fd).st_size
+            # One size for both: a second fstat could see bytes written after the read, and the
+            # follower would then start past them and never see them.
+            size = os.fstat(self.fd).st_size
+            take = min(size, window)
+            self.text = os.pread(self.fd, take, size - take) if take > 0 else b""
+            self.offset = size - take + len(self.text)
 
     def search(self, regex: re.Pattern[bytes]) -> re.Match[bytes] | None:
         """Read what is new (in pieces of ``window`` bytes); the first match in the window."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,6 +119,31 @@ def test_the_follower_reads_new_output_and_survives_a_rotation(tmp_path: Path, p
         assert len(follower.text) <= 2048
         follower.close()
         log.stop_writing()
+
+
+def test_the_follower_never_skips_output_written_while_it_opens(tmp_path: Path) -> None:
+    """A line appended while a follower is being made is found (2000 tries with a writer racing).
+
+    The follower once took the file's size twice -- for its first read and for its offset --
+    and a readiness wait then missed a container's "up" written in between (a 30 s timeout
+    with "up" in the log tail).
+    """
+    path = tmp_path / "stdout"
+    for attempt in range(2000):
+        path.write_bytes(b"")
+        writer = threading.Thread(target=_append, args=(path, b"up\n"))
+        writer.start()
+        follower = LogFollower(str(path), 1 << 20)
+        writer.join()
+        try:
+            assert follower.search(re.compile(rb"up")), f"missed on attempt {attempt}"
+        finally:
+            follower.close()
+
+
+def _append(path: Path, data: bytes) -> None:
+    with path.open("ab") as f:
+        f.write(data)
 
 
 @pytest.mark.parametrize(
