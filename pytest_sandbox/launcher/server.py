@@ -316,12 +316,12 @@ class Launcher:
         spec = protocol.decode_spec(request.spec)
         if spec.id in self.entities:
             raise SandboxError(f"container {spec.id} already exists")
-        if len(request.mount_fds) != len(spec.mounts):
-            raise SandboxError(
-                f"container {spec.id}: {len(request.mount_fds)} fds came for {len(spec.mounts)} mounts"
-            )
         dirs = ContainerDirs(request.directory)
         try:
+            if len(request.mount_fds) != len(spec.mounts):
+                raise SandboxError(
+                    f"container {spec.id}: {len(request.mount_fds)} fds came for {len(spec.mounts)} mounts"
+                )
             if spec.cgroup:
                 spec = self._without_unsupported_default(spec)
                 self.backend.check(spec.limits)

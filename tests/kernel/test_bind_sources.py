@@ -133,7 +133,9 @@ def test_swapped_in_symlink_never_mounts_the_decoy(busybox_image: Image, tmp_pat
     real = next(p for p in (shared / "cache", shared / "link") if not p.is_symlink())
     assert len(list(real.glob("written.*"))) == outcomes["mounted"], outcomes
     _settled(launcher)
-    assert (_fd_count("self"), _fd_count(launcher)) == (pytest_fds, launcher_fds)
+    # pytest's may shrink (xdist and lazy helpers close theirs), never grow; the launcher's is exact.
+    assert _fd_count("self") <= pytest_fds
+    assert _fd_count(launcher) == launcher_fds
 
 
 def test_symlink_planted_in_a_shared_bind_is_refused(
