@@ -1,7 +1,8 @@
-"""The README and docs/architecture.md stand alone and name what exists.
+"""The README and the docs stand alone and name what exists.
 
 Issue 8, item 10: nothing in them points outside the repository, and the modules they name are the
-package's modules (a re-layout that renames one must update the docs too).
+package's modules (a re-layout that renames one must update the docs too).  docs/reliability.md
+names, for each threat, the tests that prove its defence: each of them must exist.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ("README.md", "docs/architecture.md")
+CHECKLIST = "docs/reliability.md"
 PACKAGE = ROOT / "pytest_sandbox"
 
 # `core/spec`, `launcher/protocol.encode_spec`, `host/cgroups/`, `images/registry`: a module (or
@@ -36,7 +38,7 @@ def test_every_module_path_named_exists(name: str) -> None:
     assert not missing, f"{name} names modules that do not exist: {missing}"
 
 
-@pytest.mark.parametrize("name", DOCS)
+@pytest.mark.parametrize("name", [*DOCS, CHECKLIST])
 def test_links_stay_in_the_repository(name: str) -> None:
     text = _text(name)
     for target in _LINK.findall(text):
@@ -49,3 +51,23 @@ def test_links_stay_in_the_repository(name: str) -> None:
 def test_the_package_points_at_no_design_file_outside_the_repository() -> None:
     stale = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if "DESIGN.md" in p.read_text()]
     assert not stale, f"these modules point at a DESIGN.md (the design is docs/architecture.md): {stale}"
+
+
+# `kernel/test_logs.py::test_name`, then `::test_other` for another test of the same file.
+_NODE = re.compile(r"`(?:([a-z]+/test_[a-z0-9_]+\.py))?(?:::(test_[a-z0-9_]+))?`")
+
+
+def test_every_test_the_checklist_names_exists() -> None:
+    text = _text(CHECKLIST)
+    named, missing, current = 0, [], None
+    for path, func in _NODE.findall(text):
+        if not path and not func:
+            continue
+        current = path or current
+        assert current, f"{CHECKLIST}: ::{func} follows no test file"
+        source = ROOT / "tests" / current
+        named += 1
+        if not source.exists() or (func and not re.search(rf"^def {func}\(", source.read_text(), re.M)):
+            missing.append(f"{current}::{func}" if func else current)
+    assert named > 20, f"{CHECKLIST} names {named} tests: the pattern is out of date"
+    assert not missing, f"{CHECKLIST} names tests that do not exist: {missing}"
