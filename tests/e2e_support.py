@@ -241,6 +241,18 @@ def wait_until(condition: Callable[[], object], timeout: float, interval: float 
         time.sleep(interval)
 
 
+def launcher_settled(launcher: int) -> None:
+    """Wait until only the cleaner and one spare (forked, waiting in its cgroup) are left under
+    the launcher: every removal done, so its fd count is comparable with an earlier one."""
+
+    def quiet() -> bool:
+        comms = sorted(comm(pid) for pid, _ in descendants(launcher))
+        spares = [p for p in children(launcher) if comm(p) == "psbx-spare" and proc_state(p) == "S"]
+        return comms == ["psbx-cleaner", "psbx-spare"] and len(spares) == 1
+
+    assert wait_until(quiet, 10.0) is not None, f"launcher {launcher} did not settle: {descendants(launcher)}"
+
+
 # -- child pytest sessions -----------------------------------------------------------------------
 
 

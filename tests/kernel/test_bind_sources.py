@@ -29,7 +29,7 @@ import pytest
 from pytest_sandbox import Image, InvalidSpecError, LayerError, LayerNotFoundError, Sandbox
 from pytest_sandbox.images.store import Store
 from tests import probes
-from tests.e2e_support import children, comm, descendants, proc_state, wait_until
+from tests.e2e_support import launcher_settled
 from tests.probes import launcher_pid, state_dir
 
 # A decoy stands in for the host's "/": the real attack links to "/", a test must never.
@@ -61,17 +61,6 @@ def _decoy(tmp_path: Path) -> Path:
 
 def _fd_count(pid: int | str) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _settled(launcher: int) -> None:
-    """Only the cleaner and one waiting spare left under the launcher (every removal done)."""
-
-    def quiet() -> bool:
-        comms = sorted(comm(pid) for pid, _ in descendants(launcher))
-        spares = [p for p in children(launcher) if comm(p) == "psbx-spare" and proc_state(p) == "S"]
-        return comms == ["psbx-cleaner", "psbx-spare"] and len(spares) == 1
-
-    assert wait_until(quiet, 10.0) is not None, f"launcher {launcher} did not settle: {descendants(launcher)}"
 
 
 def _race(sb: Sandbox, image: Image, source: Path, attempts: int) -> tuple[dict[str, int], list[str]]:
@@ -109,7 +98,7 @@ def test_swapped_in_symlink_never_mounts_the_decoy(busybox_image: Image, tmp_pat
     launcher = launcher_pid()
     with Sandbox() as sb:  # warm-up: the first start with a bind mount
         sb.run(["true"], image=busybox_image, mounts={str(shared / "cache"): "/data"})
-    _settled(launcher)
+    launcher_settled(launcher)
     pytest_fds, launcher_fds = _fd_count("self"), _fd_count(launcher)
     swapper = subprocess.Popen(
         [sys.executable, "-c", SWAPPER, str(shared / "cache"), str(shared / "link")], stdout=subprocess.PIPE
@@ -132,7 +121,7 @@ def test_swapped_in_symlink_never_mounts_the_decoy(busybox_image: Image, tmp_pat
     assert [m for m in refusals if not any(w in m for w in ("symlink", "replaced", "changed"))] == []
     real = next(p for p in (shared / "cache", shared / "link") if not p.is_symlink())
     assert len(list(real.glob("written.*"))) == outcomes["mounted"], outcomes
-    _settled(launcher)
+    launcher_settled(launcher)
     # pytest's may shrink (xdist and lazy helpers close theirs), never grow; the launcher's is exact.
     assert _fd_count("self") <= pytest_fds
     assert _fd_count(launcher) == launcher_fds

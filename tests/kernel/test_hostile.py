@@ -33,7 +33,7 @@ import pytest
 
 from pytest_sandbox import Container, Image, InvalidSpecError, Sandbox, SetupError
 from tests import probes
-from tests.e2e_support import children, comm, descendants, proc_state, wait_until
+from tests.e2e_support import launcher_settled
 from tests.probes import launcher_pid
 
 
@@ -217,17 +217,6 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def _settled(launcher: int) -> None:
-    """Only the cleaner and one spare (forked, waiting in its cgroup) left under the launcher."""
-
-    def quiet() -> bool:
-        comms = sorted(comm(pid) for pid, _ in descendants(launcher))
-        spares = [p for p in children(launcher) if comm(p) == "psbx-spare" and proc_state(p) == "S"]
-        return comms == ["psbx-cleaner", "psbx-spare"] and len(spares) == 1
-
-    assert wait_until(quiet, 10.0) is not None, f"launcher {launcher} did not settle: {descendants(launcher)}"
-
-
 def _cycle(sb: Sandbox, i: int, image: Image) -> None:
     if i % 3:
         r = sb.run(["sh", "-c", f"echo {i}"], image=image)
@@ -249,14 +238,14 @@ def test_300_cycles_leak_no_fds_threads_or_memory(busybox_image: Image) -> None:
     with Sandbox() as sb:
         for i in range(30):  # warm up: lazy imports, allocator pools, the gc threshold
             _cycle(sb, i, busybox_image)
-    _settled(launcher)
+    launcher_settled(launcher)
     fds, threads = _count("/proc/self/fd"), _count("/proc/self/task")
     py_threads = threading.active_count()
     launcher_fds, rss = _count(f"/proc/{launcher}/fd"), _rss_kib(launcher)
     with Sandbox() as sb:
         for i in range(300):
             _cycle(sb, i, busybox_image)
-    _settled(launcher)
+    launcher_settled(launcher)
     assert probes.launcher_pid_if_started() == launcher
     after = {
         "fds": _count("/proc/self/fd"),

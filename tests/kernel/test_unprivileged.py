@@ -50,27 +50,7 @@ def test_non_root_gets_a_clear_error(public_dir: Path) -> None:
     """
     shutil.copytree(Path(pytest_sandbox.__file__).parent, public_dir / "pkg" / "pytest_sandbox")
     state = public_dir / "state"
-    state.mkdir()
-    os.chown(state, NOBODY, NOBODY)
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": str(public_dir / "pkg"),
-        "PYTEST_SANDBOX_STATE_DIR": str(state),
-        "PYTEST_SANDBOX_DATA_ROOT": str(state / "data"),
-        "HOME": str(state),
-    }
-    proc = subprocess.run(
-        ["/usr/bin/python3", "-c", PROGRAM],
-        env=env,
-        cwd="/",
-        user=NOBODY,
-        group=NOBODY,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = _run_as_nobody(PROGRAM, [], pkg=public_dir / "pkg", state=state)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(f"needs root to create containers (running as uid {NOBODY})") == 2
     assert "hint:" in proc.stdout
@@ -123,28 +103,8 @@ def test_non_root_image_build_is_a_clear_error_and_leaves_nothing(public_dir: Pa
     export_image("made:1", f"docker-archive:{public_dir / 'image.tar'}", store=ours)
     subprocess.run(["chmod", "-R", "a+rX", str(public_dir)], check=True)
     state = public_dir / "state"
-    state.mkdir()
-    os.chown(state, NOBODY, NOBODY)
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": str(pkg),
-        "PYTEST_SANDBOX_STATE_DIR": str(state),
-        "PYTEST_SANDBOX_DATA_ROOT": str(state / "data"),
-        "HOME": str(state),
-    }
     args = [str(layer), str(public_dir / "layout"), str(public_dir / "image.tar")]
-    proc = subprocess.run(
-        ["/usr/bin/python3", "-c", BUILD_PROGRAM, *args],
-        env=env,
-        cwd="/",
-        user=NOBODY,
-        group=NOBODY,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = _run_as_nobody(BUILD_PROGRAM, args, pkg=pkg, state=state)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     refused = [line for line in lines if line.startswith("refused:")]
@@ -160,3 +120,31 @@ def test_non_root_image_build_is_a_clear_error_and_leaves_nothing(public_dir: Pa
     store = state / "data" / "store"
     for sub in ("tmp", "layers/sha256"):
         assert not (store / sub).exists() or os.listdir(store / sub) == [], sub
+
+
+def _run_as_nobody(
+    program: str, args: list[str], *, pkg: Path, state: Path
+) -> subprocess.CompletedProcess[str]:
+    """``program`` run by the system's python3 as nobody, importing from ``pkg``, with ``state``
+    (made here, owned by nobody) as its state directory, data root and home."""
+    state.mkdir()
+    os.chown(state, NOBODY, NOBODY)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(pkg),
+        "PYTEST_SANDBOX_STATE_DIR": str(state),
+        "PYTEST_SANDBOX_DATA_ROOT": str(state / "data"),
+        "HOME": str(state),
+    }
+    return subprocess.run(
+        ["/usr/bin/python3", "-c", program, *args],
+        env=env,
+        cwd="/",
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
