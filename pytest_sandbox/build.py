@@ -223,6 +223,7 @@ def run_step(cmd: Sequence[str], *, timeout: float | None = None) -> LayerStep:
                     result=result,
                 )
             settings = sb.runtime.settings
+            container._client.check_alive()  # its writable layer is reached through that launcher's fd
             return commit_upper(
                 st,
                 container.dir,

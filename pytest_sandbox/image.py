@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import build
-from .core.errors import InvalidSpecError
+from .core.errors import InvalidSpecError, LayerNotFoundError
 
 # The model types live in the pure core; re-exported here, where users have always found them.
 from .core.imagemodel import History, ImageConfig, ImageRecord
@@ -249,7 +249,12 @@ def commit_container(
     ``settings``: the container's runtime's (its uid base, ini ``sandbox_max_layer_size``).
     """
     Store.check_tag(ref)
-    check_state_dir(container.name, container.dir)  # before the parent image is stored
+    container._client.check_alive()  # its writable layer is reached through that launcher's fd
+    try:
+        check_state_dir(container.name, container.dir)  # before the parent image is stored
+    except LayerNotFoundError:
+        container._client.check_alive()  # the launcher died just now: say that
+        raise
     base = _as_image(container.image)
     st = base._store(store)
     line = f"commit {container.name}: {shlex.join(container.spec.process.argv)}"

@@ -69,6 +69,7 @@ _PROC_FLAGS = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
 
 WRITABLE = "writable"  # the writable tmpfs' mount point: mounted in the container's namespaces only
 HELD_WRITABLE = "writable.fd"  # the launcher's symlink to its fd of that tmpfs: the host's way in
+HELD_WRITABLE_ID = "writable.id"  # "st_dev st_ino" of that tmpfs' root, written before the symlink
 
 
 @dataclass
@@ -97,6 +98,10 @@ class ContainerDirs:
     def held_writable(self) -> str:
         return os.path.join(self.base, HELD_WRITABLE)
 
+    @property
+    def held_writable_id(self) -> str:
+        return os.path.join(self.base, HELD_WRITABLE_ID)
+
     def upper(self, index: int) -> str:
         """Overlay ``index``'s upper directory as the host reaches it (through the launcher's fd)."""
         return os.path.join(self.held_writable, f"upper.{index}")
@@ -108,6 +113,45 @@ class ContainerDirs:
     @property
     def stderr(self) -> str:
         return os.path.join(self.base, "stderr")
+
+
+def record_held_writable(dirs: ContainerDirs, fd: int, launcher_pid: int) -> None:
+    """Link :attr:`ContainerDirs.held_writable` to the launcher's ``fd`` of the writable tmpfs,
+    after writing that tmpfs root's identity, which :func:`open_held_writable` checks."""
+    st = os.fstat(fd)
+    tmp = dirs.held_writable_id + ".tmp"
+    with open(tmp, "x", encoding="ascii") as f:
+        f.write(f"{st.st_dev} {st.st_ino}\n")
+    os.rename(tmp, dirs.held_writable_id)  # complete before the link exists: never half-read
+    os.symlink(f"/proc/{launcher_pid}/fd/{fd}", dirs.held_writable)
+
+
+def open_held_writable(dirs: ContainerDirs) -> int:
+    """An ``O_PATH`` fd of the container's writable tmpfs, through the launcher's link to it.
+
+    The link is ``/proc/<launcher pid>/fd/<n>``: once that launcher is gone and its pid reused, it
+    leads to whatever the new process has as fd n (another container's files, a host directory).
+    So the directory opened is checked against the identity the launcher recorded when it took
+    its fd, and the caller reads through this fd only, never by the path again.  OSError
+    (``ESTALE``) if it is not that tmpfs; ``ENOENT`` if there is no link or record.
+    """
+    with open(dirs.held_writable_id, encoding="ascii") as f:
+        want = tuple(int(n) for n in f.read().split())
+    # Follows the link (a /proc magic link: the launcher's very fd), never a symlink below it.
+    fd = os.open(dirs.held_writable, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != want:
+            raise OSError(
+                errno.ESTALE,
+                f"not the container's writable tmpfs (device/inode {st.st_dev}/{st.st_ino}, "
+                f"recorded {want[0]}/{want[1]}): its launcher has exited",
+                dirs.held_writable,
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def empty_held_writable(base: str) -> None:

@@ -11,6 +11,7 @@ the container ran with (:func:`child_record`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator, Sequence
 
@@ -20,11 +21,12 @@ from ..core.layerstack import LayerStack
 from ..core.spec import ContainerSpec
 from ..core.units import format_size
 from ..host.cleanup import remove_tree
-from ..host.rootfs import ContainerDirs
+from ..host.rootfs import ContainerDirs, open_held_writable
 from .store import Store, copy_tree, now_rfc3339, shift_ids
 
 # Directories the container's setup makes in its upper layer, always covered by a mount.
 MOUNT_POINTS = ("dev", "proc", "sys", "tmp")
+_UPPER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def stack_of(store: Store, record: ImageRecord) -> LayerStack:
@@ -81,14 +83,28 @@ def check_state_dir(name: str, directory: str) -> None:
         raise LayerNotFoundError(
             f"container {name}: its state directory {directory!r} is gone", path=directory, errno=2
         )
+    with held_writable(name, directory):
+        pass
+
+
+@contextlib.contextmanager
+def held_writable(name: str, directory: str) -> Iterator[int]:
+    """The container's writable tmpfs as an fd checked to be it (see rootfs.open_held_writable):
+    what a capture copies from, never the path again."""
     held = ContainerDirs(directory).held_writable
-    if not os.path.isdir(held):  # the launcher's link to its writable tmpfs (host/rootfs.py)
+    try:
+        fd = open_held_writable(ContainerDirs(directory))
+    except (OSError, ValueError) as e:  # ValueError: a garbled identity record
         raise LayerNotFoundError(
-            f"container {name}: its writable layer is not reachable at {held!r} (the container's "
+            f"container {name}: its writable layer is not reachable at {held!r} ({e}; the container's "
             "setup did not get that far, or the launcher that held it has exited)",
             path=held,
-            errno=2,
-        )
+            errno=getattr(e, "errno", None) or errno.ENOENT,
+        ) from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def capture_upper(
@@ -103,27 +119,47 @@ def capture_upper(
     dirs = ContainerDirs(directory)
     ids = shift_ids(uid_base)
     etc_files = {"etc/" + name for name, _ in spec.etc_files}
-    used = copy_tree(dirs.upper(0), dest, ids=ids, skip=etc_files.__contains__, max_bytes=max_bytes)
-    # Directories the setup made in the upper layer (mount points; /etc for the files above):
-    # always covered by a mount, or left empty.  Empty and not opaque, they carry nothing.
-    for name in ("etc", *MOUNT_POINTS):
-        path = os.path.join(dest, name)
-        with contextlib.suppress(OSError):  # absent, not empty or not a directory: kept
-            if not os.listdir(path) and _xattr(path, "trusted.overlay.opaque") != b"y":
-                os.rmdir(path)
-    for index, overlay in enumerate(spec.overlays):
-        if index == 0 or not overlay.target:
-            continue
-        upper = dirs.upper(index)
-        if not os.path.isdir(upper) or not os.listdir(upper):
-            continue
-        rel = overlay.target.strip("/")
-        where = os.path.join(dest, rel)
-        if os.path.lexists(where):
-            remove_tree(where)  # hidden in the container by this overlay: its upper is what was seen
-        make_parents(dest, os.path.dirname(rel), 0)
-        left = None if max_bytes is None else max_bytes - used
-        used += copy_tree(upper, where, ids=ids, max_bytes=left)
+    with held_writable(spec.id, directory) as root, _upper_fd(root, 0) as upper:
+        used = copy_tree(
+            dirs.upper(0), dest, ids=ids, skip=etc_files.__contains__, src_fd=upper, max_bytes=max_bytes
+        )
+        # Directories the setup made in the upper layer (mount points; /etc for the files above):
+        # always covered by a mount, or left empty.  Empty and not opaque, they carry nothing.
+        for name in ("etc", *MOUNT_POINTS):
+            path = os.path.join(dest, name)
+            with contextlib.suppress(OSError):  # absent, not empty or not a directory: kept
+                if not os.listdir(path) and _xattr(path, "trusted.overlay.opaque") != b"y":
+                    os.rmdir(path)
+        for index, overlay in enumerate(spec.overlays):
+            if index == 0 or not overlay.target:
+                continue
+            with _upper_fd(root, index, missing_ok=True) as ufd:
+                if ufd is None or not os.listdir(ufd):
+                    continue
+                rel = overlay.target.strip("/")
+                where = os.path.join(dest, rel)
+                if os.path.lexists(where):
+                    remove_tree(where)  # hidden in the container by this overlay: its upper is what was seen
+                make_parents(dest, os.path.dirname(rel), 0)
+                left = None if max_bytes is None else max_bytes - used
+                used += copy_tree(dirs.upper(index), where, ids=ids, src_fd=ufd, max_bytes=left)
+
+
+@contextlib.contextmanager
+def _upper_fd(root: int, index: int, *, missing_ok: bool = False) -> Iterator[int | None]:
+    """Overlay ``index``'s upper directory, opened relative to the checked tmpfs fd ``root``."""
+    try:
+        # O_NOFOLLOW: upper.N is the first process's mkdir, never a link to follow.
+        fd = os.open(f"upper.{index}", _UPPER_FLAGS, dir_fd=root)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -477,6 +477,12 @@ class PinnedClient:
     def lost(self) -> LauncherError | None:
         return self._client.lost(self.generation)
 
+    def check_alive(self) -> None:
+        """LauncherError if that launcher is gone (with the fd a container's writable layer is read by)."""
+        lost = self.lost()
+        if lost is not None:
+            raise lost
+
     def wait(self, ident: str) -> Future[Exited]:
         return self._client.wait(ident, generation=self.generation)
 

@@ -44,7 +44,7 @@ from ..core.spec import ContainerSpec
 from ..host import libc
 from ..host.cgroups import detect
 from ..host.cgroups.base import Cgroup, CgroupBackend, CgroupStats
-from ..host.rootfs import WRITABLE, ContainerDirs, mask_plan
+from ..host.rootfs import WRITABLE, ContainerDirs, mask_plan, record_held_writable
 from . import fdpass, protocol, trace
 from .cleaner import Cleaner, remove_quietly
 from .create import LaunchContext, Pipes, first_process
@@ -703,7 +703,8 @@ class Launcher:
         in its state directory: ``/proc/<pid>/cwd/writable`` there is that mount (a magic link
         resolves in the process's own mount tree).  Our O_PATH fd pins it after the container's
         namespaces are gone (a commit after the exit), and dies with us (nothing left on a
-        SIGKILL); pytest reads through the link ``writable.fd`` -> ``/proc/<our pid>/fd/<n>``.
+        SIGKILL); pytest reads through the link ``writable.fd`` -> ``/proc/<our pid>/fd/<n>``,
+        checking the tmpfs' identity recorded in ``writable.id`` (a reused pid has other fds).
         """
         dirs = ent.dirs
         if dirs is None:
@@ -714,7 +715,7 @@ class Launcher:
         try:
             if os.fstat(fd).st_dev == os.stat(dirs.base).st_dev:
                 raise OSError(errno.ENOENT, "the writable tmpfs is not mounted", dirs.writable)
-            os.symlink(f"/proc/{self.pid}/fd/{fd}", dirs.held_writable)
+            record_held_writable(dirs, fd, self.pid)  # and the tmpfs' identity, which pytest checks
         except BaseException:
             os.close(fd)
             raise

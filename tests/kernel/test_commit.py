@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox import ContainerNotRunningError, Image, InvalidSpecError, Sandbox
+from pytest_sandbox import ContainerNotRunningError, Image, InvalidSpecError, LayerNotFoundError, Sandbox
+from pytest_sandbox.host.rootfs import ContainerDirs
 from pytest_sandbox.images.store import Store
 from tests import probes
 
@@ -163,3 +164,33 @@ def test_an_upper_entry_that_needs_its_lower_layers_is_refused(busybox_image: Im
             c.commit("redirected:1", store=store)
     assert store.refs() == {}
     assert [p for p in Path(store.root, "tmp").rglob("*") if not p.is_dir()] == []
+
+
+def test_a_writable_link_to_elsewhere_is_refused(busybox_image: Image, store: Store, tmp_path: Path) -> None:
+    """Security review of issue 9, item 1: the state directory's ``writable.fd`` link is
+    ``/proc/<launcher pid>/fd/<n>``; once that launcher is gone and its pid reused it leads to
+    another process's fd n.  Pointed at a host directory here, commit refuses it (the tmpfs'
+    recorded device/inode do not match) instead of storing the host directory's files."""
+    host_dir = tmp_path / "host"
+    (host_dir / "upper.0").mkdir(parents=True)
+    (host_dir / "upper.0" / "secret").write_text("host file")
+    with Sandbox() as sb:
+        c = sb.start(["sh", "-c", "echo mine > /mine"], image=busybox_image)
+        assert c.wait(30).exit_code == 0, c.logs()
+        held = ContainerDirs(c.dir).held_writable
+        real = os.readlink(held)
+        os.replace(_symlink_beside(held, str(host_dir)), held)  # what a reused pid's fd n would be
+        try:
+            with pytest.raises(LayerNotFoundError, match=r"not the container's writable tmpfs"):
+                c.commit("psbx-elsewhere:1", store=store)
+        finally:
+            os.replace(_symlink_beside(held, real), held)  # the launcher's cleaner follows it
+        assert not os.path.exists(store.root)  # nothing stored, not even the parent image
+        image = c.commit("psbx-elsewhere:2", store=store)  # through the launcher's own fd: allowed
+        assert sb.run(["cat", "/mine"], image=image).stdout == b"mine\n"
+
+
+def _symlink_beside(path: str, target: str) -> str:
+    tmp = path + ".new"
+    os.symlink(target, tmp)
+    return tmp

@@ -369,8 +369,10 @@ HANDLES_AFTER_DEATH = (
 import re, signal, time
 import pytest
 from pytest_sandbox import LauncherError, ReadinessError
+from pytest_sandbox.images.store import Store
 from pytest_sandbox.runtime import get_runtime
 
+STORE = Store(os.environ["PSBX_REPORT"] + ".store")
 DIED = r"launcher \\(pid \\d+\\) was killed by signal 9 \\(SIGKILL\\): every container it ran is gone"
 CALLS = {
     "wait": lambda c: c.wait(),
@@ -380,6 +382,7 @@ CALLS = {
     "stop": lambda c: c.stop(timeout=60),
     "stats": lambda c: c.stats(),
     "cgroup_limits": lambda c: c.cgroup_limits(),
+    "commit": lambda c: c.commit("psbx-dead:1", store=STORE),  # its writable layer went with it
 }
 
 
@@ -407,6 +410,7 @@ def test_every_handle_reports_the_death(sandbox, sandbox_session):
             c.wait_for_log("never", timeout=60)
         slowest = max(slowest, time.monotonic() - t)
     out["slowest_call_s"] = slowest
+    out["store_made"] = os.path.exists(STORE.root)
     assert b.logs(stream="stdout") == b"hello\\n"  # its output is still there to read
     t = time.monotonic()
     a.remove()
@@ -426,9 +430,10 @@ def test_after_the_launcher_dies_every_handle_says_so_and_nothing_hangs(
     """Issue 9, item 9: SIGKILL the launcher from inside a test (a child session): every container
     handle then reports it -- ``running`` is False, each call raises LauncherError saying the
     launcher was killed by SIGKILL, at once (none hangs, none starts a launcher that would not
-    know the container) -- its output stays readable, remove() deletes its directory, the next
-    run gets a fresh launcher, and the fixtures' teardown (a session-scoped handle's container
-    too) completes: the child session passes and leaves nothing."""
+    know the container; commit too, storing nothing: security review, item 1) -- its output
+    stays readable, remove() deletes its directory, the next run gets a fresh launcher, and the
+    fixtures' teardown (a session-scoped handle's container too) completes: the child session
+    passes and leaves nothing."""
     project, tmpdir = tmp_path / "child", tmp_path / "tmp"
     tmpdir.mkdir()
     write_child_project(project, {"test_death.py": HANDLES_AFTER_DEATH})
@@ -445,6 +450,7 @@ def test_after_the_launcher_dies_every_handle_says_so_and_nothing_hangs(
     assert out["noticed_s"] < 2.0
     assert out["slowest_call_s"] < 1.0
     assert out["dirs_left"] == [False, False]
+    assert out["store_made"] is False  # commit stored nothing, not even the parent image
     assert out["next_run"] == "alive\n"
     assert out["new_launcher"]
     assert "1 passed" in child_output(project)
