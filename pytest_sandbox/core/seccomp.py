@@ -16,6 +16,7 @@ the kernel exactly as moby's ``setupSeccomp`` does, giving the :class:`ResolvedP
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -134,6 +135,23 @@ CAPABILITY_NAMES = (
     "CAP_BPF",
     "CAP_CHECKPOINT_RESTORE",
 )
+# i386's socketcall(2) multiplexes the socket calls: socketcall(op, args) with the op's arguments in
+# memory at ``args``, where a seccomp filter cannot look (seccomp(2): it sees registers only).  The
+# default profile checks socket()'s family (AF_ALG 38 and AF_VSOCK 40 refused), but it allows
+# socketcall, and libseccomp turns each conditional ``socket`` rule into an unconditional
+# socketcall(SYS_SOCKET) rule for i386 (it must drop the family condition): so
+# socketcall(SYS_SOCKET, {AF_VSOCK, ...}) through int $0x80 made the socket the direct call refuses.
+# With the built-in default on an x86_64 host (socketcall exists only in its i386 sub-architecture,
+# not in amd64 or x32) the SYS_SOCKET op is answered ENOSYS before any rule: "no such call", as
+# Docker answers clone3, whose flags are behind a pointer too; a libc that can choose (musl, glibc
+# built for Linux >= 4.3) then uses the direct socket call (i386 nr 359), which the filter checks --
+# EPERM would read as a policy refusal of sockets.  Every other op stays allowed; SYS_SOCKETPAIR too:
+# the profile allows socketpair(2) for every family on every architecture, so refusing it would
+# protect nothing.  The cost: an i386 program whose libc makes sockets only through socketcall
+# (glibc built for kernels before 4.3, e.g. Debian's i386 glibc) cannot create sockets under the
+# default profile; it runs under seccomp="unconfined" or a custom profile.
+SYS_SOCKET = 1  # linux/net.h: socketcall's op numbers
+I386_SOCKETCALL_REFUSALS = ((SYS_SOCKET, errno.ENOSYS),)
 _SYSCALL_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
 _CAP_RE = re.compile(r"^CAP_[A-Z_]{1,40}$")
 _KERNEL_RE = re.compile(r"^(\d{1,3})\.(\d{1,3})$")
@@ -201,6 +219,8 @@ class ResolvedProfile:
     default_errno: int | None
     architectures: tuple[str, ...]
     rules: tuple[Rule, ...]
+    # (socketcall op, errno): i386 socketcall(2) ops answered with errno before any rule applies
+    i386_socketcall_refusals: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -228,7 +248,11 @@ class SeccompProfile:
         rules = tuple(
             e.rule for e in self.syscalls if _applies(e, native=native, caps=cap_names, kernel=version)
         )
-        return ResolvedProfile(self.default_action, self.default_errno, self._arches(native), rules)
+        arches = self._arches(native)
+        refusals: tuple[tuple[int, int], ...] = ()
+        if self.is_default and native == "amd64" and "SCMP_ARCH_X86" in arches:
+            refusals = I386_SOCKETCALL_REFUSALS
+        return ResolvedProfile(self.default_action, self.default_errno, arches, rules, refusals)
 
     def _arches(self, native: str) -> tuple[str, ...]:
         if self.architectures:

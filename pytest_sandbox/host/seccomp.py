@@ -17,6 +17,7 @@ import ctypes
 import errno
 import functools
 import os
+import struct
 from collections.abc import Iterator
 
 from ..core.errors import InvalidSpecError, SeccompUnavailableError
@@ -62,6 +63,15 @@ _FLTATR_CTL_OPTIMIZE = 8
 _OPTIMIZE_BINARY_TREE = 2  # a balanced tree of syscall numbers, not a linear list (libseccomp >= 2.5)
 
 SECCOMP_MODE_FILTER = 2  # prctl(PR_SET_SECCOMP, ...)
+
+# Classic BPF over struct seccomp_data (linux/seccomp.h: nr at 0, arch at 4, args[] from 16).
+_BPF_LD_W_ABS = 0x20
+_BPF_JEQ_K = 0x15
+_BPF_RET_K = 0x06
+_DATA_NR, _DATA_ARCH, _DATA_ARG0 = 0, 4, 16
+_AUDIT_ARCH_I386 = 0x40000003
+_I386_NR_SOCKETCALL = 102
+_SECCOMP_RET_ERRNO = 0x00050000
 
 
 class _ArgCmp(ctypes.Structure):
@@ -149,7 +159,7 @@ def compile_profile(profile: ResolvedProfile) -> bytes:
             action = _action_value(rule.action, rule.errno_ret)
             if action != default:  # libseccomp refuses a rule that repeats the default (runc skips it)
                 _add_rule(lib, ctx, rule, action)
-        program = _export(lib, ctx)
+        program = _i386_socketcall_guard(profile.i386_socketcall_refusals) + _export(lib, ctx)
     finally:
         lib.seccomp_release(ctx)
     if len(program) // BPF_INSTRUCTION_BYTES > BPF_MAXINSNS:
@@ -194,6 +204,38 @@ def _condition_sets(rule: Rule) -> Iterator[ctypes.Array[_ArgCmp]]:
             yield (_ArgCmp * 1)(c)
     else:
         yield (_ArgCmp * len(conditions))(*conditions)
+
+
+def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+    return struct.pack("=HBBI", code, jt, jf, k)  # struct sock_filter
+
+
+def _i386_socketcall_guard(refusals: tuple[tuple[int, int], ...]) -> bytes:
+    """BPF run before libseccomp's program: an i386 socketcall whose op (args[0]) is refused returns
+    its errno; anything else falls through (core.seccomp.I386_SOCKETCALL_REFUSALS says why).
+
+    Not a libseccomp rule: on i386 libseccomp turns every ``socket`` rule of the profile into an
+    unconditional socketcall(SYS_SOCKET) rule, and the less specific rule wins (a conditional one
+    for the same op is dropped or refused with EEXIST).  BPF jumps are relative and forward only,
+    so libseccomp's program runs unchanged after this prefix.  Only the low 32 bits of args[0] are
+    compared, as the kernel reads an i386 argument (a 64-bit caller of int $0x80 may leave the
+    high half of rbx set).
+    """
+    if not refusals:
+        return b""
+    ops = b"".join(
+        _bpf(_BPF_JEQ_K, op, jf=1) + _bpf(_BPF_RET_K, _SECCOMP_RET_ERRNO | (err & 0xFFFF))
+        for op, err in refusals
+    )
+    length = 5 + len(ops) // BPF_INSTRUCTION_BYTES  # the prefix; the jumps below land just past it
+    return (
+        _bpf(_BPF_LD_W_ABS, _DATA_ARCH)
+        + _bpf(_BPF_JEQ_K, _AUDIT_ARCH_I386, jf=length - 2)
+        + _bpf(_BPF_LD_W_ABS, _DATA_NR)
+        + _bpf(_BPF_JEQ_K, _I386_NR_SOCKETCALL, jf=length - 4)
+        + _bpf(_BPF_LD_W_ABS, _DATA_ARG0)  # little-endian: the low half of args[0]
+        + ops
+    )
 
 
 def _export(lib: ctypes.CDLL, ctx: int) -> bytes:

@@ -3,6 +3,7 @@ the embedded default profile, resolved for our containers, checked against Docke
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -16,10 +17,12 @@ from pytest_sandbox.core.seccomp import (
     CAPABILITY_NAMES,
     DEFAULT_PROFILE_FILE,
     default_profile,
+    load_profile,
     parse_profile,
     parse_seccomp,
 )
 from pytest_sandbox.core.spec import ProcessSpec, parse_options
+from pytest_sandbox.host import seccomp as host_seccomp
 from pytest_sandbox.launcher.process import DEFAULT_CAPS
 
 # sha256 of moby/profiles v0.2.3 default.json, as json.dumps(sort_keys=True, separators=(",", ":"))
@@ -151,6 +154,20 @@ def test_clone_is_allowed_without_namespace_flags_and_clone3_gets_enosys() -> No
     assert arg.value == 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
     (clone3,) = [r for r in resolved.rules if "clone3" in r.names]
     assert (clone3.action, clone3.errno_ret) == ("SCMP_ACT_ERRNO", 38)
+
+
+def test_only_the_builtin_default_on_x86_64_refuses_i386_socketcall_socket() -> None:
+    """i386 socketcall(SYS_SOCKET) gets ENOSYS (its family is in memory, the filter cannot check it);
+    the guard is BPF put before libseccomp's program, 7 instructions (kernel test: test_seccomp.py)."""
+    resolved = default_profile().resolve(DEFAULT_CAPS, machine="x86_64", kernel="6.1.0")
+    assert resolved.i386_socketcall_refusals == ((1, 38),)  # (SYS_SOCKET, ENOSYS)
+    assert not default_profile().resolve(DEFAULT_CAPS, machine="aarch64").i386_socketcall_refusals
+    copy = load_profile(DEFAULT_PROFILE_FILE)  # the same JSON as a custom profile: taken as written
+    assert not copy.resolve(DEFAULT_CAPS, machine="x86_64").i386_socketcall_refusals
+    unguarded = dataclasses.replace(resolved, i386_socketcall_refusals=())
+    with_guard, without = host_seccomp.compile_profile(resolved), host_seccomp.compile_profile(unguarded)
+    assert with_guard.endswith(without)
+    assert len(with_guard) - len(without) == 7 * host_seccomp.BPF_INSTRUCTION_BYTES
 
 
 def test_with_cap_sys_admin_the_mount_family_would_be_allowed() -> None:
