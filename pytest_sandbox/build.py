@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import shlex
 import stat
@@ -30,9 +31,9 @@ from .core.errors import BuildError, InvalidSpecError, LayerNotFoundError, Sandb
 from .core.imagemodel import ImageConfig, ImageRecord
 from .core.spec import container_path, parse_argv, parse_env, parse_timeout, parse_user
 from .host import libc
-from .host.fstree import root_required
+from .host.fstree import copy_open_file, root_required
 from .images.layers import child_record, commit_upper, make_parents, stack_of
-from .images.store import Store, copy_file_at, copy_tree
+from .images.store import Store, copy_tree
 from .sandbox import Sandbox
 
 # -- config steps: the new config and the history line ---------------------------------------
@@ -93,20 +94,22 @@ def copy_step(store: Store, src: object, dst: str) -> LayerStep:
     target = container_path(dst, what="copy(dst)")
     into = dst.endswith("/")
     real = _canonical_source(raw)
-    try:
-        st_src = os.stat(real, follow_symlinks=False)
-    except FileNotFoundError:
-        raise LayerNotFoundError(f"copy(src={raw!r}): does not exist", path=raw, errno=2) from None
-    is_dir = stat.S_ISDIR(st_src.st_mode)
-    if not is_dir and not stat.S_ISREG(st_src.st_mode):
-        raise InvalidSpecError(f"copy(src={raw!r}): only files and directories can be copied")
-    if is_dir and real == "/":
-        raise InvalidSpecError(f"copy(src={raw!r}): refusing to copy the host's root")
-    if not is_dir and into:
-        target = os.path.join(target, os.path.basename(real))
-    if os.geteuid() != 0:  # the copy is owned by container root (host uid 0): chown(2) needs root
-        raise root_required(f"copy(src={raw!r})")
-    digest = _content_digest(store, raw, real)
+    # Looked up once: its type is checked, and its content hashed, through this one descriptor.
+    with _opened_source(raw, real, None) as src_fd:
+        st_src = os.fstat(src_fd)
+        is_dir = stat.S_ISDIR(st_src.st_mode)
+        if not is_dir and not stat.S_ISREG(st_src.st_mode):
+            raise InvalidSpecError(
+                f"copy(src={raw!r}) is a {_file_kind(st_src.st_mode)}: only files and directories "
+                "can be copied"
+            )
+        if is_dir and real == "/":
+            raise InvalidSpecError(f"copy(src={raw!r}): refusing to copy the host's root")
+        if not is_dir and into:
+            target = os.path.join(target, os.path.basename(real))
+        if os.geteuid() != 0:  # the copy is owned by container root (host uid 0): chown(2) needs root
+            raise root_required(f"copy(src={raw!r})")
+        digest = _content_digest(store, raw, real, src_fd)
     mtime = st_src.st_mtime_ns
     identity = (st_src.st_dev, st_src.st_ino)
 
@@ -123,7 +126,7 @@ def copy_step(store: Store, src: object, dst: str) -> LayerStep:
                 if is_dir:
                     copy_tree(real, os.path.join(diff, rel), owner=(0, 0), src_fd=src_fd)
                 else:
-                    _copy_one_file(real, parent_dir, os.path.basename(rel))
+                    _copy_one_file(src_fd, real, parent_dir, os.path.basename(rel))
                 if parent_dir != diff:  # the copy made in it changed its mtime: the layer's digest
                     os.utime(parent_dir, ns=(mtime, mtime), follow_symlinks=False)
             top = parent.layers[-1] if parent.layers else None
@@ -132,9 +135,15 @@ def copy_step(store: Store, src: object, dst: str) -> LayerStep:
     return LayerStep("copy", (digest, target, is_dir), f"COPY {shlex.quote(raw)} {shlex.quote(dst)}", make)
 
 
-def _content_digest(store: Store, raw: str, real: str) -> str:
+def _file_kind(mode: int) -> str:
+    """What a COPY source that is neither a file nor a directory is, for its error."""
+    kinds = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"))
+    return next((name for test, name in kinds if test(mode)), "block device")
+
+
+def _content_digest(store: Store, raw: str, real: str, src_fd: int) -> str:
     try:
-        return store.content_digest(real)
+        return store.content_digest(real, fd=src_fd)
     except LayerNotFoundError:
         raise
     except OSError as e:  # a directory swapped for a symlink while it is read: ENOTDIR, ELOOP, EINVAL
@@ -161,8 +170,9 @@ def _canonical_source(raw: str) -> str:
 
 
 @contextlib.contextmanager
-def _opened_source(raw: str, real: str, identity: tuple[int, int]) -> Iterator[int]:
-    """An O_PATH fd of a COPY source, the object resolved when the step was made, or refused.
+def _opened_source(raw: str, real: str, identity: tuple[int, int] | None) -> Iterator[int]:
+    """An O_PATH fd of a COPY source, the object resolved when the step was made, or refused
+    (``identity`` None: when the step is made; LayerNotFoundError if there is none).
 
     The copy runs later, maybe while a container writes a directory above the source: a
     symlink swapped in there would copy whatever it names on the host into the image (issue 9,
@@ -171,29 +181,34 @@ def _opened_source(raw: str, real: str, identity: tuple[int, int]) -> Iterator[i
     try:
         fd = libc.open_no_symlinks(real)
     except SetupError as e:
+        if identity is None and e.errno == errno.ENOENT:
+            raise LayerNotFoundError(f"copy(src={raw!r}): does not exist", path=raw, errno=2) from None
+        when = "since the step was made" if identity is not None else "while it was looked up"
         raise InvalidSpecError(
-            f"copy(src={raw!r}): {real!r} changed since the step was made ({os.strerror(e.errno or 0)})"
+            f"copy(src={raw!r}): {real!r} changed {when} ({os.strerror(e.errno or 0)})"
         ) from None
     try:
         st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != identity:
+        if identity is not None and (st.st_dev, st.st_ino) != identity:
             raise InvalidSpecError(f"copy(src={raw!r}): {real!r} was replaced since the step was made")
         yield fd
     finally:
         os.close(fd)
 
 
-def _copy_one_file(src: str, dest_dir: str, name: str) -> None:
-    """One regular file into ``dest_dir/name``, owned by container root (store.copy_tree's rules)."""
-    # Its directory reached through no symlink (src is canonical; see _opened_source); the file
-    # itself is opened O_NOFOLLOW by copy_file_at.
-    sfd = libc.open_no_symlinks(os.path.dirname(src))
-    dfd = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _copy_one_file(src_fd: int, src: str, dest_dir: str, name: str) -> None:
+    """The regular file ``src_fd`` (see _opened_source) into ``dest_dir/name``, owned by container root."""
+    # Reopened through its own fd (the /proc/self/fd magic link is that very file, not a new
+    # lookup of ``src``); O_NONBLOCK, so even a FIFO could not block the open (copy_open_file refuses it).
+    sfd = os.open(f"/proc/self/fd/{src_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        copy_file_at(sfd, os.path.basename(src), dfd, name, owner=(0, 0))
+        dfd = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            copy_open_file(sfd, src, dfd, name, owner=(0, 0))
+        finally:
+            os.close(dfd)
     finally:
         os.close(sfd)
-        os.close(dfd)
 
 
 def run_step(cmd: Sequence[str], *, timeout: float | None = None) -> LayerStep:

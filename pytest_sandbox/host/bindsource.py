@@ -38,14 +38,17 @@ def open_source(m: BindMount) -> tuple[int, BindMount]:
                 "it (a container that can write a directory on its way may have planted it)"
             ) from None
         raise InvalidSpecError(f"mounts: source {m.source!r}: {os.strerror(e.errno or 0)}") from None
-    st = os.fstat(fd)
-    found = (st.st_dev, st.st_ino)
-    if m.identity is not None and found != m.identity:
+    try:
+        st = os.fstat(fd)
+        found = (st.st_dev, st.st_ino)
+        if m.identity is not None and found != m.identity:
+            raise InvalidSpecError(
+                f"mounts: source {m.source!r} was replaced after run() resolved it (device:inode "
+                f"{m.identity[0]}:{m.identity[1]}, now {found[0]}:{found[1]}); refusing to mount it"
+            )
+    except BaseException:
         os.close(fd)
-        raise InvalidSpecError(
-            f"mounts: source {m.source!r} was replaced after run() resolved it (device:inode "
-            f"{m.identity[0]}:{m.identity[1]}, now {found[0]}:{found[1]}); refusing to mount it"
-        )
+        raise
     return fd, dataclasses.replace(m, identity=found)
 
 

@@ -406,25 +406,39 @@ def copy_file_at(
     """Copy regular file ``name`` (in directory ``sfd``, not followed if a symlink) to ``dest_name``."""
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=sfd)
     try:
-        s = os.fstat(src)
-        if not stat.S_ISREG(s.st_mode):
-            raise InvalidSpecError(f"{name!r} is not a regular file (it changed while being copied?)")
-        if owner is None:
-            idmap = ids or (lambda x: x)
-            owner = (idmap(s.st_uid), idmap(s.st_gid))
-        dst = os.open(
-            dest_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd
-        )
-        try:
-            _copy_data(src, dst, s.st_size)
-            os.fchown(dst, *owner)
-            os.fchmod(dst, stat.S_IMODE(s.st_mode))  # after chown, which clears setuid/setgid
-            _copy_xattrs(src, dst)  # after chown, which drops security.capability
-            os.utime(dst, ns=(s.st_atime_ns, s.st_mtime_ns))
-        finally:
-            os.close(dst)
+        copy_open_file(src, name, dfd, dest_name, owner=owner, ids=ids)
     finally:
         os.close(src)
+
+
+def copy_open_file(
+    src: int,
+    what: str,
+    dfd: int,
+    dest_name: str,
+    *,
+    owner: tuple[int, int] | None = None,
+    ids: IdMap | None = None,
+) -> None:
+    """Copy the file open as ``src`` (``what`` names it in errors) to ``dest_name`` in ``dfd``;
+    InvalidSpecError unless it is a regular file."""
+    s = os.fstat(src)
+    if not stat.S_ISREG(s.st_mode):
+        raise InvalidSpecError(f"{what!r} is not a regular file (it changed while being copied?)")
+    if owner is None:
+        idmap = ids or (lambda x: x)
+        owner = (idmap(s.st_uid), idmap(s.st_gid))
+    dst = os.open(
+        dest_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd
+    )
+    try:
+        _copy_data(src, dst, s.st_size)
+        os.fchown(dst, *owner)
+        os.fchmod(dst, stat.S_IMODE(s.st_mode))  # after chown, which clears setuid/setgid
+        _copy_xattrs(src, dst)  # after chown, which drops security.capability
+        os.utime(dst, ns=(s.st_atime_ns, s.st_mtime_ns))
+    finally:
+        os.close(dst)
 
 
 # -- checks and modes --------------------------------------------------------------------------

@@ -283,9 +283,12 @@ def open_no_symlinks(path: str) -> int:
         if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: a seccomp filter that does not know it
             raise _fail("openat2", path, err)
         return _walk_no_symlinks(path, flags)
-    if stat.S_ISLNK(os.fstat(ret).st_mode):  # a trailing symlink comes back as itself (O_NOFOLLOW)
+    try:
+        if stat.S_ISLNK(os.fstat(ret).st_mode):  # a trailing symlink comes back as itself (O_NOFOLLOW)
+            raise _fail("openat2", path, errno.ELOOP)
+    except BaseException:
         os.close(ret)
-        raise _fail("openat2", path, errno.ELOOP)
+        raise
     return int(ret)
 
 

@@ -51,14 +51,15 @@ class SnapshotCache:
     def put(self, key: str, snap: str, digest: str) -> None:
         self.write(self._path(key), canonical_json({"key": key, "snapshot": snap, "digest": digest}))
 
-    def content_digest(self, raw: str, real: str, st: os.stat_result) -> str:
+    def content_digest(self, raw: str, real: str, st: os.stat_result, fd: int | None = None) -> str:
         """The digest of a file's or directory's content, from the cache if it is unchanged."""
         key = "content\0" + real
         snap = snapshot_of(real, st)
         hit = self.get(key, snap)
         if hit is not None:
             return hit
-        digest = _content_digest(raw, real, st)
+        # fd: read that very object (its /proc/self/fd magic link), never the path again.
+        digest = _content_digest(raw, real if fd is None else f"/proc/self/fd/{fd}", st)
         if snapshot_of(real, st) == snap:
             self.put(key, snap, digest)
         return digest
@@ -71,8 +72,16 @@ def _content_digest(raw: str, real: str, st: os.stat_result) -> str:
         return digest_dir(real).diff_id
     if stat.S_ISREG(st.st_mode):
         h = hashlib.sha256(f"{stat.S_IMODE(st.st_mode):o}\0".encode())
-        with open(real, "rb") as f:
-            while chunk := f.read(1 << 20):
+        # O_NONBLOCK: a FIFO swapped in after the stat must not block the open (a hung pytest);
+        # then fstat: only the regular file that was stat'ed is read (not /dev/zero, forever).
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            now = os.fstat(fd)
+            if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                raise InvalidSpecError(f"{raw!r}: changed while it was read; copy it again")
+            while chunk := os.read(fd, 1 << 20):
                 h.update(chunk)
+        finally:
+            os.close(fd)
         return "sha256:" + h.hexdigest()
     raise InvalidSpecError(f"{raw!r}: only files and directories can be copied into an image")

@@ -299,19 +299,24 @@ class Store:
                 self._snapshots.put(key, snap, info.digest)
             return info
 
-    def content_digest(self, path: str | os.PathLike[str]) -> str:
+    def content_digest(self, path: str | os.PathLike[str], *, fd: int | None = None) -> str:
         """A digest of a file's or directory's content (what a COPY step's cache key holds).
 
         Cached on a stat snapshot like :meth:`add_layer_dir`: an unchanged source is not re-read.
+        ``fd``: ``path`` (canonical) opened and checked already (``O_PATH`` will do): that very
+        object is stat'ed and read, not whatever the path names by then.
         """
         raw = os.fspath(path)
-        real = os.path.realpath(raw)
-        try:
-            st = os.stat(real)
-        except FileNotFoundError:
-            raise LayerNotFoundError(f"{raw!r} does not exist", path=raw, errno=errno.ENOENT) from None
+        if fd is not None:
+            real, st = raw, os.fstat(fd)
+        else:
+            real = os.path.realpath(raw)
+            try:
+                st = os.stat(real)
+            except FileNotFoundError:
+                raise LayerNotFoundError(f"{raw!r} does not exist", path=raw, errno=errno.ENOENT) from None
         self._ensure()
-        return self._snapshots.content_digest(raw, real, st)
+        return self._snapshots.content_digest(raw, real, st, fd)
 
     def add_layer_tar(
         self,

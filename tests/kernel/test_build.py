@@ -3,8 +3,15 @@ keyed on (parent image, step, inputs) that makes an unchanged rebuild touch no l
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -217,3 +224,82 @@ def test_bad_build_input_is_refused_before_anything_is_stored(
     with pytest.raises(error):
         call(image, app_dir)  # type: ignore[operator]
     assert not os.path.exists(os.path.join(store.root, "layers"))
+
+
+def test_a_fifo_copy_source_is_refused_at_once(busybox_layer: Path, store: Store, tmp_path: Path) -> None:
+    """Security review of issue 9, item 2: a FIFO as COPY source is an InvalidSpecError naming
+    it, raised before anything is stored (an open() of it would block pytest)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    image = Image.from_layers(busybox_layer, base=None, store=store)
+    with pytest.raises(InvalidSpecError, match=r"is a FIFO: only files and directories"):
+        _within(10.0, lambda: image.copy(fifo, "/x"), release=[fifo])
+    assert not os.path.exists(os.path.join(store.root, "layers"))
+
+
+SWAPPER = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+a, b = (os.fsencode(p) for p in sys.argv[1:3])
+print("swapping", flush=True)
+while libc.renameat2(-100, a, -100, b, 2) == 0:  # RENAME_EXCHANGE
+    pass
+sys.exit(ctypes.get_errno())
+"""
+
+
+def test_a_fifo_swapped_in_for_a_copy_source_never_hangs(store: Store, tmp_path: Path) -> None:
+    """Security review of issue 9, item 2: a process exchanges a COPY source file with a FIFO
+    (``renameat2(RENAME_EXCHANGE)``, as a container writing the parent directory could) while
+    COPY steps are made for 3 s: each is the file's step or an InvalidSpecError, at once -- the
+    source is checked and hashed through one descriptor, so no open() blocks on the FIFO (before
+    the fix, one that saw the file in a stat and the FIFO in open() hung within a second or two)."""
+    src, fifo = tmp_path / "src", tmp_path / "other"
+    src.write_bytes(b"file\n")
+    os.mkfifo(fifo)
+    outcomes: collections.Counter[str] = collections.Counter()
+
+    def steps() -> None:
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            try:
+                build_mod.copy_step(store, src, "/x")
+                outcomes["step"] += 1
+            except InvalidSpecError:
+                outcomes["refused"] += 1
+
+    swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(src), str(fifo)], stdout=subprocess.PIPE)
+    try:
+        assert swapper.stdout is not None
+        assert swapper.stdout.readline() == b"swapping\n"
+        _within(30.0, steps, release=[src, fifo])
+    finally:
+        swapper.kill()
+        swapper.wait()
+    print(f"COPY steps made for 3 s under a swap: {dict(outcomes)}")
+    assert outcomes["step"] > 0
+    assert outcomes["refused"] > 0  # the swap was seen
+
+
+def _within(seconds: float, call: Callable[[], object], *, release: list[Path]) -> None:
+    """``call()`` in a thread; a failure if it is not done within ``seconds`` (a hang), after
+    opening each FIFO in ``release`` for writing so the blocked reader returns."""
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as e:
+            error.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        for path in release:
+            with contextlib.suppress(OSError):  # ENXIO: no reader waits on it; not a FIFO now
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(10.0)
+        pytest.fail(f"the COPY step hung for {seconds} s on a FIFO")
+    if error:
+        raise error[0]
