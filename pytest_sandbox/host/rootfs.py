@@ -33,10 +33,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..core.errors import LayerNotADirectoryError, LayerNotFoundError, SetupError
-from ..core.limits import writable_inodes
 from ..core.spec import BindMount, ContainerSpec, TmpfsMount
 from . import libc
 from .cleanup import remove_tree_at
+from .writable import clone_scratch, mount_writable, tmpfs_bounds
 
 # podman's defaults (containers/common pkg/config/default.go).
 MASKED_PATHS = (
@@ -159,8 +159,8 @@ def empty_held_writable(base: str) -> None:
 
     The cleaner does this before the launcher closes its fd: the last reference to a tmpfs frees
     every inode in it, and ten thousand files must not be freed on the launcher's loop.  The tmpfs
-    root holds only the ``upper.N``/``work.N`` directories the first process made (the container
-    sees the overlay, never this root).
+    root holds only the ``upper.N``/``work.N``/``tmp``/``tmpfs.N`` directories the first process
+    made (the container sees the overlays and those binds, never this root).
     """
     held = os.path.join(base, HELD_WRITABLE)
     if not os.path.islink(held):
@@ -252,11 +252,17 @@ def _mkdir_owned(path: str, uid: int) -> None:
         os.chown(path, uid, uid)
 
 
-def mount_image(spec: ContainerSpec, dirs: ContainerDirs, idmap_fd: int | None, root_uid: int) -> None:
-    """Half 1 (host root, private mount namespace): overlays at ``dirs.rootfs``, and its /dev."""
+def mount_image(
+    spec: ContainerSpec, dirs: ContainerDirs, idmap_fd: int | None, root_uid: int
+) -> list[PreparedBind]:
+    """Half 1 (host root, private mount namespace): overlays at ``dirs.rootfs``, and its /dev.
+
+    Returns the detached clones of the scratch directories (``host/writable.scratch_mounts``), which
+    :func:`finish_rootfs` attaches.
+    """
     with libc.named("mkdir", dirs.rootfs):
         os.mkdir(dirs.rootfs, 0o755)
-    _mount_writable(dirs.writable, spec.writable_size)
+    mount_writable(dirs.writable, spec.writable_size)
     for index, overlay in enumerate(spec.overlays):
         upper, work = (os.path.join(dirs.writable, f"{kind}.{index}") for kind in ("upper", "work"))
         _mkdir_owned(upper, root_uid)
@@ -267,24 +273,9 @@ def mount_image(spec: ContainerSpec, dirs: ContainerDirs, idmap_fd: int | None, 
         target = dirs.rootfs if not overlay.target else _plain_dir(dirs.rootfs, overlay.target)
         _mount_overlay(target, overlay.lowers, upper, work, idmap_fd)
     _make_dev(_plain_dir(dirs.rootfs, "dev"), root_uid)
-
-
-def _mount_writable(path: str, size: int | None) -> None:
-    """The container's writable area: a tmpfs of its own, bounded in bytes and inodes.
-
-    Mounted in our private mount namespace only: a launcher killed by SIGKILL leaves no mount on
-    the host.  Its pages are charged to the memory cgroup of the task that writes them (mm/shmem.c
-    charges each folio to the writer's memcg): the container's.  Full means ENOSPC inside, never
-    host memory pressure (the state directory's /dev/shm is as large as RAM).
-    """
-    with libc.named("mkdir", path):
-        os.mkdir(path, 0o700)
-    libc.mount("psbx-writable", path, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "mode=0700" + _bounds(size))
-
-
-def _bounds(size: int | None) -> str:
-    """tmpfs options bounding a writable area of ``size`` bytes (none: the kernel's defaults)."""
-    return "" if size is None else f",size={size},nr_inodes={writable_inodes(size)}"
+    return [
+        PreparedBind(fd, target, is_dir=True) for fd, target in clone_scratch(spec, dirs.writable, root_uid)
+    ]
 
 
 def _make_dev(dev: str, root_uid: int) -> None:
@@ -475,6 +466,7 @@ def finish_rootfs(
     binds: list[PreparedBind],
     masks: list[tuple[str, bool]],
     *,
+    scratch: Iterable[PreparedBind] = (),
     cgroup2: bool,
     sysfs: bool = True,
 ) -> None:
@@ -499,10 +491,16 @@ def finish_rootfs(
     with libc.named("chdir", "/"):
         os.chdir("/")
     user_targets = {t.target for t in spec.tmpfs} | {b.target for b in binds}
+    # In mount_image's order (writable.scratch_mounts): /tmp, then tmpfs= in order, then binds, as before
+    # (a later target may lie below an earlier one).
+    scratch = list(scratch)
     if "/tmp" not in user_targets:
-        _mount_tmpfs(TmpfsMount("/tmp"), spec.writable_size)
+        _attach_bind(scratch.pop(0))
     for t in spec.tmpfs:
-        _mount_tmpfs(t, spec.writable_size)
+        if t.size is None:
+            _attach_bind(scratch.pop(0))
+        else:
+            _mount_tmpfs(t)
     for b in binds:
         _attach_bind(b)
     if spec.read_only:
@@ -563,11 +561,12 @@ def _mask_paths(masks: list[tuple[str, bool]]) -> None:
         libc.mount_setattr(libc.AT_FDCWD, libc.MOUNT_ATTR_RDONLY, path=rel, flags=libc.AT_RECURSIVE)
 
 
-def _mount_tmpfs(t: TmpfsMount, writable_size: int | None) -> None:
-    """/tmp or a ``tmpfs=`` mount; without a size of its own, bounded as the writable layer is."""
+def _mount_tmpfs(t: TmpfsMount) -> None:
+    """A ``tmpfs=`` mount given a size: a tmpfs of its own, bounded by that size alone (the
+    sizeless ones and /tmp are binds of the writable tmpfs: see host/writable)."""
     with libc.named("mkdir", t.target):
         os.makedirs(t.target, exist_ok=True)
-    data = f"mode={t.mode:o}" + _bounds(t.size if t.size is not None else writable_size)
+    data = f"mode={t.mode:o}" + tmpfs_bounds(t.size)
     libc.mount("tmpfs", t.target, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, data)
 
 

@@ -188,7 +188,7 @@ def _become_container(
     libc.unshare(libc.CLONE_NEWNS)
     # Private, so nothing we mount propagates back to the host's namespace (and vice versa).
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
-    rootfs.mount_image(spec, dirs, ctx.idmap_fd, ctx.root_uid)
+    scratch = rootfs.mount_image(spec, dirs, ctx.idmap_fd, ctx.root_uid)
     rootfs.mount_proc(dirs.rootfs)
     if spec.netns is not None:
         _join_prepared_netns(spec.netns)
@@ -214,6 +214,8 @@ def _become_container(
         libc.unshare(NAMESPACES_BUT_NET)  # joined in step 2; pytest brought lo and eth* up
     libc.sethostname(spec.hostname)
     trace.event("first: namespaces unshared")
-    rootfs.finish_rootfs(spec, binds, ctx.masks, cgroup2=ctx.cgroup2, sysfs=spec.netns is None)
+    rootfs.finish_rootfs(
+        spec, binds, ctx.masks, scratch=scratch, cgroup2=ctx.cgroup2, sysfs=spec.netns is None
+    )
     trace.event("init: rootfs ready")
     run_init(spec.process, spec.hostname, pipes.status_fd, ctx.lifeline_fd)

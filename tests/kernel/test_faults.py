@@ -471,7 +471,12 @@ SETUP_FAULTS = [
     ),
     SetupFault("pivot_root", "pivot_root", errno.EBUSY, _name("pivot_root"), "pivot_root"),
     SetupFault("detach the old root", "umount2", errno.EBUSY, _name("umount2"), "umount2"),
-    SetupFault("mount /tmp", "mount", errno.ENOSPC, _mount("tmpfs", target='"/tmp'), "mount[tmpfs]"),
+    # /tmp is a directory of the writable tmpfs (one budget), cloned before the user namespace
+    # and attached after pivot_root.
+    SetupFault(
+        "clone /tmp's directory", "open_tree", errno.ENOMEM, _name("open_tree", 'writable/tmp"'), "open_tree"
+    ),
+    SetupFault("attach /tmp", "move_mount", errno.ENOENT, _name("move_mount", '"/tmp"'), "move_mount"),
     SetupFault("set capabilities", "capset", errno.EPERM, _name("capset"), "capset"),
     SetupFault(
         "no_new_privs",

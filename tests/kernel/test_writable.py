@@ -1,9 +1,10 @@
 """The default bounds of a container (issue 9, item 4): pids, and a writable area of its own.
 
-A container that sets nothing gets podman's pids limit (2048), and its writable layer and /tmp are
-each a tmpfs of ``sandbox_writable_size`` bytes (one inode per 8 KiB), mounted only in its own
-mount namespace and charged to its memory cgroup.  Filling them is ENOSPC inside; the host's
-/dev/shm (the state directory, as large as RAM) does not grow.  Every number is the kernel's.
+A container that sets nothing gets podman's pids limit (2048), and its writable layer, /tmp and each
+tmpfs= mount without a size share one tmpfs of ``sandbox_writable_size`` bytes (one inode per
+8 KiB), mounted only in its own mount namespace and charged to its memory cgroup.  Filling it is
+ENOSPC inside; the host's /dev/shm (the state directory, as large as RAM) does not grow.  Every
+number is the kernel's.
 """
 
 from __future__ import annotations
@@ -160,13 +161,81 @@ def test_the_writable_area_is_charged_to_the_containers_memory_cgroup(
 def test_writable_size_option_bounds_layer_tmp_and_sizeless_tmpfs(
     sandbox: Sandbox, busybox_image: Image
 ) -> None:
-    """Item 4: run(writable_size="8m") bounds the root, /tmp and a tmpfs= mount without a size."""
+    """Item 4: run(writable_size="8m") bounds the root, /tmp and a tmpfs= mount without a size
+    together: all three are the one writable tmpfs (df shows its size and inodes on each).  A
+    tmpfs= mount given a size is a tmpfs of its own, bounded by that size alone."""
     r = sandbox.run(
-        ["sh", "-c", "df -k / /tmp /run/x | tail -n 3; df -i / | tail -n 1"],
+        ["sh", "-c", "df -k / /tmp /run/x /run/y | tail -n 4; df -i / | tail -n 1"],
         image=busybox_image,
         writable_size="8m",
-        tmpfs=["/run/x"],
+        tmpfs={"/run/x": None, "/run/y": "4m"},
     )
     lines = r.stdout.decode().splitlines()
-    assert [int(line.split()[1]) for line in lines[:3]] == [8192] * 3, lines
-    assert int(lines[3].split()[1]) == writable_inodes(8 * MiB) == 1024, lines
+    assert [int(line.split()[1]) for line in lines[:4]] == [8192] * 3 + [4096], lines
+    assert int(lines[4].split()[1]) == writable_inodes(8 * MiB) == 1024, lines
+
+
+def test_root_tmp_and_sizeless_tmpfs_share_one_writable_budget(
+    sandbox: Sandbox, busybox_image: Image
+) -> None:
+    """Item 4 (security review): /, /tmp and each sizeless tmpfs= mount were a tmpfs each, so a
+    container without memory= could pin three times writable_size of host RAM.  Now they are one
+    budget: 12 + 12 MiB to / and /tmp leave the sizeless /run/x less than 8 MiB of writable_size
+    = 32 MiB, and the kernel says ENOSPC there; a sized tmpfs= (/run/y) is bounded by its own size
+    and outside the budget.  /tmp stays a sticky, world-writable, nosuid/nodev directory owned
+    by container root that exec() sees and commit() does not capture."""
+    c = sandbox.start(SLEEP, image=busybox_image, writable_size="32m", tmpfs={"/run/x": None, "/run/y": "4m"})
+    r = c.exec(
+        [
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/a bs=1M count=12 2>&1; echo dd=$?;"
+            "dd if=/dev/zero of=/tmp/b bs=1M count=12 2>&1; echo dd=$?;"
+            "dd if=/dev/zero of=/run/x/c bs=1M count=16 2>&1; echo dd=$?;"
+            "dd if=/dev/zero of=/run/y/d bs=1M count=3 2>&1; echo dd=$?;"
+            "stat -c '%s' /a /tmp/b /run/x/c /run/y/d; stat -c '%a %u %g' /tmp /run/x",
+        ]
+    )
+    out = r.stdout.decode()
+    assert [line for line in out.splitlines() if line.startswith("dd=")] == [
+        "dd=0",
+        "dd=0",
+        "dd=1",
+        "dd=0",
+    ], out
+    assert out.count("No space left on device") == 1, out
+    *sizes, tmp_mode, x_mode = out.splitlines()[-6:]
+    a, b, x, y = map(int, sizes)
+    assert (a, b, y) == (12 * MiB, 12 * MiB, 3 * MiB), out
+    assert 31 * MiB < a + b + x <= 32 * MiB, out  # the layer's /etc files and directories use a little
+    assert tmp_mode == x_mode == "1777 0 0", out
+    options = {}
+    for line in c.exec(["cat", "/proc/self/mountinfo"]).stdout.decode().splitlines():
+        fields = line.split()
+        options[fields[4]] = set(fields[5].split(","))
+    assert {"rw", "nosuid", "nodev"} <= options["/tmp"], options
+    assert "noexec" not in options["/tmp"], options
+    assert {"rw", "nosuid", "nodev"} <= options["/run/x"], options
+    assert c.exec(["cat", "/tmp/b"]).stdout == bytes(12 * MiB)  # exec sees /tmp as the command does
+    c.exec(["rm", "/a", "/tmp/b", "/run/x/c"])
+    assert c.exec(["sh", "-c", "echo kept > /tmp/t && echo layer > /l"]).exit_code == 0
+    image = c.commit("budget:test")
+    r = sandbox.run(["sh", "-c", "cat /l; ls -A /tmp"], image=image)
+    assert r.stdout == b"layer\n", r.stdout  # /tmp was never part of the layer, as with a tmpfs
+
+
+def test_a_default_containers_tmp_and_sizeless_tmpfs_are_its_writable_layer(
+    sandbox: Sandbox, busybox_image: Image
+) -> None:
+    """Item 4 (security review): by default, /, /tmp and a sizeless tmpfs= all report the one
+    1 GiB tmpfs, and 4 MiB written to /tmp show as used on / and /run/x too."""
+    r = sandbox.run(
+        ["sh", "-c", "dd if=/dev/zero of=/tmp/f bs=1M count=4 2>/dev/null; df -k / /tmp /run/x | tail -n 3"],
+        image=busybox_image,
+        tmpfs=["/run/x"],
+    )
+    rows = [line.split() for line in r.stdout.decode().splitlines()]
+    assert [int(row[1]) * 1024 for row in rows] == [DEFAULT_WRITABLE_SIZE] * 3, rows
+    used = {int(row[2]) for row in rows}
+    assert len(used) == 1, rows
+    assert used.pop() >= 4096, rows
