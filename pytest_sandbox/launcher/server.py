@@ -74,6 +74,7 @@ from .protocol import (
     WaitRequest,
 )
 
+REAP_POLL = 1.0  # seconds: how often to look for an exit no SIGCHLD reported (see serve)
 SPEC_PIPE_SIZE = 1 << 20  # a spare's spec is written in one go; a larger spec gets a fresh fork
 _SO_SNDBUFFORCE = 32  # socket(7); not in Python's socket module
 # Sent straight to the command, not through its init: the init cannot forward SIGSTOP, and keeps
@@ -233,9 +234,16 @@ class Launcher:
         self.sel.register(self.cleaner.done_fd, selectors.EVENT_READ, self._on_cleaned)
         self._reap()
         self._make_spare()
+        next_reap = time.monotonic() + REAP_POLL
         while self.running:
-            for key, _ in self.sel.select():
+            for key, _ in self.sel.select(REAP_POLL if self.by_pid else None):
                 key.data(key.fileobj)
+            if self.by_pid and time.monotonic() >= next_reap:
+                # SIGCHLD is not the only way we learn of an exit: a child that dies while another
+                # process ptraces it (strace, gdb) is reported to that tracer first, and its
+                # SIGCHLD to us was seen lost (a zombie left, nothing pending, its removal hung).
+                self._reap()
+                next_reap = time.monotonic() + REAP_POLL
         self._shutdown()
 
     def _on_socket(self, _sock: object) -> None:
