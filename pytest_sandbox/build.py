@@ -25,7 +25,7 @@ import shlex
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .core.errors import BuildError, InvalidSpecError, LayerNotFoundError, SandboxTimeoutError, SetupError
 from .core.imagemodel import ImageConfig, ImageRecord
@@ -35,6 +35,9 @@ from .host.fstree import copy_open_file, root_required
 from .images.layers import child_record, commit_upper, make_parents, stack_of
 from .images.store import Store, copy_tree
 from .sandbox import Sandbox
+
+if TYPE_CHECKING:
+    from .container import Container
 
 # -- config steps: the new config and the history line ---------------------------------------
 
@@ -211,6 +214,18 @@ def _copy_one_file(src_fd: int, src: str, dest_dir: str, name: str) -> None:
         os.close(sfd)
 
 
+@contextlib.contextmanager
+def launcher_checked(container: Container) -> Iterator[None]:
+    """A capture of the container's writable layer, which is reached through its launcher's fd
+    (rootfs.open_held_writable): LauncherError, not a missing layer, once that launcher is gone."""
+    container._client.check_alive()
+    try:
+        yield
+    except LayerNotFoundError:
+        container._client.check_alive()  # it died while we read: say that
+        raise
+
+
 def run_step(cmd: Sequence[str], *, timeout: float | None = None) -> LayerStep:
     """RUN ``cmd`` in a container of the parent image; what it wrote becomes the layer."""
     argv = parse_argv(cmd)
@@ -238,15 +253,15 @@ def run_step(cmd: Sequence[str], *, timeout: float | None = None) -> LayerStep:
                     result=result,
                 )
             settings = sb.runtime.settings
-            container._client.check_alive()  # its writable layer is reached through that launcher's fd
-            return commit_upper(
-                st,
-                container.dir,
-                container.spec,
-                uid_base=settings.uid_base,
-                parent=parent,
-                created_by=line,
-                max_bytes=settings.max_layer_size,
-            )
+            with launcher_checked(container):
+                return commit_upper(
+                    st,
+                    container.dir,
+                    container.spec,
+                    uid_base=settings.uid_base,
+                    parent=parent,
+                    created_by=line,
+                    max_bytes=settings.max_layer_size,
+                )
 
     return LayerStep("run", tuple(argv), line, make)

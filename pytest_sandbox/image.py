@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import build
-from .core.errors import InvalidSpecError, LayerNotFoundError
+from .core.errors import InvalidSpecError
 
 # The model types live in the pure core; re-exported here, where users have always found them.
 from .core.imagemodel import History, ImageConfig, ImageRecord
 from .core.layerstack import ImageLike, LayerStack
 from .host.overlays import check_layer, check_layers, check_not_nested
-from .images.layers import captured_upper, check_state_dir, child_record, record_of
+from .images.layers import captured_upper, child_record, record_of
 from .images.store import Store
 from .runtime import current_settings
 
@@ -249,24 +249,22 @@ def commit_container(
     ``settings``: the container's runtime's (its uid base, ini ``sandbox_max_layer_size``).
     """
     Store.check_tag(ref)
-    container._client.check_alive()  # its writable layer is reached through that launcher's fd
-    try:
-        check_state_dir(container.name, container.dir)  # before the parent image is stored
-    except LayerNotFoundError:
-        container._client.check_alive()  # the launcher died just now: say that
-        raise
     base = _as_image(container.image)
     st = base._store(store)
     line = f"commit {container.name}: {shlex.join(container.spec.process.argv)}"
-    # Captured first: a layer refused (too large) leaves nothing in the store, not even the parent.
-    with captured_upper(
-        st,
-        container.dir,
-        container.spec,
-        uid_base=settings.uid_base,
-        created_by=line,
-        max_bytes=settings.max_layer_size,
-    ) as tmp:
+    # Captured first: a layer refused (too large, or gone) leaves nothing in the store, not even
+    # the parent.
+    with (
+        build.launcher_checked(container),
+        captured_upper(
+            st,
+            container.dir,
+            container.spec,
+            uid_base=settings.uid_base,
+            created_by=line,
+            max_bytes=settings.max_layer_size,
+        ) as tmp,
+    ):
         parent = base._record(st)
         parent_id = st.put_image(parent)
         top = parent.layers[-1] if parent.layers else None
